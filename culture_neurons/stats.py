@@ -1,0 +1,267 @@
+"""Per-culture neuron statistics (SPEC "Definitions").
+
+Symbols: C cultures, L decoder layers of the language model, N MLP neurons per layer;
+``a`` is the recorded activation (``activation="gate"``: ``act(gate_proj(x))``;
+``"post"``: ``act(gate_proj(x)) * up_proj(x)``), ``w_t`` in {0, 1} the token weight.
+
+    T[c]       = sum_t w_t                    tokens counted        int64   [C]
+    K[c, l, n] = sum_t w_t * [a > 0]          firing count (exact)  int64   [C, L, N]
+    S[c, l, n] = sum_t w_t * a                activation sum        float64 [C, L, N]
+    Q[c, l, n] = sum_t w_t * a^2              squared sum           float64 [C, L, N]
+
+Backends accumulate S and Q in fp32 within one forward and add them here in fp64, so
+statistics of any length stay accurate and merge by plain addition (shards, GPUs, runs).
+Nothing per token is stored.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .errors import DataError, StatsMismatchError, UsageError
+
+ACTIVATIONS = ("gate", "post")
+SCOPES = ("all", "text", "image", "last")
+STATS_FILE = "stats.safetensors"
+META_FILE = "stats.json"
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Fingerprint:
+    """What identifies a model's MLP neurons: two stats merge only if these agree."""
+
+    family: str
+    model_type: str
+    num_layers: int  # L
+    num_neurons: int  # N (intermediate size)
+    hidden_size: int
+    act_fn: str  # "silu" | "gelu_tanh"
+    config_hash: str  # sha256 of the text config, volatile keys removed
+
+    def differences(self, other: Fingerprint) -> list[str]:
+        """Fields that differ, each as ``"name: mine vs theirs"``."""
+        mine, theirs = asdict(self), asdict(other)
+        return [f"{k}: {mine[k]!r} vs {theirs[k]!r}" for k in mine if mine[k] != theirs[k]]
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Fingerprint:
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__})
+
+
+def check_choice(name: str, value: str, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise UsageError(f"{name}={value!r} is not one of {', '.join(choices)}")
+    return value
+
+
+@dataclass
+class Stats:
+    """Statistics of C cultures over the L x N neurons of one model (see module docstring).
+
+    ``items[c]`` counts the items (rows) that contributed to culture c; ``options`` holds any
+    further setting that must agree for a merge (e.g. ``{"items": "correct"}``).
+    """
+
+    cultures: list[str]
+    fingerprint: Fingerprint
+    activation: str
+    scope: str
+    T: torch.Tensor  # int64 [C]
+    K: torch.Tensor  # int64 [C, L, N]
+    S: torch.Tensor  # float64 [C, L, N]
+    Q: torch.Tensor  # float64 [C, L, N]
+    items: torch.Tensor  # int64 [C]
+    options: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        check_choice("activation", self.activation, ACTIVATIONS)
+        check_choice("scope", self.scope, SCOPES)
+        C, L, N = len(self.cultures), self.fingerprint.num_layers, self.fingerprint.num_neurons
+        if len(set(self.cultures)) != C:
+            raise UsageError(f"culture names must be unique, got {self.cultures}")
+        expected = {
+            "T": ((C,), torch.int64), "items": ((C,), torch.int64),
+            "K": ((C, L, N), torch.int64),
+            "S": ((C, L, N), torch.float64), "Q": ((C, L, N), torch.float64),
+        }  # fmt: skip
+        for name, (shape, dtype) in expected.items():
+            t = getattr(self, name)
+            if tuple(t.shape) != shape or t.dtype != dtype:
+                raise StatsMismatchError(
+                    f"stats tensor {name} is {t.dtype} {list(t.shape)}, expected {dtype} "
+                    f"{list(shape)} for {C} cultures x {L} layers x {N} neurons"
+                )
+
+    # -- construction ---------------------------------------------------------------------
+    @classmethod
+    def zeros(
+        cls,
+        cultures: list[str],
+        fingerprint: Fingerprint,
+        activation: str = "gate",
+        scope: str = "all",
+        options: dict | None = None,
+        device: torch.device | str = "cpu",
+    ) -> Stats:
+        C, L, N = len(cultures), fingerprint.num_layers, fingerprint.num_neurons
+        i64 = dict(dtype=torch.int64, device=device)
+        f64 = dict(dtype=torch.float64, device=device)
+        return cls(
+            cultures=list(cultures),
+            fingerprint=fingerprint,
+            activation=activation,
+            scope=scope,
+            T=torch.zeros(C, **i64),
+            K=torch.zeros(C, L, N, **i64),
+            S=torch.zeros(C, L, N, **f64),
+            Q=torch.zeros(C, L, N, **f64),
+            items=torch.zeros(C, **i64),
+            options=dict(options or {}),
+        )
+
+    # -- shapes and derived quantities ------------------------------------------------------
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """(C, L, N)."""
+        return tuple(self.K.shape)
+
+    def _per_token(self, x: torch.Tensor) -> torch.Tensor:
+        # T = 0 gives NaN on purpose: a culture with no tokens has no probability.
+        return x.double() / self.T.double().view(-1, 1, 1)
+
+    @property
+    def P(self) -> torch.Tensor:
+        """Activation probability K / T, float64 [C, L, N]."""
+        return self._per_token(self.K)
+
+    @property
+    def M(self) -> torch.Tensor:
+        """Mean activation S / T, float64 [C, L, N]."""
+        return self._per_token(self.S)
+
+    @property
+    def var(self) -> torch.Tensor:
+        """Population variance Q / T - M^2 (clamped at 0), float64 [C, L, N]."""
+        return (self._per_token(self.Q) - self.M**2).clamp_min(0)
+
+    def culture_index(self, name: str) -> int:
+        try:
+            return self.cultures.index(name)
+        except ValueError:
+            raise UsageError(
+                f"unknown culture {name!r}; these stats have: {', '.join(self.cultures)}"
+            ) from None
+
+    # -- compatibility and merging ----------------------------------------------------------
+    def mismatches(self, other: Stats) -> list[str]:
+        """Every field that forbids merging ``other`` into these stats."""
+        out = [f"model {d}" for d in self.fingerprint.differences(other.fingerprint)]
+        if self.cultures != other.cultures:
+            out.append(f"cultures: {self.cultures} vs {other.cultures}")
+        for name in ("activation", "scope", "options"):
+            if getattr(self, name) != getattr(other, name):
+                out.append(f"{name}: {getattr(self, name)!r} vs {getattr(other, name)!r}")
+        return out
+
+    def require_model(self, fingerprint: Fingerprint, what: str = "these stats") -> None:
+        """Refuse stats recorded on another model (instead of misreading them)."""
+        diff = self.fingerprint.differences(fingerprint)
+        if diff:
+            raise StatsMismatchError(
+                f"{what} come from another model ({'; '.join(diff)}); "
+                "record statistics with this model first"
+            )
+
+    def merge(self, *others: Stats) -> Stats:
+        """Sum of these stats and ``others`` (all must agree on model, cultures, options)."""
+        out = self.clone()
+        for other in others:
+            bad = self.mismatches(other)
+            if bad:
+                raise StatsMismatchError("cannot merge stats that differ in " + "; ".join(bad))
+            for name in ("T", "K", "S", "Q", "items"):
+                getattr(out, name).add_(getattr(other, name).to(getattr(out, name).device))
+        return out
+
+    __add__ = merge
+
+    def clone(self) -> Stats:
+        return self.to(self.K.device, copy=True)
+
+    def to(self, device: torch.device | str, copy: bool = False) -> Stats:
+        move = lambda t: t.to(device, copy=copy)
+        return Stats(
+            cultures=list(self.cultures),
+            fingerprint=self.fingerprint,
+            activation=self.activation,
+            scope=self.scope,
+            T=move(self.T), K=move(self.K), S=move(self.S), Q=move(self.Q),
+            items=move(self.items),
+            options=dict(self.options),
+        )  # fmt: skip
+
+    # -- files ------------------------------------------------------------------------------
+    def save(self, out_dir: str | os.PathLike, extra: dict | None = None) -> Path:
+        """Write ``OUT/stats.safetensors`` and ``OUT/stats.json`` atomically; returns OUT."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        tensors = {n: getattr(self, n).detach().cpu().contiguous() for n in ("T", "K", "S", "Q")}
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "cultures": self.cultures,
+            "fingerprint": asdict(self.fingerprint),
+            "activation": self.activation,
+            "scope": self.scope,
+            "options": self.options,
+            "items": self.items.tolist(),
+            "tokens": self.T.tolist(),
+            "versions": _versions(),
+            **(extra or {}),
+        }
+        # Write to temporaries then rename, so an interrupted save never leaves half a file.
+        tmp_st, tmp_js = out / (STATS_FILE + ".tmp"), out / (META_FILE + ".tmp")
+        save_file(tensors, tmp_st, metadata={"format": "culture-neurons-stats"})
+        tmp_js.write_text(json.dumps(meta, indent=2, ensure_ascii=False), encoding="utf-8")
+        os.replace(tmp_st, out / STATS_FILE)
+        os.replace(tmp_js, out / META_FILE)
+        return out
+
+
+def load_stats(path: str | os.PathLike, device: torch.device | str = "cpu") -> Stats:
+    """Read stats saved by :meth:`Stats.save`. ``path`` is the output dir or either file."""
+    p = Path(path)
+    folder = p if p.is_dir() else p.parent
+    st_path, js_path = folder / STATS_FILE, folder / META_FILE
+    for f in (st_path, js_path):
+        if not f.is_file():
+            raise DataError(f"no statistics at {folder}: {f.name} is missing; run `record` first")
+    try:
+        meta = json.loads(js_path.read_text(encoding="utf-8"))
+        tensors = load_file(st_path, device=str(device))
+        return Stats(
+            cultures=meta["cultures"],
+            fingerprint=Fingerprint.from_dict(meta["fingerprint"]),
+            activation=meta["activation"],
+            scope=meta["scope"],
+            T=tensors["T"], K=tensors["K"], S=tensors["S"], Q=tensors["Q"],
+            items=torch.tensor(meta["items"], dtype=torch.int64, device=device),
+            options=meta.get("options", {}),
+        )  # fmt: skip
+    except (KeyError, json.JSONDecodeError, TypeError) as e:
+        raise DataError(f"{folder} does not hold culture-neurons statistics ({e!r})") from e
+
+
+def _versions() -> dict:
+    import transformers
+
+    from . import __version__
+
+    return {"culture_neurons": __version__, "torch": torch.__version__,
+            "transformers": transformers.__version__}  # fmt: skip

@@ -1,0 +1,50 @@
+"""Build: the pure-Python package, the Triton kernels (``kernels/`` installed as
+``culture_neurons.kernels``) and the optional C++ selection extension ``culture_neurons._C``.
+
+The extension is ``optional``: where no compiler exists the install still succeeds and
+``culture_neurons.topk`` says at import that it uses the PyTorch fallback.
+"""
+
+from pybind11.setup_helpers import Pybind11Extension, build_ext
+from setuptools import setup
+
+ext_modules = [
+    Pybind11Extension(
+        "culture_neurons._C",
+        ["csrc/select.cpp"],
+        cxx_std=17,
+        extra_compile_args=["-O3"],
+        optional=True,
+    )
+]
+
+setup(
+    name="culture-neurons",
+    version="0.1.0",
+    description="Find culture-sensitive neurons in vision-language models and test them by ablation.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=["culture_neurons", "culture_neurons.kernels", "culture_neurons.data"],
+    package_dir={"culture_neurons": "culture_neurons", "culture_neurons.kernels": "kernels"},
+    ext_modules=ext_modules,
+    cmdclass={"build_ext": build_ext},
+    install_requires=[
+        # Ranges, never pins: the GPU image has torch 2.11 / triton 3.6 / transformers 5.17,
+        # CPU machines torch 2.13 / triton 3.7.1 / transformers 5.2x.
+        "torch>=2.5,<3",
+        "triton>=3.2,<4; platform_system == 'Linux'",
+        "transformers>=5.0,<6",
+        "safetensors>=0.4",
+        "numpy>=1.24",
+        "pillow>=9",
+        "pyarrow>=14",
+        "matplotlib>=3.7",
+        "tqdm>=4.60",
+    ],
+    extras_require={
+        "test": ["pytest>=7", "pytest-benchmark>=4", "ruff"],
+    },
+    entry_points={"console_scripts": ["culture-neurons=culture_neurons.cli:main"]},
+)
