@@ -6,7 +6,7 @@ The extension is ``optional``: where no compiler exists the install still succee
 """
 
 from pybind11.setup_helpers import Pybind11Extension, build_ext
-from setuptools import setup
+from setuptools import find_packages, setup
 
 ext_modules = [
     Pybind11Extension(
@@ -26,7 +26,7 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=["culture_neurons", "culture_neurons.kernels", "culture_neurons.data"],
+    packages=find_packages(include=["culture_neurons", "culture_neurons.*"]) + ["culture_neurons.kernels"],
     package_dir={"culture_neurons": "culture_neurons", "culture_neurons.kernels": "kernels"},
     ext_modules=ext_modules,
     cmdclass={"build_ext": build_ext},
