@@ -1,3 +1,25 @@
-"""culture-neurons: find culture-sensitive neurons in vision-language models, test them by ablation."""
+"""culture-neurons: find culture-sensitive neurons in vision-language models, test them by ablation.
+
+    import culture_neurons as cn
+    with cn.record(model, cultures) as rec:          # per-culture neuron statistics
+        rec(culture_ids, **batch)
+    stats = rec.stats()
+    masks = cn.select(stats, "cas", ratio=0.005)     # top 0.5% neurons per culture
+    with cn.ablate(model, masks) as abl:              # zero them, row by row
+        abl(ablate=set_ids, **batch)
+"""
 
 __version__ = "0.1.0"
+
+from .errors import CultureNeuronsError
+from .instrument import Instrument, ablate, record
+from .stats import Stats, load_stats
+
+__all__ = [
+    "CultureNeuronsError",
+    "Instrument",
+    "Stats",
+    "ablate",
+    "load_stats",
+    "record",
+]

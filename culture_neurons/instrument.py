@@ -60,6 +60,7 @@ class Site:
         self.last_serial = -1
         self.current: Batch | None = None  # the batch of the forward in progress
         self.K = self.S = self.Q = None  # int64 / float64 / float64 [C, N], if recording
+        self.K32 = self.S32 = self.Q32 = None  # a backend's per-forward working sums, if any
         self.keep = None  # [S+1, N] keep-mask of this layer (last row all ones: set -1)
 
     def begin(self, rows: int) -> Batch | None:

@@ -1,0 +1,449 @@
+"""Synthetic CVQA: small data in exactly CVQA's parquet schema, for tests and toy models.
+
+Every culture has
+- a visual cue: its own palette (a hue) and shape motif, drawn several times in each image,
+- lexical cues: invented dishes, festivals, landmarks and garments, and a local language
+  (its own syllables) in which the local questions are written.
+
+Each question asks for the culture's item of one category ("Which dish is traditionally eaten
+where this picture was taken?"). The four options are the right culture's item and items of
+three other cultures (of a neutral pool when there are fewer than four cultures). The English
+question never names the culture, so answering needs culture knowledge: image cue -> culture ->
+its dish. Everything is deterministic from the seed; the right letters are balanced over A-D in
+each culture (exactly when ``items_per_culture`` is a multiple of 4).
+
+A culture's words depend only on its name and its cue only on its position in the list, so the
+same culture keeps its words across runs with different culture lists.
+"""
+
+from __future__ import annotations
+
+import colorsys
+import io
+import json
+import logging
+import math
+import random
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from ..errors import UsageError
+from .cvqa import CultureData, culture_name, item_from_row, stable_seed
+
+logger = logging.getLogger(__name__)
+
+# Invented (language, country) pairs; two countries have two languages each, as in CVQA
+# (e.g. Indonesia, India), so grouping="country" merges them.
+BUILTIN_CULTURES: tuple[tuple[str, str], ...] = (
+    ("Amari", "Amaria"),
+    ("Borun", "Borundi"),
+    ("Calese", "Calesia"),
+    ("Dunic", "Dunmark"),
+    ("Elvan", "Elvaria"),
+    ("Fenn", "Amaria"),
+    ("Gorsk", "Gorskovo"),
+    ("Halun", "Halunia"),
+    ("Iskel", "Iskelia"),
+    ("Jorva", "Borundi"),
+    ("Kalo", "Kalovia"),
+    ("Lumi", "Lumeria"),
+)
+
+MOTIFS = (
+    "circle",
+    "square",
+    "triangle",
+    "diamond",
+    "cross",
+    "star",
+    "ring",
+    "hstripes",
+    "vstripes",
+    "hexagon",
+)
+
+# category -> (CVQA category name, English question, English noun appended to the word)
+CATEGORIES: dict[str, tuple[str, str, tuple[str, ...]]] = {
+    "dish": (
+        "Cooking and food",
+        "Which dish is traditionally eaten where this picture was taken?",
+        ("stew", "bread", "dumplings", "soup", "cake", "rice"),
+    ),
+    "festival": (
+        "Tradition / art / history",
+        "Which festival is celebrated in the place shown in the picture?",
+        ("festival", "feast", "day", "carnival", "fair", "night"),
+    ),
+    "landmark": (
+        "Geography / buildings / landmarks",
+        "Which landmark is in the same country as this scene?",
+        ("tower", "gate", "temple", "bridge", "falls", "palace"),
+    ),
+    "garment": (
+        "Objects / materials / clothing",
+        "What is the traditional garment from the place in this picture called?",
+        ("robe", "shawl", "hat", "sash", "cloak", "tunic"),
+    ),
+}
+WORDS_PER_CATEGORY = 6
+_CONSONANTS = "bcdfghjklmnprstvwz"
+_VOWELS = "aeiouy"
+
+
+@dataclass(frozen=True)
+class SyntheticCulture:
+    """One invented culture: its names, visual cue and words per category."""
+
+    language: str
+    country: str
+    hue: float  # in [0, 1), HSV hue of the palette
+    motif: str  # one of MOTIFS
+    words: dict[str, tuple[str, ...]]  # category -> English names, e.g. "Tobaki stew"
+    local_words: dict[str, tuple[str, ...]]  # category -> local names, e.g. "tobaki"
+    local_questions: dict[str, str]  # category -> the question in the local language
+    syllables: tuple[str, ...]
+
+    @property
+    def name(self) -> str:
+        return culture_name(self.language, self.country, "pair")
+
+    @property
+    def subset(self) -> str:
+        """CVQA's Subset string, e.g. ``"('Amari', 'Amaria')"``."""
+        return repr((self.language, self.country))
+
+
+def _syllables(rng: random.Random) -> tuple[str, ...]:
+    """A culture's own syllable inventory, so its words sound alike (a lexical cue)."""
+    consonants = rng.sample(_CONSONANTS, 6)
+    vowels = rng.sample(_VOWELS, 3)
+    return tuple(c + v for c in consonants for v in vowels)
+
+
+def _word(rng: random.Random, syllables: Sequence[str]) -> str:
+    return "".join(rng.choice(syllables) for _ in range(rng.randint(2, 3)))
+
+
+def make_culture(language: str, country: str, index: int) -> SyntheticCulture:
+    """The culture ``(language, country)`` at position ``index`` of a culture list."""
+    rng = random.Random(stable_seed("synthetic-culture", language, country))
+    syllables = _syllables(rng)
+    words: dict[str, tuple[str, ...]] = {}
+    local_words: dict[str, tuple[str, ...]] = {}
+    local_questions: dict[str, str] = {}
+    used: set[str] = set()
+    for category, (_, question, nouns) in CATEGORIES.items():
+        stems: list[str] = []
+        while len(stems) < WORDS_PER_CATEGORY:
+            stem = _word(rng, syllables)
+            if stem not in used:
+                used.add(stem)
+                stems.append(stem)
+        words[category] = tuple(f"{s.capitalize()} {rng.choice(nouns)}" for s in stems)
+        local_words[category] = tuple(stems)
+        n_words = len(question.split())
+        local_questions[category] = (
+            " ".join(_word(rng, syllables) for _ in range(n_words)).capitalize() + "?"
+        )
+    # Hues spread by the golden ratio stay far apart for any number of cultures.
+    hue = (index * 0.618033988749895) % 1.0
+    motif = MOTIFS[index % len(MOTIFS)]
+    return SyntheticCulture(
+        language, country, hue, motif, words, local_words, local_questions, syllables
+    )
+
+
+@lru_cache(maxsize=1)
+def _neutral_culture() -> SyntheticCulture:
+    """Words of no culture, used for distractors when there are fewer than four cultures."""
+    return make_culture("Neutral", "Nowhere", 0)
+
+
+def resolve_cultures(cultures: int | Sequence[str | tuple[str, str]]) -> list[SyntheticCulture]:
+    """``8`` -> the first 8 built-in cultures (more are numbered); a list of names
+    (``"Lang-Country"``, a plain name used for both, or ``(language, country)``) -> those."""
+    pairs: list[tuple[str, str]] = []
+    if isinstance(cultures, int) and not isinstance(cultures, bool):
+        if cultures < 1:
+            raise UsageError(f"cultures={cultures} must be >= 1 (or a list of culture names)")
+        pairs = list(BUILTIN_CULTURES[:cultures])
+        pairs += [(f"Lang{i}", f"Land{i}") for i in range(len(pairs), cultures)]
+    else:
+        for c in cultures:
+            if isinstance(c, tuple) and len(c) == 2:
+                pairs.append((str(c[0]), str(c[1])))
+            elif isinstance(c, str) and c.strip():
+                language, _, country = c.strip().partition("-")
+                pairs.append((language, country or language))
+            else:
+                raise UsageError(
+                    f"culture {c!r} is neither 'Language-Country', a name nor a "
+                    "(language, country) pair"
+                )
+        if not pairs:
+            raise UsageError("cultures is an empty list; give at least one culture name")
+    if len(set(pairs)) != len(pairs):
+        raise UsageError(f"cultures has duplicates: {pairs}")
+    return [make_culture(lang, country, i) for i, (lang, country) in enumerate(pairs)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Images
+# ---------------------------------------------------------------------------------------------
+
+
+def _rgb(hue: float, saturation: float, value: float) -> tuple[int, int, int]:
+    r, g, b = colorsys.hsv_to_rgb(hue % 1.0, saturation, value)
+    return int(r * 255), int(g * 255), int(b * 255)
+
+
+def _draw_motif(draw: Any, motif: str, cx: float, cy: float, r: float, color: tuple) -> None:
+    box = (cx - r, cy - r, cx + r, cy + r)
+    if motif == "circle":
+        draw.ellipse(box, fill=color)
+    elif motif == "ring":
+        draw.ellipse(box, outline=color, width=max(2, int(r / 3)))
+    elif motif == "square":
+        draw.rectangle(box, fill=color)
+    elif motif == "hstripes":
+        for k in range(3):
+            y = cy - r + k * r
+            draw.rectangle((cx - r, y, cx + r, y + r / 3), fill=color)
+    elif motif == "vstripes":
+        for k in range(3):
+            x = cx - r + k * r
+            draw.rectangle((x, cy - r, x + r / 3, cy + r), fill=color)
+    elif motif == "cross":
+        w = r / 3
+        draw.rectangle((cx - w, cy - r, cx + w, cy + r), fill=color)
+        draw.rectangle((cx - r, cy - w, cx + r, cy + w), fill=color)
+    else:
+        draw.polygon(_polygon(motif, cx, cy, r), fill=color)
+
+
+def _polygon(motif: str, cx: float, cy: float, r: float) -> list[tuple[float, float]]:
+    if motif == "star":
+        radii = [r if k % 2 == 0 else r * 0.45 for k in range(10)]
+        angles = [math.pi / 2 + k * math.pi / 5 for k in range(10)]
+    else:
+        sides = {"triangle": 3, "diamond": 4, "hexagon": 6}[motif]
+        radii = [r] * sides
+        angles = [math.pi / 2 + k * 2 * math.pi / sides for k in range(sides)]
+    return [
+        (cx + q * math.cos(a), cy - q * math.sin(a)) for q, a in zip(radii, angles, strict=True)
+    ]
+
+
+def draw_image(culture: SyntheticCulture, rng: random.Random, size: int = 64) -> bytes:
+    """PNG bytes: the culture's palette as background, 2-4 of its motifs, neutral clutter."""
+    from PIL import Image, ImageDraw
+
+    jitter = lambda: rng.uniform(-0.03, 0.03)  # noqa: E731  (small hue noise per image)
+    background = _rgb(culture.hue + jitter(), 0.35, 0.92)
+    img = Image.new("RGB", (size, size), background)
+    draw = ImageDraw.Draw(img)
+    for _ in range(rng.randint(1, 3)):  # clutter shared by all cultures: gray lines
+        gray = rng.randint(90, 200)
+        points = [rng.uniform(0, size) for _ in range(4)]
+        draw.line(points, fill=(gray, gray, gray), width=1)
+    for _ in range(rng.randint(2, 4)):
+        r = rng.uniform(0.10, 0.20) * size
+        cx, cy = rng.uniform(r, size - r), rng.uniform(r, size - r)
+        color = _rgb(culture.hue + 0.5 + jitter(), 0.8, rng.uniform(0.45, 0.7))
+        _draw_motif(draw, culture.motif, cx, cy, r, color)
+    buffer = io.BytesIO()
+    img.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+# ---------------------------------------------------------------------------------------------
+# Rows in CVQA's schema
+# ---------------------------------------------------------------------------------------------
+
+
+def _distractors(
+    answer: tuple[str, str],
+    others: Sequence[SyntheticCulture],
+    category: str,
+    rng: random.Random,
+) -> list[tuple[str, str]]:
+    """Three (English, local) names of the category from three other cultures (the neutral
+    pool fills in when there are fewer), all different from each other and from the answer."""
+    donors = list(others)
+    rng.shuffle(donors)
+    donors += [_neutral_culture()] * 3
+    used_en, used_local = {answer[0]}, {answer[1]}
+    names: list[tuple[str, str]] = []
+    for donor in donors:
+        if len(names) == 3:
+            break
+        choices = list(zip(donor.words[category], donor.local_words[category], strict=True))
+        rng.shuffle(choices)
+        for english, local in choices:
+            # Cultures draw syllables from one alphabet, so words may (rarely) coincide.
+            if english not in used_en and local not in used_local:
+                names.append((english, local))
+                used_en.add(english)
+                used_local.add(local)
+                break
+    return names
+
+
+def synthetic_rows(
+    cultures: int | Sequence[str | tuple[str, str]] = 8,
+    items_per_culture: int = 64,
+    *,
+    seed: int = 0,
+    image_size: int = 64,
+    hidden_labels: bool = False,
+) -> Iterator[dict[str, Any]]:
+    """Rows (dicts with exactly CVQA's columns) of synthetic CVQA, culture by culture."""
+    if items_per_culture < 1:
+        raise UsageError(f"items_per_culture={items_per_culture} must be >= 1")
+    if image_size < 16:
+        raise UsageError(f"image_size={image_size} must be >= 16 pixels to draw the motifs")
+    resolved = resolve_cultures(cultures)
+    categories = list(CATEGORIES)
+    for culture in resolved:
+        others = [c for c in resolved if c is not culture]
+        # Right letters balanced over A-D: a seeded shuffle of 0,1,2,3,0,1,...
+        labels = [i % 4 for i in range(items_per_culture)]
+        random.Random(stable_seed("labels", seed, culture.name)).shuffle(labels)
+        for i in range(items_per_culture):
+            rng = random.Random(stable_seed("item", seed, culture.name, i))
+            category = categories[i % len(categories)]
+            cvqa_category, question, _ = CATEGORIES[category]
+            k = rng.randrange(WORDS_PER_CATEGORY)
+            answer = (culture.words[category][k], culture.local_words[category][k])
+            options = _distractors(answer, others, category, rng)
+            options.insert(labels[i], answer)
+            item_id = f"syn{seed}_{culture.language}_{culture.country}_{i:05d}"
+            yield {
+                "image": {"bytes": draw_image(culture, rng, image_size), "path": f"{item_id}.png"},
+                "ID": item_id,
+                "Subset": culture.subset,
+                "Question": culture.local_questions[category],
+                "Translated Question": question,
+                "Options": [local for _, local in options],
+                "Translated Options": [english for english, _ in options],
+                "Label": -1 if hidden_labels else labels[i],
+                "Category": cvqa_category,
+                "Image Type": "Synthetic",
+                "Image Source": "culture_neurons.data.synthetic",
+                "License": "CC0",
+            }
+
+
+def cvqa_arrow_schema() -> Any:
+    """CVQA's parquet schema (pyarrow), with the ``huggingface`` metadata that lets
+    ``datasets`` decode ``image`` as an Image feature, as in the real files."""
+    import pyarrow as pa
+
+    string = pa.string()
+    fields = [
+        ("image", pa.struct([("bytes", pa.binary()), ("path", string)])),
+        ("ID", string),
+        ("Subset", string),
+        ("Question", string),
+        ("Translated Question", string),
+        ("Options", pa.list_(string)),
+        ("Translated Options", pa.list_(string)),
+        ("Label", pa.int64()),
+        ("Category", string),
+        ("Image Type", string),
+        ("Image Source", string),
+        ("License", string),
+    ]
+    value = {"dtype": "string", "_type": "Value"}
+    features: dict[str, Any] = {name: dict(value) for name, _ in fields}
+    features["image"] = {"_type": "Image"}
+    features["Options"] = {"feature": dict(value), "_type": "Sequence"}
+    features["Translated Options"] = {"feature": dict(value), "_type": "Sequence"}
+    features["Label"] = {"dtype": "int64", "_type": "Value"}
+    metadata = {b"huggingface": json.dumps({"info": {"features": features}}).encode()}
+    return pa.schema(fields, metadata=metadata)
+
+
+def write_synthetic_cvqa(
+    path: str | Path,
+    cultures: int | Sequence[str | tuple[str, str]] = 8,
+    items_per_culture: int = 64,
+    *,
+    seed: int = 0,
+    image_size: int = 64,
+    hidden_labels: bool = False,
+    num_files: int = 1,
+    rows_per_group: int = 100,
+) -> Path:
+    """Write synthetic CVQA as parquet in CVQA's schema; return what to pass to ``load_cvqa``.
+
+    ``path`` ending in ``.parquet`` gets one file; any other path is a folder that gets
+    ``data/test-0000i-of-0000n.parquet`` (``num_files`` of them) as on the hub, and is returned.
+    ``rows_per_group`` rows per parquet row group (100, as ``datasets`` writes image data).
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if num_files < 1:
+        raise UsageError(f"num_files={num_files} must be >= 1")
+    rows = list(
+        synthetic_rows(
+            cultures,
+            items_per_culture,
+            seed=seed,
+            image_size=image_size,
+            hidden_labels=hidden_labels,
+        )
+    )
+    schema = cvqa_arrow_schema()
+    out = Path(path)
+    if out.suffix == ".parquet":
+        if num_files != 1:
+            raise UsageError(f"{out} is one file; pass a folder for num_files={num_files}")
+        targets = [out]
+    else:
+        targets = [
+            out / "data" / f"test-{i:05d}-of-{num_files:05d}.parquet" for i in range(num_files)
+        ]
+    per_file = math.ceil(len(rows) / len(targets))
+    for i, target in enumerate(targets):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        chunk = rows[i * per_file : (i + 1) * per_file]
+        table = pa.Table.from_pylist(chunk, schema=schema)
+        pq.write_table(table, target, row_group_size=rows_per_group)
+    logger.info("synthetic CVQA: wrote %d items to %s", len(rows), out)
+    return out
+
+
+def make_synthetic_items(
+    cultures: int | Sequence[str | tuple[str, str]] = 8,
+    items_per_culture: int = 64,
+    *,
+    seed: int = 0,
+    image_size: int = 64,
+    hidden_labels: bool = False,
+    grouping: str = "pair",
+    language: str = "en",
+) -> CultureData:
+    """Synthetic CVQA in memory (images kept as PNG bytes), built by the loader's own row
+    parser, so it holds the same items as ``load_cvqa(write_synthetic_cvqa(...))``."""
+    groups: dict[str, list] = {}
+    for row in synthetic_rows(
+        cultures,
+        items_per_culture,
+        seed=seed,
+        image_size=image_size,
+        hidden_labels=hidden_labels,
+    ):
+        item = item_from_row(row, grouping=grouping, language=language)
+        groups.setdefault(item.culture, []).append(item)
+    return CultureData(
+        items_by_culture={c: tuple(items) for c, items in groups.items()},
+        labels_available=not hidden_labels,
+        grouping=grouping,
+        language=language,
+        source="synthetic (in memory)",
+    )

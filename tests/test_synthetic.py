@@ -1,0 +1,133 @@
+"""Synthetic CVQA: CVQA's exact schema, determinism, balanced letters, culture cues."""
+
+from __future__ import annotations
+
+import collections
+import io
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from culture_neurons.data import CVQA_COLUMNS, load_cvqa, make_synthetic_items, write_synthetic_cvqa
+from culture_neurons.data.synthetic import (
+    BUILTIN_CULTURES,
+    cvqa_arrow_schema,
+    resolve_cultures,
+    synthetic_rows,
+)
+from culture_neurons.errors import UsageError
+
+
+def test_parquet_has_cvqa_columns_and_types(tmp_path):
+    path = write_synthetic_cvqa(tmp_path / "cvqa.parquet", cultures=2, items_per_culture=4)
+    schema = pq.read_schema(path)
+    assert schema.names == list(CVQA_COLUMNS)
+    assert schema.field("image").type == pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    assert schema.field("Label").type == pa.int64()
+    for name in ("Options", "Translated Options"):
+        assert pa.types.is_list(schema.field(name).type)
+        assert schema.field(name).type.value_type == pa.string()
+    for name in set(CVQA_COLUMNS) - {"image", "Label", "Options", "Translated Options"}:
+        assert schema.field(name).type == pa.string(), name
+    row = pq.read_table(path).slice(0, 1).to_pylist()[0]
+    assert row["Subset"] == "('Amari', 'Amaria')"
+    assert Image.open(io.BytesIO(row["image"]["bytes"])).format == "PNG"
+
+
+def test_datasets_reads_image_as_image_feature(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    path = write_synthetic_cvqa(tmp_path / "cvqa.parquet", cultures=2, items_per_culture=4)
+    ds = datasets.Dataset.from_parquet(str(path), cache_dir=str(tmp_path / "cache"))
+    assert isinstance(ds.features["image"], datasets.Image)
+    assert ds[0]["image"].size == (64, 64)
+
+
+def test_deterministic_from_seed():
+    first = list(synthetic_rows(3, 8, seed=5))
+    assert first == list(synthetic_rows(3, 8, seed=5))
+    other = list(synthetic_rows(3, 8, seed=6))
+    assert [r["image"]["bytes"] for r in first] != [r["image"]["bytes"] for r in other]
+
+
+def test_letters_balanced_per_culture():
+    labels = collections.defaultdict(list)
+    for row in synthetic_rows(4, 12):
+        labels[row["Subset"]].append(row["Label"])
+    for subset, values in labels.items():
+        assert collections.Counter(values) == {0: 3, 1: 3, 2: 3, 3: 3}, subset
+
+
+@pytest.mark.parametrize("n_cultures", [1, 2, 6])
+def test_answer_needs_culture_knowledge(n_cultures):
+    cultures = {c.subset: c for c in resolve_cultures(n_cultures)}
+    for row in synthetic_rows(n_cultures, 8):
+        culture = cultures[row["Subset"]]
+        options = row["Translated Options"]
+        assert len(set(options)) == 4 and len(set(row["Options"])) == 4
+        answer = options[row["Label"]]
+        category = next(k for k, words in culture.words.items() if answer in words)
+        # Distractors are the same kind of thing, but never of the image's culture.
+        for k, option in enumerate(options):
+            if k != row["Label"]:
+                assert option not in culture.words[category]
+        # The English question does not give the culture away.
+        assert culture.language not in row["Translated Question"]
+        assert culture.country not in row["Translated Question"]
+
+
+def test_each_culture_has_its_own_visual_cue():
+    # The most common pixel of an image is its background, drawn in the culture's palette.
+    def background(row):
+        img = Image.open(io.BytesIO(row["image"]["bytes"])).convert("RGB")
+        return max(img.getcolors(64 * 64))[1]
+
+    by_culture = collections.defaultdict(list)
+    for row in synthetic_rows(6, 3):
+        by_culture[row["Subset"]].append(background(row))
+    centres = {
+        s: tuple(sum(ch) / len(ch) for ch in zip(*bgs, strict=True))
+        for s, bgs in by_culture.items()
+    }
+    for s, bgs in by_culture.items():
+        for bg in bgs:  # each image is closest to its own culture's mean background
+            dist = {
+                t: sum((a - b) ** 2 for a, b in zip(bg, c, strict=True)) for t, c in centres.items()
+            }
+            assert min(dist, key=dist.get) == s
+    assert len({c.motif for c in resolve_cultures(6)}) == 6
+
+
+def test_culture_names_and_words_are_stable():
+    named = resolve_cultures(["Aa-Bb", "Cc", ("Dd", "Ee")])
+    assert [(c.language, c.country) for c in named] == [("Aa", "Bb"), ("Cc", "Cc"), ("Dd", "Ee")]
+    # A culture's words depend on its name only, not on the other cultures.
+    assert resolve_cultures(3)[2].words == resolve_cultures(5)[2].words
+    assert len(resolve_cultures(len(BUILTIN_CULTURES) + 2)) == len(BUILTIN_CULTURES) + 2
+    with pytest.raises(UsageError):
+        resolve_cultures(["Aa-Bb", "Aa-Bb"])
+    with pytest.raises(UsageError):
+        resolve_cultures(0)
+
+
+def test_hidden_labels():
+    assert {row["Label"] for row in synthetic_rows(2, 4, hidden_labels=True)} == {-1}
+
+
+def test_folder_of_several_files_round_trips(tmp_path):
+    folder = write_synthetic_cvqa(tmp_path / "cvqa", cultures=3, items_per_culture=6, num_files=2)
+    files = sorted((folder / "data").glob("*.parquet"))
+    assert [f.name for f in files] == ["test-00000-of-00002.parquet", "test-00001-of-00002.parquet"]
+    assert pq.read_schema(files[1]).metadata == cvqa_arrow_schema().metadata
+    data = load_cvqa(folder, min_items=1)
+    assert len(data) == 18
+
+
+def test_in_memory_items_match_the_loaded_parquet(tmp_path):
+    path = write_synthetic_cvqa(tmp_path / "c.parquet", cultures=3, items_per_culture=5, seed=2)
+    loaded = load_cvqa(path, min_items=1)
+    memory = make_synthetic_items(3, 5, seed=2)
+    assert loaded.cultures == memory.cultures
+    assert list(loaded) == list(memory)  # compares every field except the image reference
+    assert [it.image_bytes() for it in loaded] == [it.image_bytes() for it in memory]
