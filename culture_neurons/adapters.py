@@ -39,14 +39,21 @@ class Adapter:
     vlm: bool  # prompts carry an image
 
     def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
+        return self._resolve(model)[1]
+
+    def language_model(self, model: nn.Module) -> nn.Module:
+        """The decoder stack that owns the layers (its input embeddings have images merged in)."""
+        return self._resolve(model)[0]
+
+    def _resolve(self, model: nn.Module) -> tuple[nn.Module, nn.ModuleList]:
         for path in self.layer_paths:
-            obj = model
+            parent, obj = None, model
             for part in path.split("."):
-                obj = getattr(obj, part, None)
+                parent, obj = obj, getattr(obj, part, None)
                 if obj is None:
                     break
             if isinstance(obj, nn.ModuleList):
-                return obj
+                return parent, obj
         raise UnsupportedModelError(
             f"{type(model).__name__} ({self.family}) has none of the decoder layer lists "
             f"{', '.join(self.layer_paths)}; pass the HF model itself (e.g. *ForConditionalGeneration)"

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from . import adapters
-from .errors import UsageError
+from .errors import StatsMismatchError, UsageError
 from .stats import ACTIVATIONS, Stats, check_choice
 from .tokens import row_cultures, token_weights
 
@@ -34,21 +34,27 @@ BACKENDS = ("auto", "hooks", "fused")
 
 @dataclass
 class Batch:
-    """Per-row state of the forward about to run (rows = flattened ``[B, T]`` tokens)."""
+    """Per-row state of the forward(s) about to run."""
 
-    rows: int  # B*T, checked against what each MLP receives
+    batch_size: int  # B
+    rows: int  # B*T of the prompt: a recorded forward must have exactly these token rows
     culture: torch.Tensor | None  # int32 [B*T], -1 = not counted; None = no recording
-    ablate: torch.Tensor | None  # int32 [B*T], -1 = no ablation; None = no ablation
+    ablate: torch.Tensor | None  # int32 [B], -1 = no ablation; None = no ablation
     serial: int
     counts: tuple[torch.Tensor, torch.Tensor] | None  # (tokens, items) per culture, int64 [C]
-    _on_device: dict = field(default_factory=dict)
+    _cache: dict = field(default_factory=dict)
 
-    def on(self, device: torch.device) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """(culture, ablate) on ``device``, moved once per device (layers may sit on several)."""
-        if device not in self._on_device:
-            move = lambda t: None if t is None else t.to(device, non_blocking=True)
-            self._on_device[device] = (move(self.culture), move(self.ablate))
-        return self._on_device[device]
+    def on(self, device: torch.device, tokens_per_row: int):
+        """(culture [B*T], set ids [B*T]) on ``device``; moved once per device and length
+        (layers may sit on several devices; generate() runs one token per row at a time)."""
+        key = (device, tokens_per_row)
+        if key not in self._cache:
+            culture = None if self.culture is None else self.culture.to(device)
+            ablate = None
+            if self.ablate is not None:
+                ablate = self.ablate.repeat_interleave(tokens_per_row).to(device)
+            self._cache[key] = (culture, ablate)
+        return self._cache[key]
 
 
 class Site:
@@ -58,13 +64,14 @@ class Site:
         self.inst, self.layer, self.mlp = inst, layer, mlp
         self.device = mlp.gate_proj.weight.device
         self.last_serial = -1
-        self.current: Batch | None = None  # the batch of the forward in progress
+        self.current = None  # (culture, set ids) of the forward in progress
         self.K = self.S = self.Q = None  # int64 / float64 / float64 [C, N], if recording
         self.K32 = self.S32 = self.Q32 = None  # a backend's per-forward working sums, if any
         self.keep = None  # [S+1, N] keep-mask of this layer (last row all ones: set -1)
 
-    def begin(self, rows: int) -> Batch | None:
-        """The batch this forward belongs to; checks it is run once, with the right size."""
+    def begin(self, x: torch.Tensor):
+        """(culture, set ids) per token row of this MLP input ``x`` ``[B, T, H]``, each None
+        when unused; checks that a recorded batch runs once, on the prompt it described."""
         batch = self.inst._batch
         if batch is None:
             if self.inst.recording:
@@ -72,21 +79,30 @@ class Site:
                     "the model ran while instrumented for recording but no rows were set; call "
                     "set_batch(culture, input_ids=..., attention_mask=...) before each forward"
                 )
-            return None
-        if rows != batch.rows:
+            self.current = (None, None)
+            return self.current
+        rows = x.numel() // x.shape[-1]
+        if batch.culture is not None:
+            if rows != batch.rows:
+                raise UsageError(
+                    f"layer {self.layer} MLP got {rows} token rows but set_batch described "
+                    f"{batch.rows}; recording works on full prompt forwards (not generate() "
+                    "with a KV cache), one set_batch per forward"
+                )
+            if batch.serial == self.last_serial:
+                raise UsageError(
+                    "the model ran twice for one set_batch; call set_batch before every forward"
+                )
+        elif rows % batch.batch_size:
             raise UsageError(
-                f"layer {self.layer} MLP got {rows} token rows but set_batch described "
-                f"{batch.rows}; recording and ablation work on full prompt forwards (not "
-                "generate() with a KV cache), one set_batch per forward"
+                f"layer {self.layer} MLP got {rows} token rows, not a multiple of the "
+                f"{batch.batch_size} rows given to set_batch"
             )
-        if batch.serial == self.last_serial:
-            raise UsageError(
-                "the model ran twice for one set_batch; call set_batch before every forward"
-            )
-        self.last_serial = batch.serial
-        if self.layer == 0:
+        if self.layer == 0 and batch.serial != self.last_serial:
             self.inst._commit_counts(batch)
-        return batch
+        self.last_serial = batch.serial
+        self.current = batch.on(x.device, rows // batch.batch_size)
+        return self.current
 
 
 class Instrument:
@@ -131,8 +147,6 @@ class Instrument:
         if masks is not None:
             masks_fp = getattr(masks, "fingerprint", None)
             if masks_fp is not None and masks_fp.differences(self.fingerprint):
-                from .errors import StatsMismatchError
-
                 raise StatsMismatchError(
                     "these masks were selected on another model ("
                     + "; ".join(masks_fp.differences(self.fingerprint))
@@ -167,6 +181,20 @@ class Instrument:
         self._T = torch.zeros(C, dtype=torch.int64)
         self._items = torch.zeros(C, dtype=torch.int64)
 
+    def start_from(self, stats: Stats) -> None:
+        """Continue accumulating from ``stats`` (a checkpoint of this same recording): the
+        totals then equal, bit for bit, those of a run that was never interrupted."""
+        probe = Stats.zeros(self.cultures, self.fingerprint, self.activation, self.scope,
+                            self.options)  # fmt: skip
+        bad = probe.mismatches(stats)
+        if bad:
+            raise StatsMismatchError("cannot continue from stats that differ in " + "; ".join(bad))
+        for site in self.sites:
+            l = site.layer
+            site.K.copy_(stats.K[:, l]), site.S.copy_(stats.S[:, l]), site.Q.copy_(stats.Q[:, l])
+        self._T.copy_(stats.T)
+        self._items.copy_(stats.items)
+
     def _choose_backend(self, backend: str) -> str:
         return "fused" if backend == "auto" else backend
 
@@ -198,9 +226,13 @@ class Instrument:
         if ablate is not None:
             if self.masks is None:
                 raise UsageError("this instrument was built without masks; it cannot ablate")
-            set_ids = self._set_ids(ablate, shape)
+            set_ids = self._set_ids(ablate, shape[0])
         self._serial += 1
-        self._batch = Batch(shape[0] * shape[1], rows, set_ids, self._serial, counts)
+        self._batch = Batch(shape[0], shape[0] * shape[1], rows, set_ids, self._serial, counts)
+
+    def clear_batch(self) -> None:
+        """Forget the rows set by set_batch (the next forward must set its own)."""
+        self._batch = None
 
     def __call__(self, culture=None, *, ablate=None, **inputs):
         """``set_batch(culture, ablate=..., **inputs)`` then ``model(**inputs)``."""
@@ -208,7 +240,16 @@ class Instrument:
         try:
             return self.model(**inputs)
         finally:
-            self._batch = None
+            self.clear_batch()
+
+    def generate(self, *, ablate=None, **kwargs):
+        """``model.generate(**kwargs)`` with rows ablated by ``ablate`` throughout (ablation
+        only: statistics are recorded on prompt forwards)."""
+        self.set_batch(None, ablate=ablate, **kwargs)
+        try:
+            return self.model.generate(**kwargs)
+        finally:
+            self.clear_batch()
 
     def _culture_ids(self, culture, batch_size: int) -> torch.Tensor:
         """int32 [B] culture ids from names or ids; one value applies to every row."""
@@ -227,16 +268,17 @@ class Instrument:
             return self.cultures.index(c)
         return int(c)
 
-    def _set_ids(self, ablate, shape) -> torch.Tensor:
-        ids = torch.as_tensor(ablate, dtype=torch.int32).view(-1)
+    def _set_ids(self, ablate, batch_size: int) -> torch.Tensor:
+        """int32 [B] ablation set ids; one value applies to every row."""
+        ids = torch.as_tensor(ablate, dtype=torch.int32).view(-1).cpu()
         if ids.numel() == 1:
-            ids = ids.expand(shape[0])
-        if ids.numel() != shape[0]:
-            raise UsageError(f"got {ids.numel()} ablation ids for {shape[0]} rows")
+            ids = ids.expand(batch_size)
+        if ids.numel() != batch_size:
+            raise UsageError(f"got {ids.numel()} ablation ids for {batch_size} rows")
         n_sets = len(self.masks)
         if ids.max() >= n_sets or ids.min() < -1:
             raise UsageError(f"ablation ids must be in [-1, {n_sets - 1}], got {ids.tolist()}")
-        return ids.view(-1, 1).expand(shape).reshape(-1).contiguous()
+        return ids.contiguous()
 
     def _commit_counts(self, batch: Batch) -> None:
         # Committed when layer 0 runs, so a batch set but never run counts nothing.

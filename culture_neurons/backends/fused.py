@@ -54,9 +54,8 @@ class FusedHandle:
         inst, mlp = self.inst, site.mlp
 
         def forward(x: torch.Tensor) -> torch.Tensor:
-            batch = site.begin(x.numel() // x.shape[-1])
+            culture, set_ids = site.begin(x)
             g, u = mlp.gate_proj(x), mlp.up_proj(x)
-            culture, set_ids = batch.on(x.device) if batch is not None else (None, None)
             if _has_hooks(mlp.act_fn):
                 return mlp.down_proj(self._eager(site, g, u, culture, set_ids))
             lead = g.shape[:-1]

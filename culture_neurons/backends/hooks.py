@@ -48,11 +48,7 @@ class HooksHandle:
     @staticmethod
     def _act_hook(inst, site):
         def hook(module, args, a):
-            batch = site.begin(a.numel() // a.shape[-1])
-            site.current = batch
-            if batch is None:
-                return None
-            culture, set_ids = batch.on(a.device)
+            culture, set_ids = site.begin(a)
             if set_ids is not None:
                 a = ablated(site, a, set_ids)
             if culture is not None and inst.activation == "gate":
@@ -64,9 +60,8 @@ class HooksHandle:
     @staticmethod
     def _down_pre_hook(site):
         def hook(module, args):
-            batch = site.current
-            if batch is not None and batch.culture is not None:
-                culture, _ = batch.on(args[0].device)
+            culture, _ = site.current
+            if culture is not None:
                 accumulate(site, args[0], culture)
 
         return hook

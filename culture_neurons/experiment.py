@@ -1,0 +1,395 @@
+"""The whole experiment (SPEC "The science"), as resumable steps writing SPEC's output layout.
+
+    full model on the identification half  ->  statistics of its (correct) items  ->  every
+    selector  ->  every culture's evaluation half under every method's every culture set
+    (+ RND draws), rows of many sets sharing batches  ->  matrices, summaries, report.
+
+Every step leaves its result in ``OUT`` (``stats.*``, ``masks/``, ``eval/``) and its progress
+in ``OUT/progress``: identification statistics are checkpointed atomically every N batches and
+evaluation groups are appended as they finish, so a run stopped anywhere (Ctrl-C, kill -9)
+continues with ``resume=True`` and ends with the same numbers as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from . import adapters
+from .errors import StatsMismatchError, UsageError
+from .evaluate import Group, predict
+from .instrument import Instrument
+from .masks import Masks, load_masks
+from .metrics import matrices, self_cross
+from .prompting import encode
+from .select import METHODS, select
+from .stats import Stats, load_stats
+
+log = logging.getLogger(__name__)
+RUN_FILE = "run.json"
+
+
+@dataclass
+class RunConfig:
+    """Every option that changes the numbers of a run (stored in ``OUT/run.json``)."""
+
+    methods: tuple[str, ...] = ("cas", "lap", "lape", "mad")
+    ratio: float = 0.005  # share of L*N neurons per culture (lape: its top_rate)
+    per_layer: bool = False
+    scope: str = "all"
+    activation: str = "gate"
+    identify_on: str = "correct"  # "correct": items the full model answers right; "all"
+    split_ratio: float = 0.5  # identification share of each culture's items
+    seed: int = 0
+    rnd_draws: int = 3  # RND control sets, size-matched to rnd_like
+    rnd_like: str = "cas"
+    scoring: str = "logits"
+    batch_size: int = 8  # rows per forward
+    backend: str = "auto"
+    checkpoint_every: int = 20  # identification batches between statistics checkpoints
+    reuse_vision: bool = True
+
+    def __post_init__(self) -> None:
+        self.methods = tuple(self.methods)
+        unknown = [m for m in self.methods if m not in METHODS or m == "rnd"]
+        if unknown:
+            raise UsageError(
+                f"unknown method(s) {', '.join(unknown)}; choose from cas, lap, lape, mad "
+                "(rnd runs as the control of rnd_like)"
+            )
+        if not 0 < self.ratio < 1:
+            raise UsageError(f"ratio must be in (0, 1), got {self.ratio}")
+        if not 0 < self.split_ratio < 1:
+            raise UsageError(f"split_ratio must be in (0, 1), got {self.split_ratio}")
+        if self.identify_on not in ("correct", "all"):
+            raise UsageError(f"identify_on must be 'correct' or 'all', got {self.identify_on!r}")
+        if self.rnd_draws and self.rnd_like not in self.methods:
+            raise UsageError(f"rnd_like={self.rnd_like!r} is not among methods {self.methods}")
+        if self.batch_size < 1:
+            raise UsageError(f"batch_size must be >= 1, got {self.batch_size}")
+
+
+@dataclass
+class Run:
+    """One experiment in one output dir; each step can run alone (the CLI's commands)."""
+
+    model: torch.nn.Module
+    processor: object
+    data: object  # culture_neurons.data.CultureData
+    out: Path
+    config: RunConfig = field(default_factory=RunConfig)
+    resume: bool = False
+    overwrite: bool = False
+    progress: bool = True
+    description: str = ""  # what model and data these are, for the report
+
+    def __post_init__(self) -> None:
+        self.out = Path(self.out)
+        self.cultures = list(self.data.cultures)
+        self.fingerprint = adapters.fingerprint(self.model)
+        self.ident, self.evaluation = self.data.split(self.config.split_ratio, self.config.seed)
+        self._prepare_dir()
+
+    # -- output dir ----------------------------------------------------------------------
+    def _prepare_dir(self) -> None:
+        meta = {
+            "config": asdict(self.config),
+            "cultures": self.cultures,
+            "fingerprint": asdict(self.fingerprint),
+            "data": getattr(self.data, "source", ""),
+        }
+        meta["config"]["methods"] = list(self.config.methods)
+        path = self.out / RUN_FILE
+        if path.exists():
+            if self.overwrite:
+                for sub in ("progress", "masks", "eval", "figures"):
+                    shutil.rmtree(self.out / sub, ignore_errors=True)
+                for f in ("stats.safetensors", "stats.json", "report.md"):
+                    (self.out / f).unlink(missing_ok=True)
+            elif self.resume:
+                old = json.loads(path.read_text())
+                diff = [k for k in meta if old.get(k) != meta[k]]
+                if diff:
+                    raise UsageError(
+                        f"{self.out} holds a run with other {', '.join(diff)}; resume it with "
+                        "the same settings, or pass overwrite to start again"
+                    )
+            else:
+                raise UsageError(
+                    f"{self.out} already holds a run; pass --resume to continue it or "
+                    "--overwrite to replace it"
+                )
+        try:
+            (self.out / "progress").mkdir(parents=True, exist_ok=True)
+            _write_json(path, meta)
+        except OSError as e:
+            raise UsageError(f"cannot write to output dir {self.out} ({e.strerror}); "
+                             "choose a writable --out") from e  # fmt: skip
+
+    def _bar(self, total: int, desc: str):
+        return tqdm(total=total, desc=desc, unit="item", disable=not self.progress,
+                    dynamic_ncols=True, leave=False)  # fmt: skip
+
+    # -- step 1: full model on the identification half -------------------------------------
+    def identification_items(self) -> list:
+        """The items whose statistics are recorded (per config: correct ones, or all)."""
+        items = [it for c in self.cultures for it in self.ident.items_by_culture[c]]
+        if self.config.identify_on == "all":
+            return items
+        if not self.data.labels_available:
+            raise UsageError(
+                "labels are hidden in this data, so 'correct items only' is undefined; "
+                "use identify_on='all'"
+            )
+        path = self.out / "progress" / "ident_full.json"
+        if self.resume and path.exists():
+            preds = json.loads(path.read_text())
+        else:
+            with self._bar(len(items), "full model (identification half)") as bar:
+                pred = predict(self.model, self.processor, items, batch_size=self.config.batch_size,
+                               scoring=self.config.scoring, progress=bar.update)  # fmt: skip
+            preds = {it.id: int(p) for it, p in zip(items, pred.tolist(), strict=True)}
+            _write_json(path, preds)
+        return [it for it in items if preds[it.id] == it.label]
+
+    # -- step 2: statistics ------------------------------------------------------------------
+    def identify(self) -> Stats:
+        """Record statistics on the identification items; checkpointed, resumable."""
+        items = self.identification_items()
+        if not items:
+            raise UsageError("no identification item is left (the full model answers none "
+                             "correctly); use identify_on='all'")  # fmt: skip
+        options = {"items": self.config.identify_on, "split_ratio": self.config.split_ratio,
+                   "seed": self.config.seed}  # fmt: skip
+        ckpt_dir = self.out / "progress" / "stats"
+        done, prior = 0, None
+        if self.resume and (ckpt_dir / "stats.json").exists():
+            prior = load_stats(ckpt_dir)
+            done = json.loads((ckpt_dir / "stats.json").read_text())["batches_done"]
+        bs = self.config.batch_size
+        batches = [items[i : i + bs] for i in range(0, len(items), bs)]
+        device = next(self.model.parameters()).device
+        with Instrument(self.model, self.cultures, activation=self.config.activation,
+                        scope=self.config.scope, backend=self.config.backend,
+                        options=options) as rec, torch.no_grad(), \
+                self._bar(len(items), "recording statistics") as bar:  # fmt: skip
+            if prior is not None:  # continue the same sums in the same order: identical results
+                rec.start_from(prior)
+            bar.update(sum(len(b) for b in batches[:done]))
+            for i in range(done, len(batches)):
+                batch = encode(self.model, self.processor, batches[i], device=device)
+                rec([self.cultures.index(it.culture) for it in batches[i]], **batch)
+                bar.update(len(batches[i]))
+                if (i + 1) % self.config.checkpoint_every == 0 and i + 1 < len(batches):
+                    rec.stats().save(ckpt_dir, extra={"batches_done": i + 1})
+            stats = rec.stats()
+        stats.save(self.out, extra={"items_counted": int(stats.items.sum())})
+        return stats
+
+    # -- step 3: selection ------------------------------------------------------------------
+    def select(self, stats: Stats | None = None) -> dict[str, Masks]:
+        """Every method's masks (``masks/<method>.safetensors``) and the RND draws."""
+        stats = stats if stats is not None else load_stats(self.out)
+        stats.require_model(self.fingerprint, "the statistics in " + str(self.out))
+        c = self.config
+        masks = {}
+        for method in c.methods:
+            masks[method] = select(stats, method, ratio=c.ratio, per_layer=c.per_layer)
+        for i, draw in enumerate(self._rnd(stats, masks.get(c.rnd_like))):
+            masks[f"rnd{i}"] = draw
+        for name, m in masks.items():
+            m.save(self.out / "masks" / f"{name}.safetensors")
+        return masks
+
+    def _rnd(self, stats: Stats, like: Masks | None) -> list[Masks]:
+        if not self.config.rnd_draws or like is None:
+            return []
+        draws = select(stats, "rnd", like=like, per_layer=self.config.per_layer,
+                       seed=self.config.seed, draws=self.config.rnd_draws)  # fmt: skip
+        return draws if isinstance(draws, list) else [draws]
+
+    def load_masks(self) -> dict[str, Masks]:
+        names = list(self.config.methods) + [f"rnd{i}" for i in range(self.config.rnd_draws)]
+        return {n: load_masks(self.out / "masks" / f"{n}.safetensors", self.fingerprint)
+                for n in names}  # fmt: skip
+
+    # -- step 4: the ablation matrices ------------------------------------------------------
+    def evaluate(self, masks: dict[str, Masks] | None = None) -> dict[str, dict]:
+        """Every evaluation item under the full model and under every set of every method."""
+        masks = masks if masks is not None else self.load_masks()
+        for name, m in masks.items():
+            if m.names != self.cultures:
+                raise StatsMismatchError(
+                    f"masks {name!r} are for cultures {m.names}, this run has {self.cultures}"
+                )
+        combined, names = _combine(masks)
+        items = [it for c in self.cultures for it in self.evaluation.items_by_culture[c]]
+        preds = self._matrix_predictions(items, combined)  # [1 + S_total, n]
+        culture = torch.tensor([self.cultures.index(it.culture) for it in items])
+        labels = None
+        if self.data.labels_available:
+            labels = torch.tensor([it.label for it in items])
+        full = preds[0]
+        _write_json(self.out / "eval" / "full.json", {
+            "items": [it.id for it in items], "culture": culture.tolist(),
+            "label": None if labels is None else labels.tolist(), "pred": full.tolist(),
+        })  # fmt: skip
+        C, results = len(self.cultures), {}
+        offset = 1
+        per_method: dict[str, torch.Tensor] = {}
+        for name in names:
+            per_method[name] = preds[offset : offset + C]
+            offset += C
+        for name in masks:
+            results[name] = self._method_result(
+                name, masks[name], per_method[name], full, culture, labels
+            )
+        if self.config.rnd_draws and any(n.startswith("rnd") for n in masks):
+            results["rnd"] = _rnd_summary([results.pop(n) for n in list(results)
+                                           if n.startswith("rnd")])  # fmt: skip
+        for name, res in results.items():
+            _write_json(self.out / "eval" / f"{name}.json", res)
+        return results
+
+    def _matrix_predictions(self, items: list, combined: Masks) -> torch.Tensor:
+        """int64 [1 + S, n]: row 0 the full model, row 1 + s under set s. Groups of items are
+        appended to ``progress/matrix.jsonl`` as they finish (the resume point)."""
+        S, n = len(combined), len(items)
+        preds = torch.full((1 + S, n), -2, dtype=torch.int64)
+        group_size = max(1, self.config.batch_size // 4)
+        per_forward = max(1, self.config.batch_size // group_size)
+        log_path = self.out / "progress" / "matrix.jsonl"
+        done = _read_groups(log_path, combined) if self.resume else {}
+        if not self.resume:
+            log_path.unlink(missing_ok=True)
+        conditions = [-1] + list(range(S))
+        with Instrument(self.model, masks=combined, backend=self.config.backend) as ablator, \
+                self._bar(n * len(conditions), "ablation matrix") as bar, \
+                open(log_path, "a", encoding="utf-8") as log_file:  # fmt: skip
+            for g, start in enumerate(range(0, n, group_size)):
+                chunk = items[start : start + group_size]
+                if g in done and done[g]["items"] == [it.id for it in chunk]:
+                    preds[:, start : start + len(chunk)] = torch.tensor(done[g]["preds"])
+                    bar.update(len(chunk) * len(conditions))
+                    continue
+                group = Group(self.model, self.processor, chunk, scoring=self.config.scoring,
+                              reuse_vision=self.config.reuse_vision)  # fmt: skip
+                out = []
+                for c0 in range(0, len(conditions), per_forward):
+                    part = conditions[c0 : c0 + per_forward]
+                    out.append(group.predict(part, ablator))
+                    bar.update(len(chunk) * len(part))
+                block = torch.cat(out)  # [1 + S, len(chunk)]
+                preds[:, start : start + len(chunk)] = block
+                record = {"group": g, "items": [it.id for it in chunk], "preds": block.tolist()}
+                log_file.write(json.dumps(record) + "\n")
+                log_file.flush()
+                os.fsync(log_file.fileno())
+        return preds
+
+    def _method_result(self, name, masks: Masks, pred, full, culture, labels) -> dict:
+        C = len(self.cultures)
+        m = matrices(full, pred, culture, C, labels)
+        res = {
+            "method": name,
+            "cultures": self.cultures,
+            "labels_available": labels is not None,
+            "units": {"accuracy": "percent", "delta": "points", "flip": "fraction"},
+            "items_per_culture": torch.bincount(culture, minlength=C).tolist(),
+            "set_sizes": masks.sizes().tolist(),
+            "layer_counts": masks.layer_counts().tolist(),
+            "unparseable_full": int((full < 0).sum()),
+        }
+        for key in ("accuracy_full", "accuracy", "delta", "flip"):
+            res[key] = None if m[key] is None else _nan_to_none(m[key].tolist())
+        summary = self_cross(m["delta"]) if m["delta"] is not None else dict.fromkeys(
+            ("self", "cross", "gap"))  # fmt: skip
+        res.update(summary)
+        res.update({f"flip_{k}": v for k, v in self_cross(m["flip"]).items()})
+        return res
+
+    # -- everything -------------------------------------------------------------------------
+    def run(self) -> dict[str, dict]:
+        """Identification, selection, evaluation and report; resumable at every step."""
+        stats = self._load_or(lambda: load_stats(self.out), self.identify, "stats.json")
+        masks = self.select(stats)
+        results = self.evaluate(masks)
+        from .report import write_report
+
+        write_report(self.out, description=self.description)
+        return results
+
+    def _load_or(self, load, compute, marker: str):
+        if self.resume and (self.out / marker).exists():
+            log.info("resuming: %s already done", marker)
+            return load()
+        return compute()
+
+
+def _combine(masks: dict[str, Masks]) -> tuple[Masks, list[str]]:
+    """One Masks holding every method's sets in order (set ids of a shared ablator)."""
+    first = next(iter(masks.values()))
+    names, sets = [], []
+    for name, m in masks.items():
+        for s in range(len(m)):
+            names.append(f"{name}:{m.names[s]}")
+            sets.append(m.flat_of(s))
+    return Masks.from_sets(names, sets, first.fingerprint, method="combined"), list(masks)
+
+
+def _read_groups(path: Path, combined: Masks) -> dict[int, dict]:
+    """Finished groups from the progress log; a torn last line (kill -9) is ignored."""
+    done = {}
+    if not path.exists():
+        return done
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if len(rec["preds"]) == 1 + len(combined):
+            done[rec["group"]] = rec
+    return done
+
+
+def _rnd_summary(draws: list[dict]) -> dict:
+    """RND: matrices averaged over the draws; per-draw summaries and their mean and sd."""
+    out = dict(draws[0], method="rnd", draws=[
+        {k: d[k] for k in ("self", "cross", "gap", "flip_self", "flip_cross", "flip_gap")}
+        for d in draws
+    ])  # fmt: skip
+    for key in ("accuracy", "delta", "flip"):
+        if draws[0][key] is not None:
+            mats = torch.tensor([d[key] for d in draws], dtype=torch.float64)
+            out[key] = _nan_to_none(mats.mean(0).tolist())
+    for key in ("self", "cross", "gap", "flip_self", "flip_cross", "flip_gap"):
+        vals = [d[key] for d in draws if d[key] is not None]
+        if vals:
+            t = torch.tensor(vals, dtype=torch.float64)
+            out[key] = t.mean().item()
+            out[f"{key}_sd"] = t.std().item() if len(vals) > 1 else 0.0
+    out["set_sizes"] = draws[0]["set_sizes"]
+    out["layer_counts"] = torch.tensor([d["layer_counts"] for d in draws]).double().mean(0).tolist()
+    return out
+
+
+def _nan_to_none(x):
+    if isinstance(x, list):
+        return [_nan_to_none(v) for v in x]
+    return None if x != x else x
+
+
+def _write_json(path: Path, obj) -> None:
+    """Atomic: a temporary file renamed over the target."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1, ensure_ascii=False), encoding="utf-8")
+    os.replace(tmp, path)
+
