@@ -42,6 +42,7 @@ setup(
         "pyarrow>=14",
         "matplotlib>=3.7",
         "tqdm>=4.60",
+        "tomli>=1.1; python_version < '3.11'",
     ],
     extras_require={
         "test": ["pytest>=7", "pytest-benchmark>=4", "ruff"],

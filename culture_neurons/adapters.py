@@ -37,6 +37,7 @@ class Adapter:
     model_types: tuple[str, ...]  # config.model_type values of this family
     layer_paths: tuple[str, ...]  # dotted paths to the decoder layer list, tried in order
     vlm: bool  # prompts carry an image
+    processor: str = ""  # transformers processor class (VLMs), to assemble one from parts
 
     def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
         return self._resolve(model)[1]
@@ -72,12 +73,14 @@ _VLM_LAYERS = ("model.language_model.layers", "language_model.layers", "model.la
 _LM_LAYERS = ("model.layers", "layers")
 
 ADAPTERS: tuple[Adapter, ...] = (
-    Adapter("qwen2_vl", ("qwen2_vl",), _VLM_LAYERS, vlm=True),
-    Adapter("qwen2_5_vl", ("qwen2_5_vl",), _VLM_LAYERS, vlm=True),
-    Adapter("llava", ("llava",), _VLM_LAYERS, vlm=True),
+    Adapter("qwen2_vl", ("qwen2_vl",), _VLM_LAYERS, vlm=True, processor="Qwen2VLProcessor"),
+    Adapter("qwen2_5_vl", ("qwen2_5_vl",), _VLM_LAYERS, vlm=True,
+            processor="Qwen2_5_VLProcessor"),  # fmt: skip
+    Adapter("llava", ("llava",), _VLM_LAYERS, vlm=True, processor="LlavaProcessor"),
     # LLaVA-1.6-Mistral and Pangea (LLaVA-NeXT on Qwen2) share this class.
-    Adapter("llava_next", ("llava_next",), _VLM_LAYERS, vlm=True),
-    Adapter("gemma3", ("gemma3",), _VLM_LAYERS, vlm=True),
+    Adapter("llava_next", ("llava_next",), _VLM_LAYERS, vlm=True,
+            processor="LlavaNextProcessor"),  # fmt: skip
+    Adapter("gemma3", ("gemma3",), _VLM_LAYERS, vlm=True, processor="Gemma3Processor"),
     Adapter("gemma3_text", ("gemma3_text",), _LM_LAYERS, vlm=False),
     Adapter("llama", ("llama",), _LM_LAYERS, vlm=False),
     Adapter("mistral", ("mistral",), _LM_LAYERS, vlm=False),

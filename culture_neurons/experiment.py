@@ -198,22 +198,7 @@ class Run:
         """Every method's masks (``masks/<method>.safetensors``) and the RND draws."""
         stats = stats if stats is not None else load_stats(self.out)
         stats.require_model(self.fingerprint, "the statistics in " + str(self.out))
-        c = self.config
-        masks = {}
-        for method in c.methods:
-            masks[method] = select(stats, method, ratio=c.ratio, per_layer=c.per_layer)
-        for i, draw in enumerate(self._rnd(stats, masks.get(c.rnd_like))):
-            masks[f"rnd{i}"] = draw
-        for name, m in masks.items():
-            m.save(self.out / "masks" / f"{name}.safetensors")
-        return masks
-
-    def _rnd(self, stats: Stats, like: Masks | None) -> list[Masks]:
-        if not self.config.rnd_draws or like is None:
-            return []
-        draws = select(stats, "rnd", like=like, per_layer=self.config.per_layer,
-                       seed=self.config.seed, draws=self.config.rnd_draws)  # fmt: skip
-        return draws if isinstance(draws, list) else [draws]
+        return select_all(stats, self.config, self.out)
 
     def load_masks(self) -> dict[str, Masks]:
         names = list(self.config.methods) + [f"rnd{i}" for i in range(self.config.rnd_draws)]
@@ -331,6 +316,22 @@ class Run:
             log.info("resuming: %s already done", marker)
             return load()
         return compute()
+
+
+def select_all(stats: Stats, config: RunConfig, out: Path | None = None) -> dict[str, Masks]:
+    """Masks of every configured method, then ``rnd_draws`` random sets size-matched to
+    ``rnd_like`` (named ``rnd0, rnd1, ...``); saved to ``out/masks`` when ``out`` is given."""
+    masks = {m: select(stats, m, ratio=config.ratio, per_layer=config.per_layer)
+             for m in config.methods}  # fmt: skip
+    if config.rnd_draws:
+        draws = select(stats, "rnd", like=masks[config.rnd_like], per_layer=config.per_layer,
+                       seed=config.seed, draws=config.rnd_draws)  # fmt: skip
+        for i, draw in enumerate(draws if isinstance(draws, list) else [draws]):
+            masks[f"rnd{i}"] = draw
+    if out is not None:
+        for name, m in masks.items():
+            m.save(Path(out) / "masks" / f"{name}.safetensors")
+    return masks
 
 
 def _combine(masks: dict[str, Masks]) -> tuple[Masks, list[str]]:

@@ -68,6 +68,7 @@ from transformers import (
 )
 
 from .errors import UnsupportedModelError, UsageError
+from .loading import no_video
 
 __all__ = [
     "TINY_FAMILIES",
@@ -493,22 +494,9 @@ class _Family:
 # ----------------------------------------------------------------------------------------------
 # Processors: the family's Processor with its *ImageProcessorPil (torchvision-free) at tiny sizes.
 # ----------------------------------------------------------------------------------------------
-class _NoVideoProcessorMixin:
-    """Lets a Qwen-VL processor be built without a video processor: transformers' video
-    processors need torchvision, which does not import beside the CPU torch; we pass no video."""
-
-    def check_argument_for_proper_class(self, argument_name, argument):
-        if argument_name == "video_processor" and argument is None:
-            return None
-        return super().check_argument_for_proper_class(argument_name, argument)
-
-
-class _TinyQwen2VLProcessor(_NoVideoProcessorMixin, Qwen2VLProcessor):
-    pass
-
-
-class _TinyQwen2_5_VLProcessor(_NoVideoProcessorMixin, Qwen2_5_VLProcessor):
-    pass
+# Transformers' video processors need torchvision, absent beside the CPU torch: no video.
+_TinyQwen2VLProcessor = no_video(Qwen2VLProcessor)
+_TinyQwen2_5_VLProcessor = no_video(Qwen2_5_VLProcessor)
 
 
 def _qwen_processor(cls):
