@@ -12,14 +12,24 @@
 __version__ = "0.1.0"
 
 from .errors import CultureNeuronsError
+from .evaluate import predict as evaluate
+from .experiment import Run, RunConfig
 from .instrument import Instrument, ablate, record
+from .masks import Masks, load_masks
+from .select import select
 from .stats import Stats, load_stats
 
 __all__ = [
     "CultureNeuronsError",
     "Instrument",
+    "Masks",
+    "Run",
+    "RunConfig",
     "Stats",
     "ablate",
+    "evaluate",
+    "load_masks",
     "load_stats",
     "record",
+    "select",
 ]

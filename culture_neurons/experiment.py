@@ -30,7 +30,7 @@ from .masks import Masks, load_masks
 from .metrics import matrices, self_cross
 from .prompting import encode
 from .select import METHODS, select
-from .stats import Stats, load_stats
+from .stats import Fingerprint, Stats, load_stats
 
 log = logging.getLogger(__name__)
 RUN_FILE = "run.json"
@@ -115,6 +115,13 @@ class Run:
                     (self.out / f).unlink(missing_ok=True)
             elif self.resume:
                 old = json.loads(path.read_text())
+                if old.get("fingerprint") != meta["fingerprint"]:
+                    theirs = Fingerprint.from_dict(old["fingerprint"])
+                    raise StatsMismatchError(
+                        f"{self.out} holds the results of another model ("
+                        + "; ".join(theirs.differences(self.fingerprint))
+                        + "); use a new --out for this model"
+                    )
                 diff = [k for k in meta if old.get(k) != meta[k]]
                 if diff:
                     raise UsageError(

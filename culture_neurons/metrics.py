@@ -37,6 +37,11 @@ def self_cross(matrix: torch.Tensor) -> dict:
     square [C, C] matrix (a more negative self and gap mean a more selective method)."""
     C = matrix.shape[0]
     diag = torch.eye(C, dtype=torch.bool)
-    s = matrix[diag].mean().item()
-    c = matrix[~diag].mean().item() if C > 1 else float("nan")
-    return {"self": s, "cross": c, "gap": s - c}
+    # nanmean: a culture without evaluation items leaves NaN cells, not a NaN summary.
+    s = matrix[diag].nanmean().item()
+    c = matrix[~diag].nanmean().item() if C > 1 else float("nan")
+    return {"self": _none_if_nan(s), "cross": _none_if_nan(c), "gap": _none_if_nan(s - c)}
+
+
+def _none_if_nan(x: float) -> float | None:
+    return None if x != x else x
