@@ -35,6 +35,7 @@ DEFAULTS = {
     "rnd_draws": 3, "rnd_like": "cas", "scoring": "logits", "batch_size": 8, "backend": "auto",
     "checkpoint_every": 20, "reuse_vision": True,
     "out": "culture-neurons-out", "resume": False, "overwrite": False, "quiet": False,
+    "shard": None,
 }  # fmt: skip
 
 
@@ -118,10 +119,14 @@ def build_parser() -> argparse.ArgumentParser:
         if "s" in groups:
             _method_args(p)
         _out_args(p, create=name in ("run", "record", "evaluate"))
+        if name == "record":
+            p.add_argument("--shard", help="i/n: record only shard i of n of the items (a job "
+                           "array's task; add the shards with `merge`)")  # fmt: skip
     p = sub.add_parser("merge", help="add statistics of separate jobs into --out",
                        description="Add statistics (OUT dirs or stats files) of separate jobs; "
                                    "refuses another model, cultures or options.")  # fmt: skip
-    p.add_argument("inputs", nargs="+", help="output dirs (or stats.safetensors) to add")
+    p.add_argument("inputs", nargs="+", help="output dirs (or stats.json files) to add; "
+                   "shards of `record --shard` must all be there, each once")  # fmt: skip
     p.add_argument("--out", required=True, help="where the merged stats are written")
     return parser
 
@@ -188,22 +193,29 @@ def _load_data(path, o: dict):
 
 
 def _run(o: dict, *, resume: bool | None = None):
+    from .distributed import partition
     from .experiment import Run
 
     config = _run_config(o)
+    part = partition(o["shard"])
     model, processor, data, description = _model_and_data(o)
     return Run(model, processor, data, o["out"], config,
                resume=o["resume"] if resume is None else resume, overwrite=o["overwrite"],
-               progress=not o["quiet"], description=description)  # fmt: skip
+               progress=not o["quiet"], description=description, part=part)  # fmt: skip
 
 
 def cmd_run(o: dict) -> None:
-    results = _run(o).run()
-    _print_summary(results, o["out"])
+    run = _run(o)
+    results = run.run()
+    if run.part.main:
+        _print_summary(results, o["out"])
 
 
 def cmd_record(o: dict) -> None:
-    stats = _run(o).identify()
+    run = _run(o)
+    stats = run.identify()
+    if not run.part.main:
+        return
     print(f"statistics of {int(stats.items.sum())} items, {len(stats.cultures)} cultures "
           f"-> {Path(o['out']) / 'stats.safetensors'}")  # fmt: skip
 
@@ -221,7 +233,8 @@ def cmd_select(o: dict) -> None:
 def cmd_evaluate(o: dict) -> None:
     run = _run(o, resume=True)  # the dir already holds stats and masks of this run
     results = run.evaluate()
-    _print_summary(results, o["out"])
+    if run.part.main:
+        _print_summary(results, o["out"])
 
 
 def cmd_report(o: dict) -> None:
@@ -231,10 +244,10 @@ def cmd_report(o: dict) -> None:
 
 
 def cmd_merge(args: argparse.Namespace) -> None:
-    from .stats import load_stats
+    from .stats import load_stats, merge_shards
 
     parts = [load_stats(p) for p in args.inputs]
-    merged = parts[0].merge(*parts[1:])
+    merged = merge_shards(parts)
     merged.save(args.out)
     print(f"merged {len(parts)} statistics ({int(merged.items.sum())} items) -> {args.out}")
 

@@ -23,6 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import adapters
+from .distributed import Partition
 from .errors import StatsMismatchError, UsageError
 from .evaluate import Group, predict
 from .instrument import Instrument
@@ -89,13 +90,16 @@ class Run:
     overwrite: bool = False
     progress: bool = True
     description: str = ""  # what model and data these are, for the report
+    part: Partition = field(default_factory=Partition)  # this process's share of the items
 
     def __post_init__(self) -> None:
         self.out = Path(self.out)
         self.cultures = list(self.data.cultures)
         self.fingerprint = adapters.fingerprint(self.model)
         self.ident, self.evaluation = self.data.split(self.config.split_ratio, self.config.seed)
-        self._prepare_dir()
+        if self.part.main:
+            self._prepare_dir()
+        self.part.barrier()
 
     # -- output dir ----------------------------------------------------------------------
     def _prepare_dir(self) -> None:
@@ -141,13 +145,14 @@ class Run:
                              "choose a writable --out") from e  # fmt: skip
 
     def _bar(self, total: int, desc: str):
-        return tqdm(total=total, desc=desc, unit="item", disable=not self.progress,
-                    dynamic_ncols=True, leave=False)  # fmt: skip
+        return tqdm(total=total, desc=desc, unit="item", dynamic_ncols=True, leave=False,
+                    disable=not self.progress or not self.part.main)  # fmt: skip
 
     # -- step 1: full model on the identification half -------------------------------------
     def identification_items(self) -> list:
-        """The items whose statistics are recorded (per config: correct ones, or all)."""
+        """This part's items whose statistics are recorded (correct ones, or all)."""
         items = [it for c in self.cultures for it in self.ident.items_by_culture[c]]
+        items = self.part.mine(items, self.config.batch_size)
         if self.config.identify_on == "all":
             return items
         if not self.data.labels_available:
@@ -155,7 +160,7 @@ class Run:
                 "labels are hidden in this data, so 'correct items only' is undefined; "
                 "use identify_on='all'"
             )
-        path = self.out / "progress" / "ident_full.json"
+        path = self.out / "progress" / f"ident_full{self.part.tag}.json"
         if self.resume and path.exists():
             preds = json.loads(path.read_text())
         else:
@@ -175,7 +180,7 @@ class Run:
                              "correctly); use identify_on='all'")  # fmt: skip
         options = {"items": self.config.identify_on, "split_ratio": self.config.split_ratio,
                    "seed": self.config.seed}  # fmt: skip
-        ckpt_dir = self.out / "progress" / "stats"
+        ckpt_dir = self.out / "progress" / f"stats{self.part.tag}"
         done, prior = 0, None
         if self.resume and (ckpt_dir / "stats.json").exists():
             prior = load_stats(ckpt_dir)
@@ -197,7 +202,12 @@ class Run:
                 if (i + 1) % self.config.checkpoint_every == 0 and i + 1 < len(batches):
                     rec.stats().save(ckpt_dir, extra={"batches_done": i + 1})
             stats = rec.stats()
-        stats.save(self.out, extra={"items_counted": int(stats.items.sum())})
+        if self.part.ranks:
+            stats = self.part.all_reduce_stats(stats)
+        elif self.part.sharded:
+            stats.shard = (self.part.index, self.part.count)
+        if self.part.main:
+            stats.save(self.out, extra={"items_counted": int(stats.items.sum())})
         return stats
 
     # -- step 3: selection ------------------------------------------------------------------
@@ -205,7 +215,7 @@ class Run:
         """Every method's masks (``masks/<method>.safetensors``) and the RND draws."""
         stats = stats if stats is not None else load_stats(self.out)
         stats.require_model(self.fingerprint, "the statistics in " + str(self.out))
-        return select_all(stats, self.config, self.out)
+        return select_all(stats, self.config, self.out if self.part.main else None)
 
     def load_masks(self) -> dict[str, Masks]:
         names = list(self.config.methods) + [f"rnd{i}" for i in range(self.config.rnd_draws)]
@@ -228,6 +238,8 @@ class Run:
         labels = None
         if self.data.labels_available:
             labels = torch.tensor([it.label for it in items])
+        if not self.part.main:
+            return {}
         full = preds[0]
         _write_json(self.out / "eval" / "full.json", {
             "items": [it.id for it in items], "culture": culture.tolist(),
@@ -257,7 +269,7 @@ class Run:
         preds = torch.full((1 + S, n), -2, dtype=torch.int64)
         group_size = max(1, self.config.batch_size // 4)
         per_forward = max(1, self.config.batch_size // group_size)
-        log_path = self.out / "progress" / "matrix.jsonl"
+        log_path = self.out / "progress" / f"matrix{self.part.tag}.jsonl"
         done = _read_groups(log_path, combined) if self.resume else {}
         if not self.resume:
             log_path.unlink(missing_ok=True)
@@ -267,6 +279,8 @@ class Run:
                 open(log_path, "a", encoding="utf-8") as log_file:  # fmt: skip
             for g, start in enumerate(range(0, n, group_size)):
                 chunk = items[start : start + group_size]
+                if not self.part.owns(g):
+                    continue
                 if g in done and done[g]["items"] == [it.id for it in chunk]:
                     preds[:, start : start + len(chunk)] = torch.tensor(done[g]["preds"])
                     bar.update(len(chunk) * len(conditions))
@@ -284,6 +298,9 @@ class Run:
                 log_file.write(json.dumps(record) + "\n")
                 log_file.flush()
                 os.fsync(log_file.fileno())
+        if self.part.ranks:  # every rank filled its own groups; -2 marks the others
+            for other in self.part.gather(preds):
+                preds = torch.where(preds == -2, other, preds)
         return preds
 
     def _method_result(self, name, masks: Masks, pred, full, culture, labels) -> dict:
@@ -313,9 +330,10 @@ class Run:
         stats = self._load_or(lambda: load_stats(self.out), self.identify, "stats.json")
         masks = self.select(stats)
         results = self.evaluate(masks)
-        from .report import write_report
+        if self.part.main:
+            from .report import write_report
 
-        write_report(self.out, description=self.description)
+            write_report(self.out, description=self.description)
         return results
 
     def _load_or(self, load, compute, marker: str):
@@ -328,6 +346,9 @@ class Run:
 def select_all(stats: Stats, config: RunConfig, out: Path | None = None) -> dict[str, Masks]:
     """Masks of every configured method, then ``rnd_draws`` random sets size-matched to
     ``rnd_like`` (named ``rnd0, rnd1, ...``); saved to ``out/masks`` when ``out`` is given."""
+    if stats.shard is not None:
+        raise UsageError(f"these statistics are shard {stats.shard[0]}/{stats.shard[1]} only; "
+                         "add all shards with `merge` first")  # fmt: skip
     masks = {m: select(stats, m, ratio=config.ratio, per_layer=config.per_layer)
              for m in config.methods}  # fmt: skip
     if config.rnd_draws:

@@ -291,7 +291,8 @@ class Instrument:
         """The statistics so far, on the CPU (accumulators stay where they are)."""
         if not self.recording:
             raise UsageError("this instrument does not record (no cultures were given)")
-        self._impl.flush()
+        if self._impl is not None:  # after detach the totals are already complete
+            self._impl.flush()
         stack = lambda name: torch.stack([getattr(s, name).cpu() for s in self.sites], dim=1)
         return Stats(
             cultures=list(self.cultures),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -18,7 +19,10 @@ DTYPES = {"auto": "auto", "float32": torch.float32, "fp32": torch.float32,
 
 def resolve_device(device: str = "auto") -> torch.device:
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        # Under torchrun each rank takes the GPU of its local rank.
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError(f"--device {device} was asked for but no CUDA GPU is visible; "
                          "use --device cpu (or auto)")  # fmt: skip

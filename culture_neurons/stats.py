@@ -79,6 +79,7 @@ class Stats:
     Q: torch.Tensor  # float64 [C, L, N]
     items: torch.Tensor  # int64 [C]
     options: dict = field(default_factory=dict)
+    shard: tuple[int, int] | None = None  # (i, n): recorded on shard i of n of the items
 
     def __post_init__(self) -> None:
         check_choice("activation", self.activation, ACTIVATIONS)
@@ -180,8 +181,10 @@ class Stats:
             )
 
     def merge(self, *others: Stats) -> Stats:
-        """Sum of these stats and ``others`` (all must agree on model, cultures, options)."""
+        """Sum of these stats and ``others`` (all must agree on model, cultures, options).
+        The sum is no longer one shard: use :func:`merge_shards` to check a full set."""
         out = self.clone()
+        out.shard = None if others else self.shard
         for other in others:
             bad = self.mismatches(other)
             if bad:
@@ -205,6 +208,7 @@ class Stats:
             T=move(self.T), K=move(self.K), S=move(self.S), Q=move(self.Q),
             items=move(self.items),
             options=dict(self.options),
+            shard=self.shard,
         )  # fmt: skip
 
     # -- files ------------------------------------------------------------------------------
@@ -220,6 +224,7 @@ class Stats:
             "activation": self.activation,
             "scope": self.scope,
             "options": self.options,
+            "shard": list(self.shard) if self.shard else None,
             "items": self.items.tolist(),
             "tokens": self.T.tolist(),
             "versions": _versions(),
@@ -253,9 +258,36 @@ def load_stats(path: str | os.PathLike, device: torch.device | str = "cpu") -> S
             T=tensors["T"], K=tensors["K"], S=tensors["S"], Q=tensors["Q"],
             items=torch.tensor(meta["items"], dtype=torch.int64, device=device),
             options=meta.get("options", {}),
+            shard=tuple(meta["shard"]) if meta.get("shard") else None,
         )  # fmt: skip
     except (KeyError, json.JSONDecodeError, TypeError) as e:
         raise DataError(f"{folder} does not hold culture-neurons statistics ({e!r})") from e
+
+
+def merge_shards(parts: list[Stats]) -> Stats:
+    """Sum statistics of separate jobs. Shards (``--shard i/n``) must be exactly the n shards
+    of one split, each once: overlapping or missing ones are refused, naming which."""
+    if not parts:
+        raise UsageError("nothing to merge")
+    shards = [p.shard for p in parts]
+    if any(shards) and not all(shards):
+        raise StatsMismatchError("cannot merge sharded with unsharded statistics")
+    if all(shards):
+        counts = {n for _, n in shards}
+        if len(counts) != 1:
+            raise StatsMismatchError(f"shards of different splits: n = {sorted(counts)}")
+        n = counts.pop()
+        seen = [i for i, _ in shards]
+        dup = sorted({i for i in seen if seen.count(i) > 1})
+        missing = sorted(set(range(n)) - set(seen))
+        if dup or missing:
+            what = []
+            if dup:
+                what.append(f"overlapping (given twice): {', '.join(f'{i}/{n}' for i in dup)}")
+            if missing:
+                what.append(f"missing: {', '.join(f'{i}/{n}' for i in missing)}")
+            raise StatsMismatchError("shards do not cover the items exactly once; " + "; ".join(what))
+    return parts[0].merge(*parts[1:])
 
 
 def _versions() -> dict:

@@ -1,0 +1,120 @@
+"""The fused Triton kernel (CPU interpreter here, CUDA where marked gpu) against the fp64
+reference: counts exactly, sums and h within commented tolerances (see tests/conftest.py)."""
+
+import functools
+
+import pytest
+import torch
+
+from culture_neurons.errors import UsageError
+
+act_record = pytest.importorskip("culture_neurons.kernels.act_record")
+
+SHAPES = [(1, 1), (7, 33), (130, 67)]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]  # bf16 is loaded and cast to fp32
+
+
+def _on(case, device):
+    """The case with gate and up on the kernel's device (the checker moves the rest)."""
+    case["gate"], case["up"] = case["gate"].to(device), case["up"].to(device)
+    return case
+
+
+def _kernel(block_r=16, block_n=32):
+    # Small tiles: 130 x 67 becomes 9 x 3 tiles with masked edges and several cultures per tile.
+    return functools.partial(act_record.act_and_record_triton, block_r=block_r, block_n=block_n)
+
+
+@pytest.mark.parametrize("R,N", SHAPES[:2])
+@pytest.mark.parametrize("act_fn", ["silu", "gelu_tanh"])
+@pytest.mark.parametrize("record", ["gate", "post"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_small_shapes_every_variant(R, N, act_fn, record, dtype, mlp_case, device,
+                                    act_and_record_checker):
+    case = _on(mlp_case(R, N, dtype=dtype, seed=R * 1000 + N), device)
+    act_and_record_checker(_kernel(), case, act_fn, record)
+
+
+@pytest.mark.parametrize(
+    "act_fn,record,dtype",
+    [
+        ("silu", "gate", torch.float32),
+        ("gelu_tanh", "post", torch.float16),
+        ("silu", "post", torch.bfloat16),
+        ("gelu_tanh", "gate", torch.bfloat16),
+    ],
+)
+def test_130x67_several_cultures_per_tile(act_fn, record, dtype, mlp_case, device,
+                                          act_and_record_checker):
+    case = _on(mlp_case(130, 67, C=7, dtype=dtype, seed=7), device)
+    tile_ids = case["row_culture"][:16]
+    assert len(set(tile_ids.tolist()) - {-1}) >= 2, "the first tile should mix cultures"
+    act_and_record_checker(_kernel(), case, act_fn, record)
+
+
+@pytest.mark.parametrize("do_record,do_ablate", [(False, True), (True, False), (False, False)])
+def test_switches_off(do_record, do_ablate, mlp_case, device, act_and_record_checker):
+    case = _on(mlp_case(7, 33, seed=3), device)
+    act_and_record_checker(_kernel(), case, "silu", "gate", do_record, do_ablate)
+
+
+def test_one_tile_covers_everything(mlp_case, device, act_and_record_checker):
+    """A 64 x 128 tile (the GPU default) over 7 x 33: all rows of all cultures in one program."""
+    case = _on(mlp_case(7, 33, seed=4), device)
+    act_and_record_checker(_kernel(64, 128), case, "gelu_tanh", "post")
+
+
+def test_strided_rows(mlp_case, device, act_and_record_checker):
+    """gate and up as column slices of one [R, 2N] gate_up projection (row stride 2N)."""
+    case = mlp_case(7, 33, seed=5)
+    gate_up = torch.cat([case["gate"], case["up"]], dim=1).to(device)
+    case["gate"], case["up"] = gate_up[:, :33], gate_up[:, 33:]
+    act_and_record_checker(_kernel(), case, "silu", "post")
+
+
+def test_keep_as_layer_slice(mlp_case, device, act_and_record_checker):
+    """keep as keep_all[:, l, :] of a [num_sets, L, N] mask (row stride L * N) is read right."""
+    case = _on(mlp_case(7, 33, seed=6), device)
+    keep_all = torch.stack([~case["keep"], case["keep"], ~case["keep"]], dim=1)  # L = 3
+    case["keep"] = keep_all[:, 1, :]
+    assert not case["keep"].is_contiguous()
+    act_and_record_checker(_kernel(), case, "silu", "gate")
+
+
+def test_rejects_non_contiguous_accumulator(mlp_case):
+    case = mlp_case(7, 33)
+    K = torch.zeros(33, 5, dtype=torch.int32).T  # [C, N] view with the wrong layout
+    S, Q = torch.zeros(5, 33), torch.zeros(5, 33)
+    with pytest.raises(UsageError, match="contiguous"):
+        act_record.act_and_record_triton(case["gate"], case["up"], case["row_culture"], K, S, Q,
+                                         case["keep"], case["row_set"], "silu", "gate", True,
+                                         True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("R,N", [(1, 1), (130, 67), (1000, 4099)])
+@pytest.mark.parametrize("record", ["gate", "post"])
+def test_cuda_bf16(R, N, record, mlp_case, act_and_record_checker):
+    case = mlp_case(R, N, C=7, dtype=torch.bfloat16, seed=R)
+    case["gate"], case["up"] = case["gate"].cuda(), case["up"].cuda()
+    act_and_record_checker(act_record.act_and_record_triton, case, "gelu_tanh", record)
+
+
+@pytest.mark.parametrize("act_fn", ["silu", "gelu_tanh"])
+def test_counts_match_eager_torch_where_fp32_saturates(act_fn, mlp_case, device,
+                                                       eager_counts_fn, assert_close_stats):
+    """g in [-9, 3] crosses the band where fp32 GELU-tanh is exactly 0 (g < -5.06): there the
+    hooks backend (eager torch) counts nothing for record="post", and so must the kernel.
+    On a GPU both sides run there (fast exp vs tanhf): they could split one ulp apart at the
+    band's edge; bench/gpu_check.py reports that case as WARN, not FAIL."""
+    case = mlp_case(33, 67, C=3, seed=12)
+    case["gate"] = torch.linspace(-9, 3, 33 * 67).reshape(33, 67)
+    case = _on(case, device)
+    C = case["C"]
+    K = torch.zeros(C, 67, dtype=torch.int32, device=device)
+    S, Q = torch.zeros(C, 67, device=device), torch.zeros(C, 67, device=device)
+    _kernel()(case["gate"], case["up"], case["row_culture"].to(device), K, S, Q,
+              case["keep"].to(device), case["row_set"].to(device), act_fn, "post", True, False)
+    want = eager_counts_fn(case["gate"], case["up"], case["row_culture"].to(device), C, act_fn,
+                           "post")
+    assert_close_stats("K", K, want)

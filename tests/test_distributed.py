@@ -1,0 +1,99 @@
+"""Data parallel (2 gloo ranks on CPU) and ``record --shard`` + ``merge`` against one process."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from culture_neurons import cli
+from culture_neurons.data import write_synthetic_cvqa
+from culture_neurons.errors import StatsMismatchError
+from culture_neurons.loading import save_processor
+from culture_neurons.stats import load_stats, merge_shards
+from culture_neurons.tiny import tiny_model, tiny_processor
+
+SMALL = ["--min-items", "4", "--ratio", "0.05", "--rnd-draws", "1", "--batch-size", "2",
+         "--identify-on", "all", "--methods", "cas,lap", "--quiet"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dist")
+    model_dir = root / "model"
+    tiny_model("llava").save_pretrained(model_dir)
+    save_processor(tiny_processor("llava"), model_dir)
+    data = write_synthetic_cvqa(root / "cvqa", cultures=3, items_per_culture=8, seed=1)
+    return ["--model", str(model_dir), "--data", str(data), *SMALL]
+
+
+def assert_same_stats(a, b) -> None:
+    """Counts exactly; sums to fp64 rounding (ranks add the same batches in another order)."""
+    for name in ("T", "K", "items"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+    for name in ("S", "Q"):
+        torch.testing.assert_close(getattr(a, name), getattr(b, name), rtol=1e-12, atol=1e-12)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank(rank: int, world: int, port: int, argv: list[str], codes) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world),
+                      RANK=str(rank), LOCAL_RANK=str(rank))  # fmt: skip
+    torch.set_num_threads(1)
+    codes[rank] = cli.main(argv)
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def test_two_gloo_ranks_equal_one_process(assets, tmp_path):
+    single, multi = tmp_path / "single", tmp_path / "multi"
+    assert cli.main(["run", *assets, "--out", str(single)]) == 0
+    codes = mp.Manager().dict()
+    mp.spawn(_rank, args=(2, _free_port(), ["run", *assets, "--out", str(multi)], codes),
+             nprocs=2, join=True)  # fmt: skip
+    assert dict(codes) == {0: 0, 1: 0}
+    assert_same_stats(load_stats(single), load_stats(multi))
+    for method in ("cas", "lap", "rnd", "full"):
+        a = json.loads((single / "eval" / f"{method}.json").read_text())
+        b = json.loads((multi / "eval" / f"{method}.json").read_text())
+        assert a == b, method
+    assert (multi / "report.md").exists()
+
+
+def test_shards_merge_to_the_unsharded_stats(assets, tmp_path):
+    whole = tmp_path / "whole"
+    assert cli.main(["record", *assets, "--out", str(whole)]) == 0
+    shards = []
+    for i in range(3):
+        out = tmp_path / f"s{i}"
+        assert cli.main(["record", *assets, "--out", str(out), "--shard", f"{i}/3"]) == 0
+        shards.append(out)
+    merged = tmp_path / "merged"
+    assert cli.main(["merge", *map(str, shards), "--out", str(merged)]) == 0
+    assert_same_stats(load_stats(whole), load_stats(merged))
+    parts = [load_stats(s) for s in shards]
+    assert [p.shard for p in parts] == [(0, 3), (1, 3), (2, 3)]
+    with pytest.raises(StatsMismatchError, match="missing: 2/3"):
+        merge_shards(parts[:2])
+    with pytest.raises(StatsMismatchError, match="overlapping .*1/3"):
+        merge_shards([parts[0], parts[1], parts[1], parts[2]])
+
+
+def test_a_shard_alone_is_not_selected_from(assets, tmp_path, capsys):
+    out = tmp_path / "s0"
+    assert cli.main(["record", *assets, "--out", str(out), "--shard", "0/2"]) == 0
+    assert cli.main(["select", "--out", str(out)]) != 0
+    assert cli.main(["record", *assets, "--out", str(tmp_path / "x"), "--shard", "2/2"]) != 0
+    err = capsys.readouterr().err
+    assert "shard" in err
