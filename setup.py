@@ -45,7 +45,12 @@ setup(
         "tomli>=1.1; python_version < '3.11'",
     ],
     extras_require={
-        "test": ["pytest>=7", "pytest-benchmark>=4", "ruff"],
+        "lm": ["faker>=20"],
+        "interop": ["nnsight>=0.8"],
+        "hub": ["datasets>=2.14"],
+        # Tests exercise every optional path (datasets folders, Faker text, nnsight).
+        "test": ["pytest>=7", "pytest-benchmark>=4", "ruff", "datasets>=2.14", "faker>=20",
+                 "nnsight>=0.8"],
     },
     entry_points={"console_scripts": ["culture-neurons=culture_neurons.cli:main"]},
 )

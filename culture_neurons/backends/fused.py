@@ -33,12 +33,14 @@ def _has_hooks(module) -> bool:
 class FusedHandle:
     def __init__(self, inst):
         self.inst = inst
-        self.saved = []  # (mlp, instance-level forward it had, or None)
+        self.saved = []  # (mlp, instance-level forward it had or None, the one we installed)
         self._warned = False
+        self.attached = True
         for site in inst.sites:
             mlp = site.mlp
-            self.saved.append((mlp, mlp.__dict__.get("forward")))
-            mlp.forward = self._forward(site)
+            ours = self._forward(site)
+            self.saved.append((mlp, mlp.__dict__.get("forward"), ours))
+            mlp.forward = ours
         self._alloc_working()
 
     def _alloc_working(self) -> None:
@@ -54,6 +56,8 @@ class FusedHandle:
         inst, mlp = self.inst, site.mlp
 
         def forward(x: torch.Tensor) -> torch.Tensor:
+            if not self.attached:  # detached while a wrapper (e.g. nnsight) still calls us
+                return type(mlp).forward(mlp, x)
             culture, set_ids = site.begin(x)
             g, u = mlp.gate_proj(x), mlp.up_proj(x)
             if _has_hooks(mlp.act_fn):
@@ -97,7 +101,14 @@ class FusedHandle:
         """Working accumulators are folded after every forward: nothing is pending."""
 
     def detach(self) -> None:
-        for mlp, forward in self.saved:
+        self.attached = False
+        for mlp, forward, ours in self.saved:
+            if mlp.__dict__.get("forward") is not ours:
+                # Someone wrapped our forward after we attached (nnsight does): leave theirs in
+                # place; ours now passes straight through to the class forward.
+                log.warning("%s.forward was wrapped after attaching; left in place",
+                            type(mlp).__name__)  # fmt: skip
+                continue
             del mlp.forward
             if forward is not None:
                 mlp.forward = forward
