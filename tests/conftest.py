@@ -191,3 +191,18 @@ def eager_counts(gate, up, row_culture, C, act_fn, record):
 def eager_counts_fn():
     """``eager_counts(gate, up, row_culture, C, act_fn, record) -> K``: torch fp32 counts."""
     return eager_counts
+
+
+def save_cli_assets(root, family: str, cultures: int = 3, items: int = 8, seed: int = 0) -> dict:
+    """A tiny ``family`` model + processor saved as a local folder and synthetic CVQA parquet:
+    what a user hands the command line (``--model DIR --data DIR``)."""
+    from culture_neurons.data import write_synthetic_cvqa
+    from culture_neurons.loading import save_processor
+    from culture_neurons.tiny import tiny_model, tiny_processor
+
+    model_dir = root / "model"
+    tiny_model(family).save_pretrained(model_dir)
+    save_processor(tiny_processor(family), model_dir)
+    data = write_synthetic_cvqa(root / "cvqa", cultures=cultures, items_per_culture=items,
+                                seed=seed)  # fmt: skip
+    return {"model": str(model_dir), "data": str(data), "root": root}

@@ -68,7 +68,7 @@ def reference_stats(
     K = torch.zeros(num_cultures, L, N, dtype=torch.int64)
     S = torch.zeros(num_cultures, L, N, dtype=torch.float64)
     Q = torch.zeros(num_cultures, L, N, dtype=torch.float64)
-    for layer, (mlp, x) in enumerate(zip(mlps, xs)):
+    for layer, (mlp, x) in enumerate(zip(mlps, xs, strict=True)):
         with torch.no_grad():
             a = act(F.linear(x, mlp.gate_proj.weight, mlp.gate_proj.bias), act_fn)
             if activation == "post":

@@ -12,12 +12,10 @@ import time
 
 import pytest
 import torch
+from conftest import save_cli_assets
 
 from culture_neurons import cli
-from culture_neurons.data import write_synthetic_cvqa
-from culture_neurons.loading import save_processor
 from culture_neurons.stats import load_stats
-from culture_neurons.tiny import tiny_model, tiny_processor
 
 # Small on purpose: two methods and one RND draw keep each run to seconds on 2 CPU cores.
 SMALL = ["--min-items", "4", "--ratio", "0.05", "--rnd-draws", "1", "--batch-size", "4",
@@ -26,12 +24,7 @@ SMALL = ["--min-items", "4", "--ratio", "0.05", "--rnd-draws", "1", "--batch-siz
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cli")
-    model_dir = root / "model"
-    tiny_model("qwen2_5_vl").save_pretrained(model_dir)
-    save_processor(tiny_processor("qwen2_5_vl"), model_dir)
-    data = write_synthetic_cvqa(root / "cvqa", cultures=3, items_per_culture=8, seed=0)
-    return {"model": str(model_dir), "data": str(data), "root": root}
+    return save_cli_assets(tmp_path_factory.mktemp("cli"), "qwen2_5_vl")
 
 
 def args_for(assets, out, *extra) -> list[str]:
@@ -195,10 +188,8 @@ def test_bad_input_gives_one_line_and_nonzero_exit(assets, tmp_path, capsys):
           "GPU" if not torch.cuda.is_available() else "")  # fmt: skip
     # Stats from another model handed to evaluate.
     other = tmp_path / "other"
-    llava = tmp_path / "llava"
-    tiny_model("llava").save_pretrained(llava)
-    save_processor(tiny_processor("llava"), llava)
-    main_ok(["record", "--model", str(llava), "--data", assets["data"], "--out", str(other),
+    llava = save_cli_assets(tmp_path / "llava", "llava")["model"]
+    main_ok(["record", "--model", llava, "--data", assets["data"], "--out", str(other),
              *SMALL])  # fmt: skip
     main_ok(["select", "--out", str(other), "--ratio", "0.05", "--rnd-draws", "1",
              "--methods", "cas,lap"])  # fmt: skip

@@ -9,13 +9,11 @@ import socket
 import pytest
 import torch
 import torch.multiprocessing as mp
+from conftest import save_cli_assets
 
 from culture_neurons import cli
-from culture_neurons.data import write_synthetic_cvqa
 from culture_neurons.errors import StatsMismatchError
-from culture_neurons.loading import save_processor
 from culture_neurons.stats import load_stats, merge_shards
-from culture_neurons.tiny import tiny_model, tiny_processor
 
 SMALL = ["--min-items", "4", "--ratio", "0.05", "--rnd-draws", "1", "--batch-size", "2",
          "--identify-on", "all", "--methods", "cas,lap", "--quiet"]  # fmt: skip
@@ -23,12 +21,8 @@ SMALL = ["--min-items", "4", "--ratio", "0.05", "--rnd-draws", "1", "--batch-siz
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("dist")
-    model_dir = root / "model"
-    tiny_model("llava").save_pretrained(model_dir)
-    save_processor(tiny_processor("llava"), model_dir)
-    data = write_synthetic_cvqa(root / "cvqa", cultures=3, items_per_culture=8, seed=1)
-    return ["--model", str(model_dir), "--data", str(data), *SMALL]
+    a = save_cli_assets(tmp_path_factory.mktemp("dist"), "llava", seed=1)
+    return ["--model", a["model"], "--data", a["data"], *SMALL]
 
 
 def assert_same_stats(a, b) -> None:
