@@ -34,12 +34,16 @@ def resolve_device(device: str = "auto") -> torch.device:
 
 def load_model(name: str, dtype: str = "auto", device: str = "auto"):
     """(model, processor) in eval mode. VLM families get their processor, text-only families
-    their tokenizer. The family is checked from the config before any weight is read."""
+    their tokenizer. The family is checked from the config before any weight is read.
+
+    ``device="map"`` spreads a model larger than one GPU over all of them (accelerate's
+    ``device_map="auto"``); each layer's accumulators then live on that layer's device."""
     import transformers as tf
 
     if dtype not in DTYPES:
         raise UsageError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
-    dev = resolve_device(device)
+    spread = device == "map"
+    dev = resolve_device("auto" if spread else device)
     try:
         config = tf.AutoConfig.from_pretrained(name)
     except (OSError, ValueError) as e:
@@ -53,7 +57,10 @@ def load_model(name: str, dtype: str = "auto", device: str = "auto"):
     torch_dtype = DTYPES[dtype]
     if torch_dtype == "auto" and dev.type == "cpu":
         torch_dtype = torch.float32  # bf16 matmuls are slow and inexact on CPUs
-    model = cls.from_pretrained(name, dtype=torch_dtype).to(dev).eval()
+    if spread:
+        model = cls.from_pretrained(name, dtype=torch_dtype, device_map="auto").eval()
+    else:
+        model = cls.from_pretrained(name, dtype=torch_dtype).to(dev).eval()
     processor = load_processor(name, adapter)
     log.info("loaded %s (%s) on %s", name, adapter.family, dev)
     return model, processor
