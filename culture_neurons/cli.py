@@ -2,6 +2,7 @@
 
     culture-neurons run                       # the embedded toy: data + trained tiny VLM
     culture-neurons run --model Qwen/Qwen2.5-VL-7B-Instruct --data ./cvqa --out runs/qwen
+    culture-neurons run --task lm --model ./gemma-3-270m --data faker --out runs/lm
     culture-neurons record|select|evaluate|report ... --out DIR
     culture-neurons merge A B C --out DIR     # add statistics of separate jobs
 
@@ -25,13 +26,15 @@ except ModuleNotFoundError:  # Python 3.10
 from .errors import CultureNeuronsError, UsageError
 
 log = logging.getLogger("culture_neurons")
+FAKER_DATA = "faker"  # --data value of the lm task's generated sentences
+FAKER_SENTENCES = 16  # lm task: sentences per culture unless --max-items says otherwise
 
 DEFAULTS = {
     "model": None, "dtype": "auto", "device": "auto",
     "data": None, "cultures": None, "grouping": "pair", "min_items": 10, "language": "en",
     "max_items": None, "on_error": "raise",
     "methods": "cas,lap,lape,mad", "ratio": 0.005, "per_layer": False, "scope": "all",
-    "activation": "gate", "identify_on": "correct", "split_ratio": 0.5, "seed": 0,
+    "activation": "gate", "identify_on": None, "split_ratio": 0.5, "seed": 0, "task": "mc",
     "rnd_draws": 3, "rnd_like": "cas", "scoring": "logits", "batch_size": 8, "backend": "auto",
     "checkpoint_every": 20, "reuse_vision": True,
     "out": "culture-neurons-out", "resume": False, "overwrite": False, "quiet": False,
@@ -53,8 +56,13 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 
 def _data_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data")
-    g.add_argument("--data", help="CVQA: a parquet file/folder or a datasets save_to_disk "
-                   "folder (default: the toy's synthetic CVQA)")  # fmt: skip
+    g.add_argument("--task", choices=["mc", "lm"],
+                   help="mc (default): multiple-choice questions, accuracy; lm: sentences, "
+                   "next-token NLL (needs a text-only --model and --data faker)")  # fmt: skip
+    g.add_argument("--data", help="mc: CVQA, a parquet file/folder or a datasets save_to_disk "
+                   "folder (default: the toy's synthetic CVQA); lm: 'faker' (Faker locales' "
+                   "sentences; --cultures picks locales, --max-items sentences per culture, "
+                   f"default {FAKER_SENTENCES})")  # fmt: skip
     g.add_argument("--cultures", help="comma-separated culture names (default: every group "
                    "with at least --min-items items)")  # fmt: skip
     g.add_argument("--grouping", choices=["pair", "country"],
@@ -73,7 +81,8 @@ def _method_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--scope", choices=["all", "text", "image", "last"], help="counted tokens")
     g.add_argument("--activation", choices=["gate", "post"], help="recorded activation")
     g.add_argument("--identify-on", choices=["correct", "all"],
-                   help="identification items: answered correctly (default) or all")
+                   help="identification items: answered correctly (default) or all; "
+                   "task lm always uses all (a sentence has no right answer)")  # fmt: skip
     g.add_argument("--methods", help="comma-separated: cas,lap,lape,mad (default all four)")
     g.add_argument("--ratio", type=float, help="share of neurons per culture (default 0.005)")
     g.add_argument("--per-layer", action="store_true", default=None,
@@ -155,13 +164,19 @@ def _run_config(o: dict):
     from .experiment import RunConfig
 
     names = {f.name for f in fields(RunConfig)}
-    kw = {k: o[k] for k in names if k in o}
+    kw = {k: o[k] for k in names if k in o and o[k] is not None}
+    if o.get("task") == "lm" and o.get("identify_on") == "correct":
+        raise UsageError("--identify-on correct does not apply to --task lm: a sentence has no "
+                         "right answer, so every identification sentence is recorded; drop "
+                         "--identify-on")  # fmt: skip
     kw["methods"] = tuple(m.strip() for m in str(o["methods"]).split(",") if m.strip())
     return RunConfig(**kw)
 
 
 def _model_and_data(o: dict):
     """(model, processor, data, description) from the options, or the embedded toy."""
+    if o["task"] == "lm":
+        return _lm_model_and_data(o)
     if o["model"] is None and o["data"] is None:
         from .toy import toy
 
@@ -178,6 +193,25 @@ def _model_and_data(o: dict):
     data = _load_data(o["data"], o)
     model, processor = load_model(o["model"], o["dtype"], o["device"])
     return model, processor, data, f"{o['model']} on {o['data']}"
+
+
+def _lm_model_and_data(o: dict):
+    """The lm task: a text-only causal LM and Faker sentences (no embedded toy)."""
+    if o["model"] is None:
+        raise UsageError("--task lm needs --model (a text-only causal LM folder or hub id, e.g. "
+                         "Gemma 3 270M; see bench/real_lm.py)")  # fmt: skip
+    if o["data"] not in (None, FAKER_DATA):
+        raise UsageError(f"--task lm reads --data {FAKER_DATA} (generated sentences), got "
+                         f"{o['data']!r}")  # fmt: skip
+    from .data.faker_text import make_faker_data
+    from .loading import load_model
+
+    _run_config(o)  # fail on bad options before the slow loads
+    locales = [c.strip() for c in o["cultures"].split(",")] if o["cultures"] else None
+    per_culture = o["max_items"] if o["max_items"] is not None else FAKER_SENTENCES
+    data = make_faker_data(locales, per_culture=per_culture, seed=o["seed"])
+    model, processor = load_model(o["model"], o["dtype"], o["device"])
+    return model, processor, data, f"{o['model']} on {data.source}"
 
 
 def _load_data(path, o: dict):
@@ -238,9 +272,16 @@ def cmd_evaluate(o: dict) -> None:
 
 
 def cmd_report(o: dict) -> None:
+    import json
+
+    from . import lm
     from .report import write_report
 
-    print(f"report -> {write_report(o['out'])}")
+    run_file = Path(o["out"]) / "run.json"
+    task = json.loads(run_file.read_text()).get("config", {}).get("task", "mc") \
+        if run_file.is_file() else "mc"  # fmt: skip
+    writer = lm.write_report if task == "lm" else write_report
+    print(f"report -> {writer(o['out'])}")
 
 
 def cmd_merge(args: argparse.Namespace) -> None:
@@ -254,12 +295,16 @@ def cmd_merge(args: argparse.Namespace) -> None:
 
 def _print_summary(results: dict, out) -> None:
     for name, r in results.items():
-        if r.get("gap") is not None:
+        if r.get("task") == "lm":
+            print(f"{name:>5}: self {r['self']:+.4f}  cross {r['cross']:+.4f}  gap "
+                  f"{r['gap']:+.4f} (NLL change, nats/token; positive = hurt)")  # fmt: skip
+        elif r.get("gap") is not None:
             print(f"{name:>5}: self {r['self']:+.1f}  cross {r['cross']:+.1f}  gap {r['gap']:+.1f}"
                   " (accuracy points)")  # fmt: skip
         else:
             print(f"{name:>5}: flip self {r['flip_self']:.3f}  cross {r['flip_cross']:.3f}")
-    print(f"results in {out} (report.md, eval/, figures/)")
+    figures = ", figures/" if (Path(out) / "figures").is_dir() else ""  # lm runs draw none
+    print(f"results in {out} (report.md, eval/{figures})")
 
 
 COMMANDS = {"run": cmd_run, "record": cmd_record, "select": cmd_select,

@@ -4,6 +4,12 @@
     selector  ->  every culture's evaluation half under every method's every culture set
     (+ RND draws), rows of many sets sharing batches  ->  matrices, summaries, report.
 
+Two tasks share these steps (``RunConfig.task``): ``mc``, multiple-choice questions scored by
+their letter (accuracy and flip matrices, :class:`MCTask`), and ``lm``, plain sentences scored by
+their next-token NLL (NLL-change matrices, :class:`LMTask`, see :mod:`culture_neurons.lm`).
+A task says how items become a batch, how a group of items is scored under many conditions,
+and how the scores become ``eval/<method>.json``; everything else is the same code.
+
 Every step leaves its result in ``OUT`` (``stats.*``, ``masks/``, ``eval/``) and its progress
 in ``OUT/progress``: identification statistics are checkpointed atomically every N batches and
 evaluation groups are appended as they finish, so a run stopped anywhere (Ctrl-C, kill -9)
@@ -22,7 +28,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from . import adapters
+from . import adapters, lm
 from .distributed import Partition
 from .errors import StatsMismatchError, UsageError
 from .evaluate import Group, predict
@@ -56,9 +62,16 @@ class RunConfig:
     backend: str = "auto"
     checkpoint_every: int = 20  # identification batches between statistics checkpoints
     reuse_vision: bool = True
+    task: str = "mc"  # "mc": multiple choice (accuracy); "lm": sentences (next-token NLL)
 
     def __post_init__(self) -> None:
         self.methods = tuple(self.methods)
+        if self.task not in TASKS:
+            raise UsageError(f"task must be one of {', '.join(TASKS)}, got {self.task!r}")
+        if self.task == "lm" and self.identify_on == "correct":
+            # A sentence has no right answer: every identification item is recorded. "correct"
+            # is only RunConfig's default here (the CLI refuses it when given for lm).
+            self.identify_on = "all"
         unknown = [m for m in self.methods if m not in METHODS or m == "rnd"]
         if unknown:
             raise UsageError(
@@ -97,6 +110,7 @@ class Run:
         self.cultures = list(self.data.cultures)
         self.fingerprint = adapters.fingerprint(self.model)
         self.ident, self.evaluation = self.data.split(self.config.split_ratio, self.config.seed)
+        self.task = TASKS[self.config.task](self.model, self.processor, self.config)
         if self.part.main:
             self._prepare_dir()
         self.part.barrier()
@@ -110,6 +124,8 @@ class Run:
             "data": getattr(self.data, "source", ""),
         }
         meta["config"]["methods"] = list(self.config.methods)
+        if self.config.task == "mc":  # run.json of MC runs as before tasks existed: resumable
+            del meta["config"]["task"]
         path = self.out / RUN_FILE
         if path.exists():
             if self.overwrite:
@@ -196,7 +212,7 @@ class Run:
                 rec.start_from(prior)
             bar.update(sum(len(b) for b in batches[:done]))
             for i in range(done, len(batches)):
-                batch = encode(self.model, self.processor, batches[i], device=device)
+                batch = self.task.encode(batches[i], device)
                 rec([self.cultures.index(it.culture) for it in batches[i]], **batch)
                 bar.update(len(batches[i]))
                 if (i + 1) % self.config.checkpoint_every == 0 and i + 1 < len(batches):
@@ -234,27 +250,15 @@ class Run:
         combined, names = _combine(masks)
         items = [it for c in self.cultures for it in self.evaluation.items_by_culture[c]]
         preds = self._matrix_predictions(items, combined)  # [1 + S_total, n]
-        culture = torch.tensor([self.cultures.index(it.culture) for it in items])
-        labels = None
-        if self.data.labels_available:
-            labels = torch.tensor([it.label for it in items])
         if not self.part.main:
             return {}
-        full = preds[0]
-        _write_json(self.out / "eval" / "full.json", {
-            "items": [it.id for it in items], "culture": culture.tolist(),
-            "label": None if labels is None else labels.tolist(), "pred": full.tolist(),
-        })  # fmt: skip
-        C, results = len(self.cultures), {}
-        offset = 1
-        per_method: dict[str, torch.Tensor] = {}
-        for name in names:
-            per_method[name] = preds[offset : offset + C]
-            offset += C
-        for name in masks:
-            results[name] = self._method_result(
-                name, masks[name], per_method[name], full, culture, labels
-            )
+        C = len(self.cultures)
+        culture = torch.tensor([self.cultures.index(it.culture) for it in items])
+        # row 0 is the full model, then C rows (one per culture's set) of each method in turn
+        per_method = {name: preds[1 + i * C : 1 + (i + 1) * C] for i, name in enumerate(names)}
+        full_record, results = self.task.results(masks, per_method, preds[0], items, culture,
+                                                 self.cultures, self.data)  # fmt: skip
+        _write_json(self.out / "eval" / "full.json", full_record)
         if self.config.rnd_draws and any(n.startswith("rnd") for n in masks):
             results["rnd"] = _rnd_summary([results.pop(n) for n in list(results)
                                            if n.startswith("rnd")])  # fmt: skip
@@ -263,10 +267,11 @@ class Run:
         return results
 
     def _matrix_predictions(self, items: list, combined: Masks) -> torch.Tensor:
-        """int64 [1 + S, n]: row 0 the full model, row 1 + s under set s. Groups of items are
-        appended to ``progress/matrix.jsonl`` as they finish (the resume point)."""
+        """[1 + S, n] scores (the task's: MC letters int64, LM summed NLL float64): row 0 the
+        full model, row 1 + s under set s. Groups of items are appended to
+        ``progress/matrix.jsonl`` as they finish (the resume point)."""
         S, n = len(combined), len(items)
-        preds = torch.full((1 + S, n), -2, dtype=torch.int64)
+        preds = self.task.empty((1 + S, n))
         group_size = max(1, self.config.batch_size // 4)
         per_forward = max(1, self.config.batch_size // group_size)
         log_path = self.out / "progress" / f"matrix{self.part.tag}.jsonl"
@@ -282,11 +287,11 @@ class Run:
                 if not self.part.owns(g):
                     continue
                 if g in done and done[g]["items"] == [it.id for it in chunk]:
-                    preds[:, start : start + len(chunk)] = torch.tensor(done[g]["preds"])
+                    preds[:, start : start + len(chunk)] = torch.tensor(done[g]["preds"],
+                                                                    dtype=preds.dtype)
                     bar.update(len(chunk) * len(conditions))
                     continue
-                group = Group(self.model, self.processor, chunk, scoring=self.config.scoring,
-                              reuse_vision=self.config.reuse_vision)  # fmt: skip
+                group = self.task.group(chunk)
                 out = []
                 for c0 in range(0, len(conditions), per_forward):
                     part = conditions[c0 : c0 + per_forward]
@@ -298,17 +303,74 @@ class Run:
                 log_file.write(json.dumps(record) + "\n")
                 log_file.flush()
                 os.fsync(log_file.fileno())
-        if self.part.ranks:  # every rank filled its own groups; -2 marks the others
+        if self.part.ranks:  # every rank filled its own groups; task.missing marks the others
             for other in self.part.gather(preds):
-                preds = torch.where(preds == -2, other, preds)
+                preds = torch.where(self.task.missing(preds), other, preds)
         return preds
 
-    def _method_result(self, name, masks: Masks, pred, full, culture, labels) -> dict:
-        C = len(self.cultures)
+    # -- everything -------------------------------------------------------------------------
+    def run(self) -> dict[str, dict]:
+        """Identification, selection, evaluation and report; resumable at every step."""
+        stats = self._load_or(lambda: load_stats(self.out), self.identify, "stats.json")
+        masks = self.select(stats)
+        results = self.evaluate(masks)
+        if self.part.main:
+            from .report import write_report
+
+            # an lm run has no accuracy or flips, which report.py reads: its own report
+            writer = lm.write_report if self.config.task == "lm" else write_report
+            writer(self.out, description=self.description)
+        return results
+
+    def _load_or(self, load, compute, marker: str):
+        if self.resume and (self.out / marker).exists():
+            log.info("resuming: %s already done", marker)
+            return load()
+        return compute()
+
+
+class MCTask:
+    """Multiple choice (SPEC "Evaluation"): a score is the predicted letter index (int64, -1 =
+    unparseable); matrices of accuracy (percent), delta (points) and flip rate."""
+
+    name = "mc"
+
+    def __init__(self, model, processor, config: RunConfig):
+        self.model, self.processor, self.config = model, processor, config
+
+    def encode(self, items: list, device) -> dict:
+        return encode(self.model, self.processor, items, device=device)
+
+    def group(self, items: list) -> Group:
+        return Group(self.model, self.processor, items, scoring=self.config.scoring,
+                     reuse_vision=self.config.reuse_vision)  # fmt: skip
+
+    def empty(self, shape: tuple[int, int]) -> torch.Tensor:
+        """Scores not computed yet: -2 (never a prediction)."""
+        return torch.full(shape, -2, dtype=torch.int64)
+
+    def missing(self, preds: torch.Tensor) -> torch.Tensor:
+        return preds == -2
+
+    def results(self, masks, per_method, full, items, culture, cultures, data):
+        """``(eval/full.json, {method: eval/<method>.json})`` (RND draws still apart)."""
+        labels = torch.tensor([it.label for it in items]) if data.labels_available else None
+        full_record = {
+            "items": [it.id for it in items], "culture": culture.tolist(),
+            "label": None if labels is None else labels.tolist(), "pred": full.tolist(),
+        }  # fmt: skip
+        results = {name: self._method_result(name, masks[name], per_method[name], full,
+                                             culture, labels, cultures)
+                   for name in masks}  # fmt: skip
+        return full_record, results
+
+    def _method_result(self, name, masks: Masks, pred, full, culture, labels,
+                       cultures) -> dict:  # fmt: skip
+        C = len(cultures)
         m = matrices(full, pred, culture, C, labels)
         res = {
             "method": name,
-            "cultures": self.cultures,
+            "cultures": cultures,
             "labels_available": labels is not None,
             "units": {"accuracy": "percent", "delta": "points", "flip": "fraction"},
             "items_per_culture": torch.bincount(culture, minlength=C).tolist(),
@@ -324,23 +386,43 @@ class Run:
         res.update({f"flip_{k}": v for k, v in self_cross(m["flip"]).items()})
         return res
 
-    # -- everything -------------------------------------------------------------------------
-    def run(self) -> dict[str, dict]:
-        """Identification, selection, evaluation and report; resumable at every step."""
-        stats = self._load_or(lambda: load_stats(self.out), self.identify, "stats.json")
-        masks = self.select(stats)
-        results = self.evaluate(masks)
-        if self.part.main:
-            from .report import write_report
 
-            write_report(self.out, description=self.description)
-        return results
+class LMTask:
+    """Sentences (see :mod:`culture_neurons.lm`): a score is an item's summed next-token NLL
+    (float64, nats); matrices of the per-culture NLL (nats/token) and its change."""
 
-    def _load_or(self, load, compute, marker: str):
-        if self.resume and (self.out / marker).exists():
-            log.info("resuming: %s already done", marker)
-            return load()
-        return compute()
+    name = "lm"
+
+    def __init__(self, model, processor, config: RunConfig):
+        lm.check_model(model)
+        self.model, self.processor, self.config = model, processor, config
+
+    def encode(self, items: list, device) -> dict:
+        return lm.encode_text(self.model, self.processor, items, device=device)
+
+    def group(self, items: list) -> lm.LMGroup:
+        return lm.LMGroup(self.model, self.processor, items)
+
+    def empty(self, shape: tuple[int, int]) -> torch.Tensor:
+        """Scores not computed yet: NaN (a real NLL is finite)."""
+        return torch.full(shape, float("nan"), dtype=torch.float64)
+
+    def missing(self, preds: torch.Tensor) -> torch.Tensor:
+        return torch.isnan(preds)
+
+    def results(self, masks, per_method, full, items, culture, cultures, data):
+        """``(eval/full.json, {method: eval/<method>.json})`` (RND draws still apart)."""
+        tokens = torch.cat([lm.target_counts(lm.encode_text(self.model, self.processor, [it])
+                                             ["attention_mask"]) for it in items])  # fmt: skip
+        full_record = {"items": [it.id for it in items], "culture": culture.tolist(),
+                       "tokens": tokens.tolist(), "nll_sum": full.tolist()}  # fmt: skip
+        results = {name: lm.method_result(name, masks[name], per_method[name], full, tokens,
+                                          culture, cultures)
+                   for name in masks}  # fmt: skip
+        return full_record, results
+
+
+TASKS = {"mc": MCTask, "lm": LMTask}
 
 
 def select_all(stats: Stats, config: RunConfig, out: Path | None = None) -> dict[str, Masks]:
@@ -391,15 +473,16 @@ def _read_groups(path: Path, combined: Masks) -> dict[int, dict]:
 def _rnd_summary(draws: list[dict]) -> dict:
     """RND: matrices averaged over the draws; per-draw summaries and their mean and sd."""
     out = dict(draws[0], method="rnd", draws=[
-        {k: d[k] for k in ("self", "cross", "gap", "flip_self", "flip_cross", "flip_gap")}
+        {k: d[k] for k in ("self", "cross", "gap", "flip_self", "flip_cross", "flip_gap")
+         if k in d}  # the LM task has no flips
         for d in draws
     ])  # fmt: skip
-    for key in ("accuracy", "delta", "flip"):
-        if draws[0][key] is not None:
+    for key in ("accuracy", "delta", "flip", "nll"):
+        if draws[0].get(key) is not None:
             mats = torch.tensor([d[key] for d in draws], dtype=torch.float64)
             out[key] = _nan_to_none(mats.mean(0).tolist())
     for key in ("self", "cross", "gap", "flip_self", "flip_cross", "flip_gap"):
-        vals = [d[key] for d in draws if d[key] is not None]
+        vals = [d[key] for d in draws if d.get(key) is not None]
         if vals:
             t = torch.tensor(vals, dtype=torch.float64)
             out[key] = t.mean().item()

@@ -269,6 +269,7 @@ def _distractors(
     others: Sequence[SyntheticCulture],
     category: str,
     rng: random.Random,
+    words_per_category: int = WORDS_PER_CATEGORY,
 ) -> list[tuple[str, str]]:
     """Three (English, local) names of the category from three other cultures (the neutral
     pool fills in when there are fewer), all different from each other and from the answer."""
@@ -280,7 +281,8 @@ def _distractors(
     for donor in donors:
         if len(names) == 3:
             break
-        choices = list(zip(donor.words[category], donor.local_words[category], strict=True))
+        choices = list(zip(donor.words[category][:words_per_category],
+                           donor.local_words[category][:words_per_category], strict=True))
         rng.shuffle(choices)
         for english, local in choices:
             # Cultures draw syllables from one alphabet, so words may (rarely) coincide.
@@ -299,8 +301,15 @@ def synthetic_rows(
     seed: int = 0,
     image_size: int = 64,
     hidden_labels: bool = False,
+    words_per_category: int = WORDS_PER_CATEGORY,
 ) -> Iterator[dict[str, Any]]:
-    """Rows (dicts with exactly CVQA's columns) of synthetic CVQA, culture by culture."""
+    """Rows (dicts with exactly CVQA's columns) of synthetic CVQA, culture by culture.
+
+    ``words_per_category`` (1 to 6) limits each culture to its first words of every category:
+    fewer facts to know per culture (the trained toy uses 1)."""
+    if not 1 <= words_per_category <= WORDS_PER_CATEGORY:
+        raise UsageError(f"words_per_category={words_per_category} must be in "
+                         f"[1, {WORDS_PER_CATEGORY}]")  # fmt: skip
     if items_per_culture < 1:
         raise UsageError(f"items_per_culture={items_per_culture} must be >= 1")
     if image_size < 16:
@@ -316,9 +325,9 @@ def synthetic_rows(
             rng = random.Random(stable_seed("item", seed, culture.name, i))
             category = categories[i % len(categories)]
             cvqa_category, question, _ = CATEGORIES[category]
-            k = rng.randrange(WORDS_PER_CATEGORY)
+            k = rng.randrange(words_per_category)
             answer = (culture.words[category][k], culture.local_words[category][k])
-            options = _distractors(answer, others, category, rng)
+            options = _distractors(answer, others, category, rng, words_per_category)
             options.insert(labels[i], answer)
             item_id = f"syn{seed}_{culture.language}_{culture.country}_{i:05d}"
             yield {
@@ -377,6 +386,7 @@ def write_synthetic_cvqa(
     hidden_labels: bool = False,
     num_files: int = 1,
     rows_per_group: int = 100,
+    words_per_category: int = WORDS_PER_CATEGORY,
 ) -> Path:
     """Write synthetic CVQA as parquet in CVQA's schema; return what to pass to ``load_cvqa``.
 
@@ -396,6 +406,7 @@ def write_synthetic_cvqa(
             seed=seed,
             image_size=image_size,
             hidden_labels=hidden_labels,
+            words_per_category=words_per_category,
         )
     )
     schema = cvqa_arrow_schema()
@@ -427,6 +438,7 @@ def make_synthetic_items(
     hidden_labels: bool = False,
     grouping: str = "pair",
     language: str = "en",
+    words_per_category: int = WORDS_PER_CATEGORY,
 ) -> CultureData:
     """Synthetic CVQA in memory (images kept as PNG bytes), built by the loader's own row
     parser, so it holds the same items as ``load_cvqa(write_synthetic_cvqa(...))``."""
@@ -437,6 +449,7 @@ def make_synthetic_items(
         seed=seed,
         image_size=image_size,
         hidden_labels=hidden_labels,
+        words_per_category=words_per_category,
     ):
         item = item_from_row(row, grouping=grouping, language=language)
         groups.setdefault(item.culture, []).append(item)
