@@ -48,7 +48,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--model", help="hub id or local folder (default: the embedded toy VLM)")
     g.add_argument("--dtype", help="auto | bfloat16 | float16 | float32 (default auto: bf16 "
                    "on GPU as saved, fp32 on CPU)")  # fmt: skip
-    g.add_argument("--device", help="auto | cpu | cuda | cuda:N (default auto)")
+    g.add_argument("--device", help="auto | cpu | cuda | cuda:N | map (map: spread a model "
+                   "larger than one GPU over all GPUs; default auto)")  # fmt: skip
     g.add_argument("--backend", choices=["auto", "fused", "hooks"],
                    help="instrumentation backend (default auto = fused)")  # fmt: skip
     g.add_argument("--batch-size", type=int, help="rows per forward (default 8)")
@@ -84,7 +85,8 @@ def _method_args(p: argparse.ArgumentParser) -> None:
                    help="identification items: answered correctly (default) or all; "
                    "task lm always uses all (a sentence has no right answer)")  # fmt: skip
     g.add_argument("--methods", help="comma-separated: cas,lap,lape,mad (default all four)")
-    g.add_argument("--ratio", type=float, help="share of neurons per culture (default 0.005)")
+    g.add_argument("--ratio", type=float, help="share of neurons per culture (default 0.005; "
+                   "0.02 on the embedded toy)")  # fmt: skip
     g.add_argument("--per-layer", action="store_true", default=None,
                    help="select the top ratio of every layer instead of across layers")
     g.add_argument("--rnd-draws", type=int, help="random control draws (default 3)")
@@ -144,6 +146,7 @@ def options(args: argparse.Namespace) -> dict:
     """DEFAULTS < --config file < command line."""
     opts = dict(DEFAULTS)
     cli = vars(args)
+    loaded: dict = {}
     if cli.get("config"):
         path = Path(cli["config"])
         try:
@@ -156,6 +159,12 @@ def options(args: argparse.Namespace) -> dict:
                              f"known: {', '.join(DEFAULTS)}")  # fmt: skip
         opts.update(loaded)
     opts.update({k: v for k, v in cli.items() if v is not None})
+    given = set(loaded) | {k for k, v in cli.items() if v is not None}
+    toy = cli.get("command") in ("run", "record", "evaluate") and not {"model", "data"} & given
+    if toy and "ratio" not in given:
+        from .toy import TOY_RATIO
+
+        opts["ratio"] = TOY_RATIO  # 0.5 % of the toy's 1152 neurons would be 6 per culture
     return opts
 
 
