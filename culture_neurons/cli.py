@@ -86,7 +86,7 @@ def _method_args(p: argparse.ArgumentParser) -> None:
                    "task lm always uses all (a sentence has no right answer)")  # fmt: skip
     g.add_argument("--methods", help="comma-separated: cas,lap,lape,mad (default all four)")
     g.add_argument("--ratio", type=float, help="share of neurons per culture (default 0.005; "
-                   "0.02 on the embedded toy)")  # fmt: skip
+                   "0.05 on the embedded toy)")  # fmt: skip
     g.add_argument("--per-layer", action="store_true", default=None,
                    help="select the top ratio of every layer instead of across layers")
     g.add_argument("--rnd-draws", type=int, help="random control draws (default 3)")
@@ -164,7 +164,7 @@ def options(args: argparse.Namespace) -> dict:
     if toy and "ratio" not in given:
         from .toy import TOY_RATIO
 
-        opts["ratio"] = TOY_RATIO  # 0.5 % of the toy's 1152 neurons would be 6 per culture
+        opts["ratio"] = TOY_RATIO  # the toy has 1152 neurons: 0.5 % would be 6 per culture
     return opts
 
 

@@ -34,7 +34,8 @@ def matrices(
 
 def self_cross(matrix: torch.Tensor) -> dict:
     """``self`` = mean diagonal, ``cross`` = mean off-diagonal, ``gap = self - cross`` of a
-    square [C, C] matrix (a more negative self and gap mean a more selective method)."""
+    square [C, C] matrix. For accuracy deltas a more negative self and gap mean a more
+    selective method; for NLL deltas (the LM task) a more positive one."""
     C = matrix.shape[0]
     diag = torch.eye(C, dtype=torch.bool)
     # nanmean: a culture without evaluation items leaves NaN cells, not a NaN summary.

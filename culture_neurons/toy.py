@@ -25,10 +25,11 @@ What makes it meaningful:
 Each culture knows one word per category (``words_per_category=1``: 4 facts per culture). With
 the full synthetic vocabulary (6 words per category, 192 words) the model memorised training
 items without generalising (toy-v1: 28 % on data_path); with one word per category and 1200
-steps on 8 x 512 training items it generalises: seed 0 reaches 73 % on data_path (chance 25 %),
-and at a ratio of 2 % of the L*N neurons per culture, ablating a culture's CAS neurons costs
-that culture 2.3 points against +0.1 for the others (gap -2.5), RND's gap being -0.5 +- 0.3.
-Use ratios around 2 % here: 0.5 % of this toy's 1152 neurons is 6 neurons.
+steps on 8 x 512 training items it generalises: seed 0 reaches 73 % on data_path (chance 25 %).
+With the paper's protocol at a ratio of 5 % of the L*N neurons per culture (:data:`TOY_RATIO`;
+0.5 % of this toy's 1152 neurons would be 6 per culture), ablating a
+culture's CAS neurons costs that culture 3.1 points against 0.5 for the others (gap -2.6),
+where RND's gap is -0.1 +- 0.2 (3 draws; measured on 2 CPU cores, seed 0).
 
 Cache layout (``<root>/toy-v2-seed<seed>``, root = ``$CULTURE_NEURONS_CACHE`` or
 ``~/.cache/culture-neurons``): ``model/`` (save_pretrained weights with the processor beside
@@ -74,7 +75,7 @@ __all__ = ["Toy", "ToyConfig", "build_toy", "default_cache_dir", "load_toy", "to
 
 log = logging.getLogger(__name__)
 
-TOY_RATIO = 0.02  # default selection ratio on the toy (its L*N is 1152, see the module doc)
+TOY_RATIO = 0.05  # default selection ratio on the toy (its L*N is 1152, see the module doc)
 VERSION = "toy-v2"  # part of the cache folder name: bump it when the recipe changes
 
 
