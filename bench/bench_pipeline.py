@@ -40,8 +40,9 @@ from culture_neurons.prompting import encode
 from culture_neurons.tiny import tiny_model, tiny_processor
 
 # Mid-size decoder (Qwen2.5-VL-7B: hidden 3584, intermediate 18944, 28 layers, 28 heads).
-MID = dict(hidden_size=512, intermediate_size=2816, num_hidden_layers=4, num_attention_heads=8,
-           num_key_value_heads=2)  # fmt: skip
+# head_dim stays the tiny model's 16 so that its multimodal rope sections still fit.
+MID = dict(hidden_size=512, intermediate_size=2816, num_hidden_layers=4, num_attention_heads=32,
+           num_key_value_heads=4)  # fmt: skip
 
 
 def build(case: str, device: torch.device):
@@ -51,6 +52,7 @@ def build(case: str, device: torch.device):
         for key, value in MID.items():
             setattr(config.text_config, key, value)
         config.text_config.head_dim = MID["hidden_size"] // MID["num_attention_heads"]
+        config.text_config.layer_types = ["full_attention"] * MID["num_hidden_layers"]
         config.vision_config.out_hidden_size = MID["hidden_size"]
         torch.manual_seed(0)
         model = type(model)(config).eval()
