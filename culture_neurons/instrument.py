@@ -211,6 +211,8 @@ class Instrument:
         """Describe the next forward: one culture id (or name) per row, -1 = not counted;
         ``ablate``: one mask-set id per row, -1 = none. Token weights come from
         ``attention_mask`` (padding) and ``input_ids`` (image tokens) under the scope."""
+        if input_ids is None and attention_mask is None:
+            raise UsageError("set_batch needs input_ids or attention_mask to know the rows")
         shape = (input_ids if input_ids is not None else attention_mask).shape
         weights = token_weights(attention_mask, input_ids, self.scope, self.image_token_ids)
         rows = counts = None
