@@ -34,7 +34,7 @@ from .errors import StatsMismatchError, UsageError
 from .evaluate import Group, predict
 from .instrument import Instrument
 from .masks import Masks, load_masks
-from .metrics import matrices, self_cross
+from .metrics import matrices, nan_to_none, self_cross
 from .prompting import encode
 from .select import METHODS, select
 from .stats import Fingerprint, Stats, load_stats
@@ -379,7 +379,7 @@ class MCTask:
             "unparseable_full": int((full < 0).sum()),
         }
         for key in ("accuracy_full", "accuracy", "delta", "flip"):
-            res[key] = None if m[key] is None else _nan_to_none(m[key].tolist())
+            res[key] = None if m[key] is None else nan_to_none(m[key].tolist())
         summary = self_cross(m["delta"]) if m["delta"] is not None else dict.fromkeys(
             ("self", "cross", "gap"))  # fmt: skip
         res.update(summary)
@@ -480,7 +480,7 @@ def _rnd_summary(draws: list[dict]) -> dict:
     for key in ("accuracy", "delta", "flip", "nll"):
         if draws[0].get(key) is not None:
             mats = torch.tensor([d[key] for d in draws], dtype=torch.float64)
-            out[key] = _nan_to_none(mats.mean(0).tolist())
+            out[key] = nan_to_none(mats.mean(0).tolist())
     for key in ("self", "cross", "gap", "flip_self", "flip_cross", "flip_gap"):
         vals = [d[key] for d in draws if d.get(key) is not None]
         if vals:
@@ -492,10 +492,6 @@ def _rnd_summary(draws: list[dict]) -> dict:
     return out
 
 
-def _nan_to_none(x):
-    if isinstance(x, list):
-        return [_nan_to_none(v) for v in x]
-    return None if x != x else x
 
 
 def _write_json(path: Path, obj) -> None:

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from . import adapters
 from .errors import DataError, UsageError
-from .metrics import per_culture_mean, self_cross
+from .metrics import nan_to_none, per_culture_mean, self_cross
 from .prompting import tokenizer_of
 
 # Token rows per head chunk: the Gemma 3 vocabulary (262144) makes a logit row 1 MiB in fp32,
@@ -165,7 +165,7 @@ def method_result(name: str, masks, sums, full, tokens, culture, cultures: list[
         "flip": None,
     }
     for key in ("nll_full", "nll", "delta"):
-        res[key] = _nan_to_none(m[key].tolist())
+        res[key] = nan_to_none(m[key].tolist())
     res.update(self_cross(m["delta"]))
     return res
 
@@ -173,12 +173,6 @@ def method_result(name: str, masks, sums, full, tokens, culture, cultures: list[
 def per_culture_sum(values: torch.Tensor, culture: torch.Tensor, C: int) -> list[int]:
     """int per culture: the sum of ``values`` ``[n]`` over its items."""
     return torch.zeros(C, dtype=torch.int64).index_add_(0, culture, values.long()).tolist()
-
-
-def _nan_to_none(x):
-    if isinstance(x, list):
-        return [_nan_to_none(v) for v in x]
-    return None if x != x else x
 
 
 # -- report.md of an lm run ----------------------------------------------------------------------

@@ -41,8 +41,11 @@ def self_cross(matrix: torch.Tensor) -> dict:
     # nanmean: a culture without evaluation items leaves NaN cells, not a NaN summary.
     s = matrix[diag].nanmean().item()
     c = matrix[~diag].nanmean().item() if C > 1 else float("nan")
-    return {"self": _none_if_nan(s), "cross": _none_if_nan(c), "gap": _none_if_nan(s - c)}
+    return {"self": nan_to_none(s), "cross": nan_to_none(c), "gap": nan_to_none(s - c)}
 
 
-def _none_if_nan(x: float) -> float | None:
+def nan_to_none(x):
+    """JSON-ready: NaN (a culture without items) becomes None, in nested lists too."""
+    if isinstance(x, list):
+        return [nan_to_none(v) for v in x]
     return None if x != x else x

@@ -206,3 +206,15 @@ def save_cli_assets(root, family: str, cultures: int = 3, items: int = 8, seed: 
     data = write_synthetic_cvqa(root / "cvqa", cultures=cultures, items_per_culture=items,
                                 seed=seed)  # fmt: skip
     return {"model": str(model_dir), "data": str(data), "root": root}
+
+
+def short_batch() -> dict:
+    """Three left-padded prompts of 3..12 tokens for the tiny Llama: padding is exercised, the
+    forward is cheap (tiny_batch's chat prompts of ~110 tokens cost ~1 s on 2 busy cores)."""
+    from culture_neurons.tiny import tiny_processor
+
+    tok = tiny_processor("llama")
+    tok.padding_side = "left"
+    texts = ["What is shown?", "Which traditional dish is shown in this picture? A. rice B. tea",
+             "the festival"]  # fmt: skip
+    return dict(tok(texts, return_tensors="pt", padding=True))

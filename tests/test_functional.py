@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as tF
+from conftest import short_batch
 from stats_reference import act
 
 import culture_neurons as cn
@@ -14,18 +15,7 @@ from culture_neurons import functional as F
 from culture_neurons.errors import StatsMismatchError, UsageError
 from culture_neurons.masks import Masks
 from culture_neurons.stats import Fingerprint, Stats
-from culture_neurons.tiny import tiny_model, tiny_processor
-
-
-def short_batch() -> dict:
-    """Three left-padded prompts of 3..12 tokens: padding is exercised, the forward is cheap
-    (tiny_batch's chat prompts of ~110 tokens cost ~1 s per forward on the shared 2-core CPU)."""
-    tok = tiny_processor("llama")
-    tok.padding_side = "left"
-    texts = ["What is shown?", "Which traditional dish is shown in this picture? A. rice B. tea",
-             "the festival"]  # fmt: skip
-    return dict(tok(texts, return_tensors="pt", padding=True))
-
+from culture_neurons.tiny import tiny_model
 
 CULTURES = ["ja", "mx", "ng", "br"]
 

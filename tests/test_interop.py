@@ -8,6 +8,7 @@ import json
 
 import pytest
 import torch
+from conftest import short_batch
 
 import culture_neurons as cn
 from culture_neurons import adapters, interop
@@ -15,18 +16,7 @@ from culture_neurons import functional as F
 from culture_neurons.errors import UsageError
 from culture_neurons.masks import Masks
 from culture_neurons.stats import Fingerprint, Stats
-from culture_neurons.tiny import tiny_model, tiny_processor
-
-
-def short_batch() -> dict:
-    """Three left-padded prompts of 3..12 tokens: padding is exercised, the forward is cheap
-    (tiny_batch's chat prompts of ~110 tokens cost ~1 s per forward on the shared 2-core CPU)."""
-    tok = tiny_processor("llama")
-    tok.padding_side = "left"
-    texts = ["What is shown?", "Which traditional dish is shown in this picture? A. rice B. tea",
-             "the festival"]  # fmt: skip
-    return dict(tok(texts, return_tensors="pt", padding=True))
-
+from culture_neurons.tiny import tiny_model
 
 CULTURES = ["ja", "mx", "ng"]
 FP = Fingerprint("llama", "llama", 4, 10, 8, "silu", "test")  # L = 4, N = 10
