@@ -13,7 +13,7 @@ Providers, same model, same items, one process:
 Throughput is items (identification) or items x conditions (matrix) per second; the ratio is
 time(ours) / time(plain). Goal: identification <= 1.05x, matrix <= 1.1x.
 
-Cases: the tiny Qwen2.5-VL of culture_neurons.tiny and a mid-size one (its decoder widened,
+Cases: the tiny Qwen2.5-VL of culture_neurons.testing.tiny and a mid-size one (its decoder widened,
 see MID), on synthetic CVQA images (64 px; CVQA's are larger, so the vision share here is
 small and the matrix's reuse gains are understated).
 
@@ -32,12 +32,12 @@ import torch
 import transformers
 
 import culture_neurons as cn
-from culture_neurons import adapters
 from culture_neurons.data import make_synthetic_items
-from culture_neurons.evaluate import Group
 from culture_neurons.masks import Masks
-from culture_neurons.prompting import encode
-from culture_neurons.tiny import tiny_model, tiny_processor
+from culture_neurons.models import adapters
+from culture_neurons.scoring.multiple_choice import Group
+from culture_neurons.scoring.prompting import encode
+from culture_neurons.testing.tiny import tiny_model, tiny_processor
 
 # Mid-size decoder (Qwen2.5-VL-7B: hidden 3584, intermediate 18944, 28 layers, 28 heads).
 # head_dim stays the tiny model's 16 so that its multimodal rope sections still fit.

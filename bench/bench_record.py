@@ -26,7 +26,7 @@ import torch
 import transformers
 
 import culture_neurons as cn
-from culture_neurons.tiny import TINY_FAMILIES, tiny_batch, tiny_model, tiny_processor
+from culture_neurons.testing.tiny import TINY_FAMILIES, tiny_batch, tiny_model, tiny_processor
 
 # Mid-size decoder: a Qwen2-7B layer shrunk 4x in width (7B: hidden 3584, intermediate 18944,
 # 28 layers) so that a CPU forward takes a fraction of a second.

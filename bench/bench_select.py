@@ -27,8 +27,8 @@ import numpy as np
 import torch
 from shapes import QWEN25_VL_7B
 
-from culture_neurons import topk
-from culture_neurons.select import select
+from culture_neurons.selection import topk
+from culture_neurons.selection.methods import select
 from culture_neurons.stats import Fingerprint, Stats
 
 # The paper's models (SPEC): C = 25 CVQA culture groups x L layers x N MLP neurons.
@@ -125,7 +125,7 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="one tiny shape, two ratios, 1 repeat")
     ap.add_argument("--repeat", type=int, default=None, help="runs per provider (median)")
     args = ap.parse_args(argv)
-    if topk._C is None:
+    if topk._cpp() is None:
         print(f"bench_select: culture_neurons._C is not built ({topk._C_ERROR}); "
               "run `python setup.py build_ext --inplace` first", file=sys.stderr)  # fmt: skip
         return 1

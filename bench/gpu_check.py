@@ -115,16 +115,16 @@ def check_act_and_record(dev, dtype, R, N, C, act_fn, record, seed=0):
         # tiny a with the sign of -u: the count there is rounding, checked vs eager instead.
         gate.clamp_(min=-4.5)
     gate, up = gate.to(dtype), torch.randn(R, N, generator=gen).to(dtype)
-    row_culture, row_set = batch_ids(R, C, 3, gen)
+    culture, set_ids = batch_ids(R, C, 3, gen)
     keep = torch.rand(3, N, generator=gen) > 0.3
     K = torch.zeros(C, N, dtype=torch.int32, device=dev)
     S = torch.zeros(C, N, device=dev)
     Q = torch.zeros(C, N, device=dev)
     h = act_and_record(gate.to(dev), up.to(dev), act_fn=act_fn, record=record,
-                       row_culture=row_culture.to(dev), K=K, S=S, Q=Q, keep=keep.to(dev),
-                       row_set=row_set.to(dev))
-    h_ref, K_ref, S_ref, Q_ref = ref.act_and_record_reference(gate, up, row_culture, C, act_fn,
-                                                              record, keep, row_set)
+                       culture=culture.to(dev), K=K, S=S, Q=Q, keep=keep.to(dev),
+                       set_ids=set_ids.to(dev))
+    h_ref, K_ref, S_ref, Q_ref = ref.act_and_record_reference(gate, up, culture, C, act_fn,
+                                                              record, keep, set_ids)
     # fp32 sums over <= R rows in another order than fp64, plus ~1e-6 relative error of the
     # GPU's fast exp per term: 1e-4 of the largest sum of squares' scale is generous and still
     # catches a lost or doubled row.
@@ -153,7 +153,7 @@ def check_gelu_saturation(dev, N=4099):
     K = torch.zeros(4, N, dtype=torch.int32, device=dev)
     S, Q = torch.zeros(4, N, device=dev), torch.zeros(4, N, device=dev)
     act_and_record(gate.to(dev), up.to(dev), act_fn="gelu_tanh", record="post",
-                   row_culture=rc.to(dev), K=K, S=S, Q=Q)
+                   culture=rc.to(dev), K=K, S=S, Q=Q)
     a = F.gelu(gate.to(dev), approximate="tanh") * up.to(dev)  # eager torch on the same device
     K_eager = torch.stack([(a[rc.to(dev) == c] > 0).sum(0) for c in range(4)])
     diff = int((K.long() - K_eager.long()).abs().sum())
@@ -167,12 +167,12 @@ def check_masked_down(dev, dtype, R, N, H, seed=0, vs="reference"):
     h = torch.randn(R, N, generator=gen).to(dtype)
     weight = (torch.randn(H, N, generator=gen) / N**0.5).to(dtype)  # outputs ~ N(0, 1)
     keep = torch.rand(4, N, generator=gen) > 0.005
-    _, row_set = batch_ids(R, 25, 4, gen)
-    out = masked_down_proj(h.to(dev), weight.to(dev), keep.to(dev), row_set.to(dev))
+    _, set_ids = batch_ids(R, 25, 4, gen)
+    out = masked_down_proj(h.to(dev), weight.to(dev), keep.to(dev), set_ids.to(dev))
     if vs == "reference":
-        want = ref.masked_down_reference(h, weight, keep, row_set)
+        want = ref.masked_down_reference(h, weight, keep, set_ids)
     else:  # fp32 cuBLAS: the fp64 reference is minutes of CPU time at 7B shapes
-        hd, kd, rsd = h.to(dev).float(), keep.to(dev), row_set.to(dev).long()
+        hd, kd, rsd = h.to(dev).float(), keep.to(dev), set_ids.to(dev).long()
         mask = torch.where((rsd >= 0)[:, None], kd[rsd.clamp(min=0)].float(), 1.0)
         want = F.linear(hd * mask, weight.to(dev).float())
     # Output rounded to the dtype (half an ulp) after fp32 accumulation in another order.
@@ -253,9 +253,9 @@ def build_mlps(shape: DecoderShape, layers: int, dev, dtype):
 class Env:
     """What every provider gets: the MLPs, one batch and per-layer accumulators."""
 
-    def __init__(self, shape, mlps, x, row_culture, row_set, keep):
+    def __init__(self, shape, mlps, x, culture, set_ids, keep):
         self.shape, self.mlps, self.x = shape, mlps, x
-        self.row_culture, self.row_set, self.keep = row_culture, row_set, keep
+        self.culture, self.set_ids, self.keep = culture, set_ids, keep
         L, C, N, dev = len(mlps), shape.cultures, shape.intermediate, x.device
         # [L, C, N]: K[l] is the contiguous [C, N] accumulator the op requires.
         self.K = torch.zeros(L, C, N, dtype=torch.int32, device=dev)
@@ -272,9 +272,9 @@ def make_env(shape: DecoderShape, mlps, R: int, dev, dtype) -> Env:
     gen = torch.Generator().manual_seed(R)
     x = torch.randn(R, shape.hidden, generator=gen).to(dtype).to(dev)
     # Items of 50..400 tokens, as CVQA prompts with an image; 4 ablation sets.
-    row_culture, row_set = batch_ids(R, shape.cultures, 4, gen, item_len=(50, 400))
+    culture, set_ids = batch_ids(R, shape.cultures, 4, gen, item_len=(50, 400))
     keep = torch.rand(4, shape.intermediate, generator=gen) > 0.005  # 0.5% ablated per set
-    return Env(shape, mlps, x, row_culture.to(dev), row_set.to(dev), keep.to(dev))
+    return Env(shape, mlps, x, culture.to(dev), set_ids.to(dev), keep.to(dev))
 
 
 def _no_cleanup():
@@ -294,8 +294,8 @@ def provider_plain(env: Env):
 
 def provider_hooks(env: Env):
     """What people write by hand: a forward hook on act_fn reducing K/S/Q with index_add_."""
-    counted = (env.row_culture >= 0).nonzero().squeeze(1)
-    culture = env.row_culture[counted].long()
+    counted = (env.culture >= 0).nonzero().squeeze(1)
+    culture = env.culture[counted].long()
     N = env.shape.intermediate
     handles = []
     for layer, mlp in enumerate(env.mlps):
@@ -313,9 +313,9 @@ def provider_hooks(env: Env):
 
 def _fused_forward(env: Env, layer: int, mlp, record: bool, ablate: bool):
     g, u = mlp.gate_proj(env.x), mlp.up_proj(env.x)
-    stats = dict(row_culture=env.row_culture, K=env.K[layer], S=env.S[layer],
+    stats = dict(culture=env.culture, K=env.K[layer], S=env.S[layer],
                  Q=env.Q[layer]) if record else {}
-    mask = dict(keep=env.keep, row_set=env.row_set) if ablate else {}
+    mask = dict(keep=env.keep, set_ids=env.set_ids) if ablate else {}
     h = act_and_record(g, u, act_fn=env.shape.act_fn, record="gate", **stats, **mask)
     return mlp.down_proj(h)
 
@@ -349,7 +349,7 @@ def provider_masked_gemm(env: Env):
         for mlp in env.mlps:
             g, u = mlp.gate_proj(env.x), mlp.up_proj(env.x)
             h = act_and_record(g, u, act_fn=env.shape.act_fn)
-            y = masked_down_proj(h, mlp.down_proj.weight, env.keep, env.row_set)
+            y = masked_down_proj(h, mlp.down_proj.weight, env.keep, env.set_ids)
         return y
 
     return run, _no_cleanup

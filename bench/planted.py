@@ -1,9 +1,9 @@
 """Planted ground truth: do the selectors find neurons we planted ourselves?
 
-For each (strength, noise) of a sweep and each seed, ``culture_neurons.planted.plant`` builds a
+For each (strength, noise) of a sweep and each seed, ``culture_neurons.testing.planted.plant`` builds a
 tiny Llama whose culture neurons are known, the fused backend records its statistics, and every
 selector (``cas lap lape mad rnd``) picks as many neurons as were planted (size matching in
-``culture_neurons.planted.select_matched``). Precision and recall are micro-averaged over
+``culture_neurons.testing.planted.select_matched``). Precision and recall are micro-averaged over
 cultures and pooled over seeds. Two diagnostics follow the sweep: ``mad`` with
 ``contrast="max"``, and a sweep of ``culture_share`` (the share of a row's positions that carry
 its culture's words), which is what ``lape``'s absolute bar depends on.
@@ -28,7 +28,7 @@ from dataclasses import asdict
 import torch
 import transformers
 
-from culture_neurons.planted import PlantConfig, Score, plant, score, select_matched
+from culture_neurons.testing.planted import PlantConfig, Score, plant, score, select_matched
 
 METHODS = ("cas", "lap", "lape", "mad", "rnd")
 FULL = {"strengths": (0.25, 0.5, 1.0, 2.0, 4.0), "noises": (0.0, 1.0, 3.0), "seeds": 3,

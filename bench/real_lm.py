@@ -28,8 +28,8 @@ import torch
 
 from culture_neurons.data.faker_text import LOCALES, make_faker_data
 from culture_neurons.errors import UsageError
-from culture_neurons.experiment import Run, RunConfig
-from culture_neurons.loading import load_model
+from culture_neurons.models.loading import load_model
+from culture_neurons.pipeline.run import Run, RunConfig
 
 # 20 locales over five regions (Asia 7, Middle East 4, Europe 6, Americas 2, Africa 1).
 BENCH_LOCALES = ("ja_JP", "zh_CN", "ko_KR", "hi_IN", "th_TH", "vi_VN", "id_ID", "ar_SA", "fa_IR",

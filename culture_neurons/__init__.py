@@ -6,18 +6,27 @@
     stats = rec.stats()
     masks = cn.select(stats, "cas", ratio=0.005)     # top 0.5% neurons per culture
     with cn.ablate(model, masks) as abl:              # zero them, row by row
-        abl(ablate=set_ids, **batch)
+        abl(set_ids=set_ids, **batch)
+
+Subpackages (each named for what it holds): ``models`` (all model knowledge), ``instrument``
+(record / ablate, the one reduction), ``kernels`` (Triton), ``selection``, ``scoring``,
+``pipeline`` (runs, CLI, distributed), ``report``, ``data``, ``interop``; ``demo`` (the toy)
+and ``testing`` (tiny and planted models) stand apart and are never imported by the rest.
 """
 
 __version__ = "0.1.0"
 
-from .errors import CultureNeuronsError
-from .evaluate import predict as evaluate
-from .experiment import Run, RunConfig
-from .instrument import Instrument, ablate, record
-from .masks import Masks, load_masks
-from .select import select
-from .stats import Stats, load_stats
+from culture_neurons import _source_tree
+
+_source_tree.find_kernels()
+
+from culture_neurons.errors import CultureNeuronsError  # noqa: E402
+from culture_neurons.instrument import Instrument, ablate, record  # noqa: E402
+from culture_neurons.masks import Masks, load_masks  # noqa: E402
+from culture_neurons.pipeline import Run, RunConfig  # noqa: E402
+from culture_neurons.scoring import evaluate  # noqa: E402
+from culture_neurons.selection import select  # noqa: E402
+from culture_neurons.stats import Stats, load_stats  # noqa: E402
 
 __all__ = [
     "CultureNeuronsError",

@@ -27,8 +27,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from .errors import DataError, StatsMismatchError, UsageError
-from .stats import Fingerprint
+from culture_neurons.errors import DataError, StatsMismatchError, UsageError
+from culture_neurons.stats import Fingerprint
 
 FORMAT = "culture-neurons-masks"
 FORMAT_VERSION = 1
@@ -152,17 +152,27 @@ class Masks:
         return out.view(len(self), self.num_layers, self.num_neurons)
 
     def keep_mask(
-        self, device: torch.device | str = "cpu", dtype: torch.dtype = torch.uint8
+        self,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.uint8,
+        layer: int | None = None,
     ) -> torch.Tensor:
-        """Multiplicative mask per layer for the ablation kernel, ``dtype`` [L, S, N], contiguous.
+        """Keep mask for ablation, ``dtype`` ``[L, S, N]`` contiguous (``[S, N]`` with ``layer``).
 
         ``keep[l, s, n]`` is 1 where neuron (l, n) is kept for rows of set s and 0 where set s
         ablates it; layer-major so that layer l's kernel reads one contiguous [S, N] block.
+        The one place a keep mask is built from the sets (O(selected) writes).
         """
         L, N = self.num_layers, self.num_neurons
-        keep = torch.ones(L, len(self), N, dtype=dtype, device=device)
-        layer, neuron = (self.flat // N).to(device), (self.flat % N).to(device)
-        keep[layer, self._set_ids().to(device), neuron] = 0
+        layer_of, neuron = self.flat // N, self.flat % N
+        set_of = self._set_ids()
+        if layer is None:
+            keep = torch.ones(L, len(self), N, dtype=dtype, device=device)
+            keep[layer_of.to(device), set_of.to(device), neuron.to(device)] = 0
+            return keep
+        here = layer_of == layer
+        keep = torch.ones(len(self), N, dtype=dtype, device=device)
+        keep[set_of[here].to(device), neuron[here].to(device)] = 0
         return keep
 
     # -- comparison ---------------------------------------------------------------------------

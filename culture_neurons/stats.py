@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .errors import DataError, StatsMismatchError, UsageError
+from culture_neurons.errors import DataError, StatsMismatchError, UsageError
 
 ACTIVATIONS = ("gate", "post")
 SCOPES = ("all", "text", "image", "last")
@@ -293,7 +293,7 @@ def merge_shards(parts: list[Stats]) -> Stats:
 def _versions() -> dict:
     import transformers
 
-    from . import __version__
+    from culture_neurons import __version__
 
     return {"culture_neurons": __version__, "torch": torch.__version__,
             "transformers": transformers.__version__}  # fmt: skip

@@ -2,14 +2,14 @@
 
 - ``act_and_record``: ``h = act(gate) * up`` with per-culture ``K, S, Q`` and per-row ablation
   (Triton on CUDA, chunked PyTorch elsewhere; op ``culture_neurons::act_and_record``).
-- ``masked_down_proj``: ``(h * keep[row_set]) @ W^T`` (op ``culture_neurons::masked_down_proj``).
-- ``activation``: SiLU / GELU-tanh by name (``ACT_FNS``).
+- ``act``: SiLU / GELU-tanh by name (``ACT_FNS``).
 - ``reference``: fp64 PyTorch references the tests compare against.
 
-Importing this package never imports triton: the Triton modules (``act_record``,
-``masked_down``) load when a CUDA tensor first reaches an op.
+Importing this package never imports triton: the Triton module (``act_record``) loads when a
+CUDA tensor first reaches the op. In a source checkout ``culture_neurons/__init__.py`` makes
+this folder importable as ``culture_neurons.kernels`` too.
 """
 
-from .ops import ACT_FNS, RECORDS, act_and_record, activation, masked_down_proj
+from .ops import ACT_FNS, act, act_and_record
 
-__all__ = ["ACT_FNS", "RECORDS", "act_and_record", "activation", "masked_down_proj"]
+__all__ = ["ACT_FNS", "act", "act_and_record"]

@@ -1,19 +1,20 @@
 """Fused gated-MLP activation, per-culture statistics and ablation in one pass (Triton).
 
 Symbols: R rows (flattened tokens), N neurons, C cultures, num_sets ablation sets.
-Inputs ``g = gate_proj(x)``, ``u = up_proj(x)`` as ``[R, N]``; ``m[r, j] = keep[row_set[r], j]``
-(1 where ``row_set[r] = -1``); ``act`` is SiLU or GELU-tanh; every sum below runs in fp32:
+Inputs ``g = gate_proj(x)``, ``u = up_proj(x)`` as ``[R, N]``; ``m[r, j] = keep[set_ids[r], j]``
+(1 where ``set_ids[r] = -1``); ``act`` is SiLU or GELU-tanh; arithmetic in fp32:
 
     h[r, j]  = act(g[r, j]) * u[r, j] * m[r, j]              (input dtype, fed to down_proj)
-    a[r, j]  = act(g[r, j]) * m[r, j]   (record="gate")  or  h[r, j] in fp32  (record="post")
-    K[c, j] += sum_{r: row_culture[r] = c} [a[r, j] > 0]     (int32)
-    S[c, j] += sum_{r: row_culture[r] = c} a[r, j]           (fp32)
-    Q[c, j] += sum_{r: row_culture[r] = c} a[r, j]^2         (fp32)
+    a[r, j]  = act(g[r, j]) * m[r, j]  (activation="gate")  or  h[r, j] in fp32  ("post")
+    K[c, j] += sum_{r: culture[r] = c} [a[r, j] > 0]         (int32 per tile, int64 total)
+    S[c, j] += sum_{r: culture[r] = c} a[r, j]               (fp32 per tile, fp64 total)
+    Q[c, j] += sum_{r: culture[r] = c} a[r, j]^2             (fp32 per tile, fp64 total)
 
-Rows with ``row_culture[r] = -1`` are not counted (the caller folds padding and scope into -1).
+Rows with ``culture[r] = -1`` are not counted (the caller folds padding and scope into -1).
 Each program owns a ``[BLOCK_R, BLOCK_N]`` tile: it reduces the tile's rows per culture in
-registers and issues ONE atomic per (culture, column) per tile, looping over the culture ids
-present in the tile (rows of a batch are grouped by item, so a tile holds one or two cultures).
+registers and issues ONE atomic per (culture, column) per tile straight into the int64 / fp64
+totals (no working accumulators to fold after the call), looping over the culture ids present
+in the tile (rows of a batch are grouped by item, so a tile holds one or two cultures).
 """
 
 from __future__ import annotations
@@ -77,15 +78,15 @@ def _act_record_kernel(
     # inputs
     gate_ptr,  # [R, N] fp32/fp16/bf16, unit column stride
     up_ptr,  # [R, N] same dtype as gate, unit column stride
-    row_culture_ptr,  # [R] int32, -1 = row not counted
+    culture_ptr,  # [R] int32, -1 = row not counted
     keep_ptr,  # [num_sets, N] uint8/float, nonzero = keep (read only if DO_ABLATE)
-    row_set_ptr,  # [R] int32, -1 = no ablation (read only if DO_ABLATE)
+    set_ids_ptr,  # [R] int32, -1 = no ablation (read only if DO_ABLATE)
     # outputs
     h_ptr,  # [R, N] same dtype as gate, unit column stride
     # accumulators
-    K_ptr,  # [C, N] int32, contiguous
-    S_ptr,  # [C, N] fp32, contiguous
-    Q_ptr,  # [C, N] fp32, contiguous
+    K_ptr,  # [C, N] int64, contiguous
+    S_ptr,  # [C, N] fp64, contiguous
+    Q_ptr,  # [C, N] fp64, contiguous
     # sizes
     R,  # rows
     N,  # neurons
@@ -99,7 +100,7 @@ def _act_record_kernel(
     stride_keep_n,
     # constexprs
     ACT_FN: tl.constexpr,  # 0 silu, 1 gelu_tanh
-    RECORD_POST: tl.constexpr,  # False: a = act(g) * m; True: a = h
+    RECORD_POST: tl.constexpr,  # activation "post": a = h; "gate": a = act(g) * m
     DO_RECORD: tl.constexpr,
     DO_ABLATE: tl.constexpr,
     BLOCK_R: tl.constexpr,
@@ -124,9 +125,9 @@ def _act_record_kernel(
     act = _act(g.to(tl.float32), ACT_FN)
 
     if DO_ABLATE:
-        row_set = tl.load(row_set_ptr + rows, mask=row_ok, other=-1)
-        ablated_row = (row_set >= 0) & (row_set < num_sets)
-        keep_offs = row_set.to(tl.int64)[:, None] * stride_keep_s + cols[None, :] * stride_keep_n
+        set_id = tl.load(set_ids_ptr + rows, mask=row_ok, other=-1)
+        ablated_row = (set_id >= 0) & (set_id < num_sets)
+        keep_offs = set_id.to(tl.int64)[:, None] * stride_keep_s + cols[None, :] * stride_keep_n
         keep = tl.load(keep_ptr + keep_offs, mask=tile_ok & ablated_row[:, None], other=1)
         act = tl.where(keep != 0, act, 0.0)
 
@@ -140,7 +141,7 @@ def _act_record_kernel(
         else:
             a = act
         # Masked rows/columns hold a = 0 (loads use other=0), so they add nothing to K, S, Q.
-        culture = tl.load(row_culture_ptr + rows, mask=row_ok, other=-1)
+        culture = tl.load(culture_ptr + rows, mask=row_ok, other=-1)
         culture = tl.where(culture < C, culture, -1)
         c_lo = tl.min(tl.where(culture >= 0, culture, C), axis=0)
         c_hi = tl.max(culture, axis=0)  # -1 when no row of the tile is counted: empty loop
@@ -152,23 +153,24 @@ def _act_record_kernel(
                 s = tl.sum(a_c, axis=0)
                 q = tl.sum(a_c * a_c, axis=0)
                 acc_offs = c * N + cols  # int32 is enough: the launcher checks C * N < 2^31
-                # relaxed: only the sums matter, not ordering against other memory (no fence).
-                tl.atomic_add(K_ptr + acc_offs, k, mask=col_ok, sem="relaxed")
-                tl.atomic_add(S_ptr + acc_offs, s, mask=col_ok, sem="relaxed")
-                tl.atomic_add(Q_ptr + acc_offs, q, mask=col_ok, sem="relaxed")
+                # Straight into the int64 / fp64 totals (atom.add.u64 / .f64, sm_60+); relaxed:
+                # only the sums matter, not ordering against other memory (no fence).
+                tl.atomic_add(K_ptr + acc_offs, k.to(tl.int64), mask=col_ok, sem="relaxed")
+                tl.atomic_add(S_ptr + acc_offs, s.to(tl.float64), mask=col_ok, sem="relaxed")
+                tl.atomic_add(Q_ptr + acc_offs, q.to(tl.float64), mask=col_ok, sem="relaxed")
 
 
 def act_and_record_triton(
     gate: torch.Tensor,  # [R, N]
     up: torch.Tensor,  # [R, N]
-    row_culture: torch.Tensor,  # [R] int32 (any int is converted)
-    K: torch.Tensor,  # [C, N] int32, contiguous, updated in place
-    S: torch.Tensor,  # [C, N] fp32, contiguous, updated in place
-    Q: torch.Tensor,  # [C, N] fp32, contiguous, updated in place
+    culture: torch.Tensor,  # [R] int32 (any int is converted)
+    K: torch.Tensor,  # [C, N] int64, contiguous, updated in place
+    S: torch.Tensor,  # [C, N] fp64, contiguous, updated in place
+    Q: torch.Tensor,  # [C, N] fp64, contiguous, updated in place
     keep: torch.Tensor,  # [num_sets, N], nonzero = keep
-    row_set: torch.Tensor,  # [R] int32 (any int is converted)
+    set_ids: torch.Tensor,  # [R] int32 (any int is converted)
     act_fn: str,
-    record: str,
+    activation: str,
     do_record: bool,
     do_ablate: bool,
     *,
@@ -178,30 +180,30 @@ def act_and_record_triton(
 ) -> torch.Tensor:
     """Launch the fused kernel; returns ``h [R, N]`` (gate's dtype). See the module docstring.
 
-    Unused tensors (``K, S, Q, row_culture`` when ``do_record`` is False, ``keep, row_set`` when
+    Unused tensors (``K, S, Q, culture`` when ``do_record`` is False, ``keep, set_ids`` when
     ``do_ablate`` is False) may be empty; they are never read. ``block_r``/``block_n`` override
     the tile (tests use small tiles to get several tiles and masked edges on tiny shapes).
     """
     # check
-    check_act_and_record_args(gate, up, row_culture, K, S, Q, keep, row_set, act_fn, record,
+    check_act_and_record_args(gate, up, culture, K, S, Q, keep, set_ids, act_fn, activation,
                               do_record, do_ablate)
     if gate.stride(1) != 1:
         gate = gate.contiguous()
     if up.stride(1) != 1:
         up = up.contiguous()
     R, N = gate.shape
-    if do_record and row_culture.dtype != torch.int32:
-        row_culture = row_culture.to(torch.int32)
+    if do_record and culture.dtype != torch.int32:
+        culture = culture.to(torch.int32)
     if do_ablate:
-        if row_set.dtype != torch.int32:
-            row_set = row_set.to(torch.int32)
+        if set_ids.dtype != torch.int32:
+            set_ids = set_ids.to(torch.int32)
         if keep.dtype == torch.bool:
             keep = keep.view(torch.uint8)  # same bytes; triton loads uint8 everywhere
     # Unused pointers still need a tensor: gate itself is never dereferenced through them.
     if not do_record:
-        row_culture, K, S, Q = gate, gate, gate, gate
+        culture, K, S, Q = gate, gate, gate, gate
     if not do_ablate:
-        keep, row_set = gate, gate
+        keep, set_ids = gate, gate
 
     # allocate
     h = torch.empty((R, N), dtype=gate.dtype, device=gate.device)
@@ -225,14 +227,14 @@ def act_and_record_triton(
     # (device_map="auto") that need not be gate's.
     with device_of(gate):
         _act_record_kernel[grid](
-            gate, up, row_culture, keep, row_set,
+            gate, up, culture, keep, set_ids,
             h,
             K, S, Q,
             R, N, C, num_sets,
             gate.stride(0), up.stride(0), h.stride(0),
             keep.stride(0) if do_ablate else 0, keep.stride(1) if do_ablate else 0,
             ACT_FN=ACT_IDS[act_fn],
-            RECORD_POST=record == "post",
+            RECORD_POST=activation == "post",
             DO_RECORD=bool(do_record),
             DO_ABLATE=bool(do_ablate),
             BLOCK_R=block_r,

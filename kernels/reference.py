@@ -1,11 +1,12 @@
 """Plain PyTorch references for the kernels, in fp64, written for clarity (no chunking, no speed).
 
-Symbols: R rows (flattened tokens), N neurons (intermediate size), H hidden size, C cultures,
-num_sets ablation sets. Every kernel in this package is tested against these functions.
+Symbols: R rows (flattened tokens), N neurons (intermediate size), C cultures, num_sets
+ablation sets. Every kernel in this package is tested against these functions; they share no
+code with the paths they check (row loops, fp64, no chunking).
 
 - ``act_reference``: ``act(g)`` for ``"silu"`` and ``"gelu_tanh"``.
+- ``keep_rows_reference``: the per-row keep mask ``keep[set_ids[r]]`` (all ones for -1).
 - ``act_and_record_reference``: ``h``, ``K``, ``S``, ``Q`` of one MLP call (see ``act_record``).
-- ``masked_down_reference``: ``out = (h * keep[row_set]) @ W^T`` (see ``masked_down``).
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ import math
 
 import torch
 
-ACT_FNS = ("silu", "gelu_tanh")
-RECORDS = ("gate", "post")
+from culture_neurons.stats import ACTIVATIONS
+
+from .ops import ACT_FNS
 
 
 def act_reference(g: torch.Tensor, act_fn: str) -> torch.Tensor:
@@ -29,14 +31,14 @@ def act_reference(g: torch.Tensor, act_fn: str) -> torch.Tensor:
 
 
 def keep_rows_reference(
-    keep: torch.Tensor | None, row_set: torch.Tensor | None, R: int, N: int
+    keep: torch.Tensor | None, set_ids: torch.Tensor | None, R: int, N: int
 ) -> torch.Tensor:
-    """Per-row keep mask ``[R, N]`` in fp64: ``keep[row_set[r]]``, all ones where row_set = -1."""
+    """Per-row keep mask ``[R, N]`` in fp64: ``keep[set_ids[r]]``, all ones where set_ids = -1."""
     mask = torch.ones(R, N, dtype=torch.float64, device="cpu")
-    if keep is None or row_set is None:
+    if keep is None or set_ids is None:
         return mask
     for r in range(R):
-        s = int(row_set[r])
+        s = int(set_ids[r])
         if s >= 0:
             mask[r] = (keep[s].cpu() != 0).double()
     return mask
@@ -45,45 +47,33 @@ def keep_rows_reference(
 def act_and_record_reference(
     gate: torch.Tensor,  # [R, N]
     up: torch.Tensor,  # [R, N]
-    row_culture: torch.Tensor,  # [R] int, -1 = row not counted
+    culture: torch.Tensor,  # [R] int, -1 = row not counted
     num_cultures: int,  # C
     act_fn: str = "silu",
-    record: str = "gate",
+    activation: str = "gate",
     keep: torch.Tensor | None = None,  # [num_sets, N], nonzero = keep, 0 = ablate
-    row_set: torch.Tensor | None = None,  # [R] int, -1 = no ablation
+    set_ids: torch.Tensor | None = None,  # [R] int, -1 = no ablation
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns ``h [R, N]`` (fp64) and the increments ``K [C, N]`` (int64), ``S``, ``Q`` (fp64).
 
-    h = act(g) * u * keep;   a = act(g) * keep (record="gate") or h (record="post");
-    K[c] = sum_{r: row_culture[r] == c} [a[r] > 0];  S[c] = sum a[r];  Q[c] = sum a[r]^2.
+    h = act(g) * u * keep;   a = act(g) * keep (activation="gate") or h (activation="post");
+    K[c] = sum_{r: culture[r] == c} [a[r] > 0];  S[c] = sum a[r];  Q[c] = sum a[r]^2.
     """
-    if record not in RECORDS:
-        raise ValueError(f"record must be one of {RECORDS}, got {record!r}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
     R, N = gate.shape
-    mask = keep_rows_reference(keep, row_set, R, N)
+    mask = keep_rows_reference(keep, set_ids, R, N)
     act = act_reference(gate.cpu(), act_fn) * mask
     h = act * up.cpu().double()
-    a = act if record == "gate" else h
+    a = act if activation == "gate" else h
     K = torch.zeros(num_cultures, N, dtype=torch.int64)
     S = torch.zeros(num_cultures, N, dtype=torch.float64)
     Q = torch.zeros(num_cultures, N, dtype=torch.float64)
     for r in range(R):
-        c = int(row_culture[r])
+        c = int(culture[r])
         if c < 0:
             continue
         K[c] += (a[r] > 0).long()
         S[c] += a[r]
         Q[c] += a[r] ** 2
     return h, K, S, Q
-
-
-def masked_down_reference(
-    h: torch.Tensor,  # [R, N]
-    weight: torch.Tensor,  # [H, N], nn.Linear weight of down_proj
-    keep: torch.Tensor | None = None,  # [num_sets, N], nonzero = keep
-    row_set: torch.Tensor | None = None,  # [R] int, -1 = no ablation
-) -> torch.Tensor:
-    """``out [R, H] = (h * keep[row_set]) @ W^T`` in fp64."""
-    R, N = h.shape
-    mask = keep_rows_reference(keep, row_set, R, N)
-    return (h.cpu().double() * mask) @ weight.cpu().double().T

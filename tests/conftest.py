@@ -79,9 +79,9 @@ def make_mlp_case(R: int, N: int, C: int = 5, num_sets: int = 3, dtype=torch.flo
                   seed: int = 0) -> dict:
     """Random ``gate, up [R, N]`` (never zeros) and per-row ids shaped like real batches.
 
-    ``row_culture`` comes in runs (items) of 1..9 rows with random ids in [-1, C), so 16-row
+    ``culture`` comes in runs (items) of 1..9 rows with random ids in [-1, C), so 16-row
     tiles hold several cultures, skipped rows, and gaps between ids (e.g. 0 and 3 without 1, 2).
-    ``row_set`` is random in [-1, num_sets) per row; ``keep`` drops ~30% of neurons per set.
+    ``set_ids`` is random in [-1, num_sets) per row; ``keep`` drops ~30% of neurons per set.
     """
     gen = torch.Generator().manual_seed(seed)
     gate = (torch.randn(R, N, generator=gen) * 2).to(dtype)
@@ -90,10 +90,10 @@ def make_mlp_case(R: int, N: int, C: int = 5, num_sets: int = 3, dtype=torch.flo
     while len(ids) < R:
         run = int(torch.randint(1, 10, (1,), generator=gen))
         ids += [int(torch.randint(-1, C, (1,), generator=gen))] * run
-    row_culture = torch.tensor(ids[:R], dtype=torch.int32)
-    row_set = torch.randint(-1, num_sets, (R,), generator=gen, dtype=torch.int32)
+    culture = torch.tensor(ids[:R], dtype=torch.int32)
+    set_ids = torch.randint(-1, num_sets, (R,), generator=gen, dtype=torch.int32)
     keep = torch.rand(num_sets, N, generator=gen) > 0.3
-    return dict(gate=gate, up=up, row_culture=row_culture, row_set=row_set, keep=keep, C=C)
+    return dict(gate=gate, up=up, culture=culture, set_ids=set_ids, keep=keep, C=C)
 
 
 @pytest.fixture
@@ -115,7 +115,7 @@ def check_act_and_record(op, case: dict, act_fn: str, record: str, do_record: bo
     Counts must match EXACTLY; sums and h within the tolerances commented below. Accumulators
     start from nonzero values, so ``+=`` (not ``=``) is what gets tested.
     """
-    from culture_neurons.kernels.ops import activation
+    from culture_neurons.kernels.ops import act
     from culture_neurons.kernels.reference import act_and_record_reference, keep_rows_reference
 
     gate, up, C = case["gate"], case["up"], case["C"]
@@ -125,28 +125,28 @@ def check_act_and_record(op, case: dict, act_fn: str, record: str, do_record: bo
         # The fp32 agreement there is tested against eager torch (test_counts_match_eager_*).
         gate = gate.clamp(min=-4.5)
     R, N = gate.shape
-    keep, row_set = case["keep"], case["row_set"]
-    row_culture = case["row_culture"]
-    K0 = torch.randint(0, 100, (C, N), dtype=torch.int32)
-    S0 = torch.randn(C, N)
-    Q0 = torch.rand(C, N)
+    keep, set_ids = case["keep"], case["set_ids"]
+    culture = case["culture"]
+    K0 = torch.randint(0, 100, (C, N), dtype=torch.int64)
+    S0 = torch.randn(C, N, dtype=torch.float64)
+    Q0 = torch.rand(C, N, dtype=torch.float64)
     K, S, Q = K0.clone(), S0.clone(), Q0.clone()
     dev = gate.device  # a CUDA case runs on the GPU; the reference always runs on the CPU
     K, S, Q = K.to(dev), S.to(dev), Q.to(dev)
-    h = op(gate, up, row_culture.to(dev), K, S, Q, keep.to(dev), row_set.to(dev), act_fn, record,
+    h = op(gate, up, culture.to(dev), K, S, Q, keep.to(dev), set_ids.to(dev), act_fn, record,
            do_record, do_ablate)
     assert h.shape == (R, N) and h.dtype == gate.dtype
 
     ref_keep = keep if do_ablate else None
-    ref_set = row_set if do_ablate else None
+    ref_set = set_ids if do_ablate else None
     h_ref, K_ref, S_ref, Q_ref = act_and_record_reference(
-        gate.cpu(), up.cpu(), row_culture, C, act_fn, record, ref_keep, ref_set)
+        gate.cpu(), up.cpu(), culture, C, act_fn, record, ref_keep, ref_set)
     mask = keep_rows_reference(ref_keep, ref_set, R, N)
     h = h.cpu()
 
     # Ablated neurons are exactly zero; the rest match eager act(g) * u (tolerance: H_RTOL).
     assert (h[mask == 0] == 0).all(), "ablated h must be exactly 0"
-    h_eager = (activation(gate.cpu().float(), act_fn) * up.cpu().float() * mask.float())
+    h_eager = (act(gate.cpu().float(), act_fn) * up.cpu().float() * mask.float())
     h_eager = h_eager.to(gate.dtype)
     msg = first_mismatch(h, h_eager, atol=1e-6, rtol=H_RTOL[gate.dtype])
     assert msg is None, f"h vs eager: {msg}"
@@ -175,21 +175,21 @@ def act_and_record_checker():
     return check_act_and_record
 
 
-def eager_counts(gate, up, row_culture, C, act_fn, record):
+def eager_counts(gate, up, culture, C, act_fn, record):
     """K ``[C, N]`` int64 as the hooks backend sees it: eager torch in fp32, no ablation."""
-    from culture_neurons.kernels.ops import activation
+    from culture_neurons.kernels.ops import act as act_fn_of
 
-    act = activation(gate.float(), act_fn)  # on gate's device: what hooks would see there
+    act = act_fn_of(gate.float(), act_fn)  # on gate's device: what hooks would see there
     a = act if record == "gate" else act * up.float()
     K = torch.zeros(C, gate.shape[1], dtype=torch.int64)
     for c in range(C):
-        K[c] = (a[row_culture == c] > 0).sum(0).cpu()
+        K[c] = (a[culture == c] > 0).sum(0).cpu()
     return K
 
 
 @pytest.fixture
 def eager_counts_fn():
-    """``eager_counts(gate, up, row_culture, C, act_fn, record) -> K``: torch fp32 counts."""
+    """``eager_counts(gate, up, culture, C, act_fn, record) -> K``: torch fp32 counts."""
     return eager_counts
 
 
@@ -197,8 +197,8 @@ def save_cli_assets(root, family: str, cultures: int = 3, items: int = 8, seed: 
     """A tiny ``family`` model + processor saved as a local folder and synthetic CVQA parquet:
     what a user hands the command line (``--model DIR --data DIR``)."""
     from culture_neurons.data import write_synthetic_cvqa
-    from culture_neurons.loading import save_processor
-    from culture_neurons.tiny import tiny_model, tiny_processor
+    from culture_neurons.models.loading import save_processor
+    from culture_neurons.testing.tiny import tiny_model, tiny_processor
 
     model_dir = root / "model"
     tiny_model(family).save_pretrained(model_dir)
@@ -211,7 +211,7 @@ def save_cli_assets(root, family: str, cultures: int = 3, items: int = 8, seed: 
 def short_batch() -> dict:
     """Three left-padded prompts of 3..12 tokens for the tiny Llama: padding is exercised, the
     forward is cheap (tiny_batch's chat prompts of ~110 tokens cost ~1 s on 2 busy cores)."""
-    from culture_neurons.tiny import tiny_processor
+    from culture_neurons.testing.tiny import tiny_processor
 
     tok = tiny_processor("llama")
     tok.padding_side = "left"

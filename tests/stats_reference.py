@@ -13,7 +13,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from culture_neurons import adapters
+from culture_neurons.models import adapters
 
 
 def act(g: torch.Tensor, act_fn: str) -> torch.Tensor:

@@ -14,7 +14,7 @@ import pytest
 import torch
 from conftest import save_cli_assets
 
-from culture_neurons import cli
+from culture_neurons.pipeline import cli
 from culture_neurons.stats import load_stats
 
 # Small on purpose: two methods and one RND draw keep each run to seconds on 2 CPU cores.
@@ -94,10 +94,10 @@ def test_resume_after_interruption_gives_identical_results(assets, tmp_path, mon
     ref = tmp_path / "ref"
     main_ok(["run", *args_for(assets, ref), "--checkpoint-every", "1"])
     out = tmp_path / "resumed"
-    from culture_neurons import experiment
-    from culture_neurons.evaluate import Group
+    from culture_neurons.pipeline import tasks
+    from culture_neurons.scoring.multiple_choice import Group
 
-    target = (experiment, "encode") if stage == "identification" else (Group, "predict")
+    target = (tasks, "encode") if stage == "identification" else (Group, "predict")
     original = getattr(*target)
     calls = {"n": 0}
 
@@ -199,12 +199,12 @@ def test_bad_input_gives_one_line_and_nonzero_exit(assets, tmp_path, capsys):
 
 
 def test_out_of_memory_suggests_a_smaller_batch(assets, tmp_path, capsys, monkeypatch):
-    from culture_neurons import experiment
+    from culture_neurons.pipeline import tasks
 
     def oom(*a, **k):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(experiment, "encode", oom)
+    monkeypatch.setattr(tasks, "encode", oom)
     code, err = run_cli(["record", *args_for(assets, tmp_path / "oom")], capsys)
     assert code != 0 and "--batch-size" in err.strip().splitlines()[-1]
 

@@ -11,8 +11,8 @@ import torch
 import torch.multiprocessing as mp
 from conftest import save_cli_assets
 
-from culture_neurons import cli
 from culture_neurons.errors import StatsMismatchError
+from culture_neurons.pipeline import cli
 from culture_neurons.stats import load_stats, merge_shards
 
 SMALL = ["--min-items", "4", "--ratio", "0.05", "--rnd-draws", "1", "--batch-size", "2",

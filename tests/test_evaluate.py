@@ -6,13 +6,13 @@ import pytest
 import torch
 
 import culture_neurons as cn
-from culture_neurons import adapters
 from culture_neurons.data import make_synthetic_items
-from culture_neurons.evaluate import Group, letter_scores
 from culture_neurons.masks import Masks
-from culture_neurons.metrics import matrices, self_cross
-from culture_neurons.prompting import letter_token_ids, parse_letter
-from culture_neurons.tiny import VLM_FAMILIES, tiny_model, tiny_processor
+from culture_neurons.models import adapters
+from culture_neurons.scoring.metrics import matrices, self_cross
+from culture_neurons.scoring.multiple_choice import Group, letter_scores
+from culture_neurons.scoring.prompting import letter_token_ids, parse_letter
+from culture_neurons.testing.tiny import VLM_FAMILIES, tiny_model, tiny_processor
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +91,7 @@ def test_generation_ablation_equals_between_backends(items):
         with cn.ablate(model, masks, backend=backend) as ablator:
             group = Group(model, processor, items[:2], scoring="generate", max_new_tokens=4)
             inputs = group._repeat(1)
-            ablator.set_batch(None, ablate=[0, 1], **inputs)
+            ablator.set_batch(None, set_ids=[0, 1], **inputs)
             with torch.no_grad():
                 out[backend] = model.generate(**inputs, max_new_tokens=4, do_sample=False)
             ablator.clear_batch()

@@ -10,12 +10,12 @@ from conftest import short_batch
 from stats_reference import act
 
 import culture_neurons as cn
-from culture_neurons import adapters
-from culture_neurons import functional as F
-from culture_neurons.errors import StatsMismatchError, UsageError
+from culture_neurons.errors import UnsupportedModelError, StatsMismatchError, UsageError
+from culture_neurons.instrument import functional as F
 from culture_neurons.masks import Masks
+from culture_neurons.models import adapters
 from culture_neurons.stats import Fingerprint, Stats
-from culture_neurons.tiny import tiny_model
+from culture_neurons.testing.tiny import tiny_model
 
 CULTURES = ["ja", "mx", "ng", "br"]
 
@@ -86,8 +86,8 @@ def test_accumulate_matches_reference(lead, N):
     a = torch.randn(*lead, N) * 2  # never zeros: both signs, so K is tested
     culture, weights = random_rows(lead)
     F.accumulate(st, 1, a, culture, weights)
-    # fp64 sums of the same values in another order: 1e-12 relative is ample.
-    check_layer(before, st, 1, reference(a, culture, weights, len(CULTURES)), rtol=1e-12)
+    # fp32 sums within a row chunk (<= 130 terms: <= 130 * 2^-24 relative to sum|a|), then fp64.
+    check_layer(before, st, 1, reference(a, culture, weights, len(CULTURES)), rtol=1e-5)
 
 
 def test_accumulate_per_item_ids_and_no_weights():
@@ -98,7 +98,7 @@ def test_accumulate_per_item_ids_and_no_weights():
     item = torch.tensor([2, -1, 0])
     F.accumulate(st, 0, a, item)
     per_row = item.view(3, 1).expand(3, 5)
-    check_layer(before, st, 0, reference(a, per_row, None, len(CULTURES)), rtol=1e-12)
+    check_layer(before, st, 0, reference(a, per_row, None, len(CULTURES)), rtol=1e-5)
 
 
 def test_count_tokens_once_per_forward():
@@ -239,7 +239,7 @@ def test_mlp_forward_equals_instrument_on_tiny_llama():
                                            torch.tensor([96 + 8])], fp)  # fmt: skip
     item, sets = [0, 2, 0], [0, -1, 1]
     with cn.Instrument(model, CULTURES, masks) as inst, torch.no_grad():
-        want_logits = inst(item, ablate=sets, **inputs).logits
+        want_logits = inst(item, set_ids=sets, **inputs).logits
         want = inst.stats()
 
     st = Stats.zeros(CULTURES, fp)
@@ -297,6 +297,6 @@ def test_mlp_forward_without_stats_is_the_module_and_finds_its_activation():
         h = tF.gelu(mlp.gate_proj(x), approximate="tanh") * mlp.up_proj(x)
         h[..., [1, 5]] = 0
         assert torch.equal(out, mlp.down_proj(h))
-    mlp.act_fn = torch.nn.ReLU()
-    with pytest.raises(UsageError, match="act_fn"):
+    mlp.act_fn = torch.nn.ReLU()  # its sign is not gate_proj's: refused, naming act_fn
+    with pytest.raises(UnsupportedModelError, match="act_fn is ReLU"):
         F.mlp_forward(mlp, x, layer=0)

@@ -9,9 +9,9 @@ import torch
 from stats_reference import assert_stats_equal, capture_mlp_inputs
 
 import culture_neurons as cn
-from culture_neurons import adapters
 from culture_neurons.masks import Masks
-from culture_neurons.tiny import TINY_FAMILIES, tiny_batch, tiny_model, tiny_processor
+from culture_neurons.models import adapters
+from culture_neurons.testing.tiny import TINY_FAMILIES, tiny_batch, tiny_model, tiny_processor
 
 CULTURES = ["ja", "mx", "ng"]
 
@@ -20,12 +20,12 @@ def batch_of(family: str, padding_side: str = "left", seed: int = 0) -> dict:
     return dict(tiny_batch(family, tiny_processor(family), n=3, seed=seed, padding_side=padding_side))
 
 
-def run(model, inputs, backend, culture=(0, 2, 0), masks=None, ablate=None, **kw):
+def run(model, inputs, backend, culture=(0, 2, 0), masks=None, set_ids=None, **kw):
     """(stats or None, logits) of one instrumented forward."""
     inst = cn.Instrument(model, CULTURES if culture is not None else None, masks,
                          backend=backend, **kw)  # fmt: skip
     with inst, torch.no_grad():
-        logits = inst(list(culture) if culture is not None else None, ablate=ablate, **inputs).logits
+        logits = inst(list(culture) if culture is not None else None, set_ids=set_ids, **inputs).logits
         return (inst.stats() if culture is not None else None), logits
 
 
@@ -83,8 +83,8 @@ def test_ablation_per_row_matches_edited_weights(family):
     inputs = batch_of(family)
     masks = random_masks(model)
     row_sets = [0, -1, 1]
-    _, hooks = run(model, inputs, "hooks", culture=None, masks=masks, ablate=row_sets)
-    _, fused = run(model, inputs, "fused", culture=None, masks=masks, ablate=row_sets)
+    _, hooks = run(model, inputs, "hooks", culture=None, masks=masks, set_ids=row_sets)
+    _, fused = run(model, inputs, "fused", culture=None, masks=masks, set_ids=row_sets)
     for b, s in enumerate(row_sets):
         reference = model if s < 0 else ablated_by_weights(model, masks, s)
         _, want = capture_mlp_inputs(reference, inputs)
@@ -99,7 +99,7 @@ def test_recording_under_ablation_sees_zeroed_neurons():
     model = tiny_model("llava")
     inputs = batch_of("llava")
     masks = random_masks(model, sizes=(40, 3))
-    args = dict(culture=(0, 1, 2), masks=masks, ablate=[0, 0, -1])
+    args = dict(culture=(0, 1, 2), masks=masks, set_ids=[0, 0, -1])
     hooks, _ = run(model, inputs, "hooks", **args)
     fused, _ = run(model, inputs, "fused", **args)
     assert_stats_equal(fused, as_ref(hooks), rtol=1e-5)

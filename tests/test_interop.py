@@ -11,12 +11,13 @@ import torch
 from conftest import short_batch
 
 import culture_neurons as cn
-from culture_neurons import adapters, interop
-from culture_neurons import functional as F
+from culture_neurons import interop
+from culture_neurons.models import adapters
 from culture_neurons.errors import UsageError
+from culture_neurons.instrument import functional as F
 from culture_neurons.masks import Masks
 from culture_neurons.stats import Fingerprint, Stats
-from culture_neurons.tiny import tiny_model
+from culture_neurons.testing.tiny import tiny_model
 
 CULTURES = ["ja", "mx", "ng"]
 FP = Fingerprint("llama", "llama", 4, 10, 8, "silu", "test")  # L = 4, N = 10
@@ -133,7 +134,7 @@ def reference(llama):
     for activation in ("gate", "post"):
         inst = cn.Instrument(model, CULTURES, masks, activation=activation)
         with inst, torch.no_grad():
-            logits = inst(ITEM, ablate=SETS, **inputs).logits
+            logits = inst(ITEM, set_ids=SETS, **inputs).logits
             out[activation] = inst.stats(), logits
     return out
 
@@ -178,7 +179,7 @@ def test_instrument_under_nnsight_trace_equals_plain(llama, reference):
 
     lm = nnsight.NNsight(model)  # wrap first, then attach (see interop.instrument)
     with interop.instrument(lm, CULTURES, masks) as inst, torch.no_grad():
-        inst.set_batch(item, ablate=sets, **inputs)
+        inst.set_batch(item, set_ids=sets, **inputs)
         with lm.trace(**inputs):
             hidden = lm.model.layers[1].output.save()  # nnsight's access keeps working
             logits = lm.output.logits.save()

@@ -11,7 +11,7 @@ import torch
 
 from culture_neurons.errors import UsageError
 from culture_neurons.masks import Masks
-from culture_neurons.planted import PlantConfig, Score, plant, score, select_matched
+from culture_neurons.testing.planted import PlantConfig, Score, plant, score, select_matched
 
 # 2 layers x 128 neurons, 4 cultures, 4 planted neurons each. culture_share 0.8: a planted
 # neuron can fire on at most 80 % of its culture's positions (its words), so "high" is clear.

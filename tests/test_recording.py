@@ -7,9 +7,9 @@ import torch
 from stats_reference import assert_stats_equal, capture_mlp_inputs, reference_stats
 
 import culture_neurons as cn
-from culture_neurons import adapters
 from culture_neurons.errors import UnsupportedModelError, UsageError
-from culture_neurons.tiny import TINY_FAMILIES, tiny_batch, tiny_model, tiny_processor
+from culture_neurons.models import adapters
+from culture_neurons.testing.tiny import TINY_FAMILIES, tiny_batch, tiny_model, tiny_processor
 
 CULTURES = ["ja", "mx", "ng"]
 

@@ -2,7 +2,7 @@
 
 The fake run has the layout of SPEC "What a run leaves behind": run.json, stats.*,
 masks/<method>.safetensors (+ rnd0, rnd1) and eval/<method>.json with matrices whose summaries
-are computed here the way experiment.py computes them (mean diagonal, mean off-diagonal).
+are computed here the way pipeline.run computes them (mean diagonal, mean off-diagonal).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import torch
 
 from culture_neurons.errors import DataError
 from culture_neurons.masks import Masks
-from culture_neurons.report import write_report
+from culture_neurons.report.mc import write_report
 from culture_neurons.stats import Fingerprint, Stats
 
 L, N = 4, 10
@@ -52,7 +52,7 @@ def _summary(m: np.ndarray) -> tuple[float, float, float]:
 
 
 def _eval_json(method, cultures, delta, labels: bool, masks: Masks) -> dict:
-    """An eval/<method>.json as experiment.py writes it; flip derived from |delta|."""
+    """An eval/<method>.json as pipeline.run writes it; flip derived from |delta|."""
     delta = np.asarray(delta, dtype=float)
     flip = np.abs(delta) / 100 * 1.7
     full = [60.0 + 5 * i for i in range(len(cultures))]
@@ -112,7 +112,7 @@ def make_run(out: Path, cultures=CULTURES, labels=True, methods=("cas", "lap"), 
 
 
 def _rnd_json(draws: list[dict]) -> dict:
-    """rnd.json as experiment._rnd_summary writes it: means, sample sd, per-draw summaries."""
+    """rnd.json as pipeline.run._rnd_summary writes it: means, sample sd, per-draw summaries."""
     keys = ("self", "cross", "gap", "flip_self", "flip_cross", "flip_gap")
     out = dict(draws[0], draws=[{k: d[k] for k in keys} for d in draws])
     for key in ("accuracy", "delta", "flip"):
@@ -128,7 +128,7 @@ def _rnd_json(draws: list[dict]) -> dict:
 
 
 def _write(path: Path, obj: dict) -> None:
-    path.write_text(json.dumps(obj))  # NaN written as the literal NaN, as experiment.py does
+    path.write_text(json.dumps(obj))  # NaN written as the literal NaN, as pipeline.run does
 
 
 def _read(out: Path, name: str) -> dict:
@@ -223,7 +223,7 @@ def test_hidden_labels_report_no_accuracy(tmp_path):
 
 def test_single_culture(tmp_path):
     out = make_run(tmp_path, cultures=["Japan"], methods=("cas",))
-    assert math.isnan(_read(out, "cas")["gap"])  # written as NaN, as experiment.py does
+    assert math.isnan(_read(out, "cas")["gap"])  # written as NaN, as pipeline.run does
     text = write_report(out).read_text(encoding="utf-8")
     assert "cross and gap are undefined" in text
     _assert_png(out / "figures" / "cas_delta.png")

@@ -10,15 +10,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from culture_neurons import topk
 from culture_neurons.errors import DataError, StatsMismatchError, UsageError
 from culture_neurons.masks import Masks
-from culture_neurons.select import METHODS, cas, lap, lape, mad, rnd, select
+from culture_neurons.selection import topk
+from culture_neurons.selection.methods import METHODS, cas, lap, lape, mad, rnd, select
 from culture_neurons.stats import Fingerprint, Stats
 
 BACKENDS = [
     "torch",
-    pytest.param("cpp", marks=pytest.mark.skipif(topk._C is None, reason="_C not built")),
+    pytest.param("cpp", marks=pytest.mark.skipif(topk._cpp() is None, reason="_C not built")),
 ]
 
 
@@ -216,7 +216,7 @@ def test_rnd_refuses_masks_of_another_model():
 
 
 # -- both backends, every selector ----------------------------------------------------------------
-@pytest.mark.skipif(topk._C is None, reason="_C not built")
+@pytest.mark.skipif(topk._cpp() is None, reason="_C not built")
 @pytest.mark.parametrize("per_layer", [False, True])
 @pytest.mark.parametrize(
     "method,options",

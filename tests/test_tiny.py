@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from culture_neurons.errors import UnsupportedModelError, UsageError
-from culture_neurons.tiny import (
+from culture_neurons.testing.tiny import (
     TINY_FAMILIES,
     VLM_FAMILIES,
     tiny_batch,

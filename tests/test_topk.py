@@ -9,16 +9,18 @@ from __future__ import annotations
 
 import functools
 import math
+import subprocess
+import sys
 import warnings
 
 import numpy as np
 import pytest
 import torch
 
-from culture_neurons import topk
 from culture_neurons.errors import UsageError
+from culture_neurons.selection import topk
 
-HAS_CPP = topk._C is not None
+HAS_CPP = topk._cpp() is not None
 needs_cpp = pytest.mark.skipif(
     not HAS_CPP, reason="culture_neurons._C not built (python setup.py build_ext --inplace)"
 )
@@ -154,31 +156,31 @@ def test_cpp_threads_merge(threads):
     """Per-thread candidate buffers must merge to the same answer for any thread count."""
     x, tops, valid = merge_case()
     for k, want in tops.items():
-        assert np.array_equal(topk._C.topk(x, k, threads), want), k
+        assert np.array_equal(topk._cpp().topk(x, k, threads), want), k
     for k in (1, 12_345, valid.size // 2, valid.size - 3, valid.size):
-        assert topk._C.kth_value(x, k, threads) == valid[k - 1], k
+        assert topk._cpp().kth_value(x, k, threads) == valid[k - 1], k
 
 
 @needs_cpp
 def test_cpp_kth_adversarial_order():
     """Sorted input and a sample that misses the answer still give the exact value."""
     x = np.arange(1_000_000, dtype=np.float32)
-    assert topk._C.kth_value(x, 500_001, 4) == 500_000.0
+    assert topk._cpp().kth_value(x, 500_001, 4) == 500_000.0
     # The strided sample (every 15th value here) sees only zeros, 1/15 of the data: a middle k
     # misses the bracket and takes the exact fallback; a small k hits the lo == hi shortcut.
     y = np.ones(1_000_000)
     y[::15] = 0.0
     zeros = (y == 0).sum()
-    assert topk._C.kth_value(y, 500_000, 4) == 1.0
-    assert topk._C.kth_value(y, 1000, 4) == 0.0
-    assert topk._C.kth_value(y, int(zeros), 4) == 0.0
-    assert topk._C.kth_value(y, int(zeros) + 1, 4) == 1.0
+    assert topk._cpp().kth_value(y, 500_000, 4) == 1.0
+    assert topk._cpp().kth_value(y, 1000, 4) == 0.0
+    assert topk._cpp().kth_value(y, int(zeros), 4) == 0.0
+    assert topk._cpp().kth_value(y, int(zeros) + 1, 4) == 1.0
 
 
 @needs_cpp
 def test_cpp_rejects_bad_dtype():
     with pytest.raises(TypeError, match="float32 or float64"):
-        topk._C.topk(np.arange(5), 2)
+        topk._cpp().topk(np.arange(5), 2)
 
 
 @pytest.mark.slow
@@ -205,10 +207,17 @@ def test_past_2_pow_24():
 
 
 # -- fallback ---------------------------------------------------------------------------------------
-def test_fallback_warns_once(monkeypatch, caplog):
-    monkeypatch.setattr(topk, "BACKEND", "torch")
-    monkeypatch.setattr(topk, "_warned", False)
-    monkeypatch.setattr(topk, "_C_ERROR", "ImportError: pretend")
+@pytest.fixture
+def no_extension(monkeypatch):
+    """The extension as if it had not been built (the warning's cache cleared around it)."""
+    monkeypatch.setattr(topk, "_extension", lambda: (None, "ImportError: pretend"))
+    topk._warn_fallback.cache_clear()
+    yield
+    topk._warn_fallback.cache_clear()
+
+
+def test_fallback_warns_once(no_extension):
+    assert topk.BACKEND == "torch"
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         topk.topk_indices(torch.ones(3), 1)
@@ -217,7 +226,13 @@ def test_fallback_warns_once(monkeypatch, caplog):
     assert len(msgs) == 1 and "pretend" in msgs[0]
 
 
-def test_cpp_missing_is_a_usage_error(monkeypatch):
-    monkeypatch.setattr(topk, "_C", None)
+def test_cpp_missing_is_a_usage_error(no_extension):
     with pytest.raises(UsageError, match="build it"):
         topk.topk_indices(torch.ones(3), 1, backend="cpp")
+
+
+def test_importing_the_package_does_not_load_the_extension():
+    """_C loads on first use: a fresh interpreter imports culture_neurons without it."""
+    code = ("import sys, culture_neurons; "
+            "assert 'culture_neurons._C' not in sys.modules, 'loaded at import'")  # fmt: skip
+    subprocess.run([sys.executable, "-c", code], check=True)

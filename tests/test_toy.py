@@ -13,12 +13,12 @@ import pytest
 import torch
 
 from culture_neurons import ablate, record
+from culture_neurons.demo.toy import TOY_RATIO, VERSION, default_cache_dir, load_toy, toy
 from culture_neurons.errors import UsageError
-from culture_neurons.evaluate import Group, predict
-from culture_neurons.metrics import self_cross
-from culture_neurons.prompting import encode
-from culture_neurons.select import select
-from culture_neurons.toy import TOY_RATIO, VERSION, default_cache_dir, load_toy, toy
+from culture_neurons.scoring.metrics import self_cross
+from culture_neurons.scoring.multiple_choice import Group, predict
+from culture_neurons.scoring.prompting import encode
+from culture_neurons.selection.methods import select
 
 pytestmark = pytest.mark.slow  # one toy build: ~1-3 minutes on 2 busy CPU cores
 

@@ -5,7 +5,7 @@
 evaluation parts; ``write_synthetic_cvqa`` writes small data in CVQA's exact parquet schema.
 """
 
-from .cvqa import (
+from culture_neurons.data.cvqa import (
     CVQA_COLUMNS,
     SKIP_REASONS,
     CultureData,
@@ -13,7 +13,7 @@ from .cvqa import (
     load_cvqa,
     stable_seed,
 )
-from .synthetic import make_synthetic_items, write_synthetic_cvqa
+from culture_neurons.data.synthetic import make_synthetic_items, write_synthetic_cvqa
 
 __all__ = [
     "CVQA_COLUMNS",

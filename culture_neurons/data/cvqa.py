@@ -38,7 +38,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
-from ..errors import DataError, UsageError
+from culture_neurons.errors import DataError, UsageError
 
 logger = logging.getLogger(__name__)
 

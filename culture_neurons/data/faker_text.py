@@ -18,8 +18,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..errors import DataError, UsageError
-from .cvqa import CultureData, stable_seed
+from culture_neurons.data.cvqa import CultureData, stable_seed
+from culture_neurons.errors import DataError, UsageError
 
 # Templates per language; {name} {city} {company} {phone} {address} are Faker fields.
 _JA = ("{name}さんは{city}に住んでいます。", "{name}さんは{company}で働いています。",

@@ -30,8 +30,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from ..errors import UsageError
-from .cvqa import CultureData, culture_name, item_from_row, stable_seed
+from culture_neurons.data.cvqa import CultureData, culture_name, item_from_row, stable_seed
+from culture_neurons.errors import UsageError
 
 logger = logging.getLogger(__name__)
 

@@ -47,7 +47,7 @@ def test_small_shapes_every_variant(R, N, act_fn, record, dtype, mlp_case, devic
 def test_130x67_several_cultures_per_tile(act_fn, record, dtype, mlp_case, device,
                                           act_and_record_checker):
     case = _on(mlp_case(130, 67, C=7, dtype=dtype, seed=7), device)
-    tile_ids = case["row_culture"][:16]
+    tile_ids = case["culture"][:16]
     assert len(set(tile_ids.tolist()) - {-1}) >= 2, "the first tile should mix cultures"
     act_and_record_checker(_kernel(), case, act_fn, record)
 
@@ -83,11 +83,11 @@ def test_keep_as_layer_slice(mlp_case, device, act_and_record_checker):
 
 def test_rejects_non_contiguous_accumulator(mlp_case):
     case = mlp_case(7, 33)
-    K = torch.zeros(33, 5, dtype=torch.int32).T  # [C, N] view with the wrong layout
-    S, Q = torch.zeros(5, 33), torch.zeros(5, 33)
+    K = torch.zeros(33, 5, dtype=torch.int64).T  # [C, N] view with the wrong layout
+    S = Q = torch.zeros(5, 33, dtype=torch.float64)
     with pytest.raises(UsageError, match="contiguous"):
-        act_record.act_and_record_triton(case["gate"], case["up"], case["row_culture"], K, S, Q,
-                                         case["keep"], case["row_set"], "silu", "gate", True,
+        act_record.act_and_record_triton(case["gate"], case["up"], case["culture"], K, S, Q,
+                                         case["keep"], case["set_ids"], "silu", "gate", True,
                                          True)
 
 
@@ -111,10 +111,11 @@ def test_counts_match_eager_torch_where_fp32_saturates(act_fn, mlp_case, device,
     case["gate"] = torch.linspace(-9, 3, 33 * 67).reshape(33, 67)
     case = _on(case, device)
     C = case["C"]
-    K = torch.zeros(C, 67, dtype=torch.int32, device=device)
-    S, Q = torch.zeros(C, 67, device=device), torch.zeros(C, 67, device=device)
-    _kernel()(case["gate"], case["up"], case["row_culture"].to(device), K, S, Q,
-              case["keep"].to(device), case["row_set"].to(device), act_fn, "post", True, False)
-    want = eager_counts_fn(case["gate"], case["up"], case["row_culture"].to(device), C, act_fn,
+    K = torch.zeros(C, 67, dtype=torch.int64, device=device)
+    S = torch.zeros(C, 67, dtype=torch.float64, device=device)
+    Q = torch.zeros(C, 67, dtype=torch.float64, device=device)
+    _kernel()(case["gate"], case["up"], case["culture"].to(device), K, S, Q,
+              case["keep"].to(device), case["set_ids"].to(device), act_fn, "post", True, False)
+    want = eager_counts_fn(case["gate"], case["up"], case["culture"].to(device), C, act_fn,
                            "post")
     assert_close_stats("K", K, want)

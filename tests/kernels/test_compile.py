@@ -39,10 +39,10 @@ def _compile_act_record(act_fn, record, do_record, do_ablate, dtype, arch, warp)
     from triton.compiler import ASTSource
 
     p = PTR[dtype]
-    stats = ("*i32", "*fp32", "*fp32") if do_record else (p, p, p)  # launcher passes gate
+    stats = ("*i64", "*fp64", "*fp64") if do_record else (p, p, p)  # launcher passes gate
     sig = {
-        "gate_ptr": p, "up_ptr": p, "row_culture_ptr": "*i32" if do_record else p,
-        "keep_ptr": "*u8" if do_ablate else p, "row_set_ptr": "*i32" if do_ablate else p,
+        "gate_ptr": p, "up_ptr": p, "culture_ptr": "*i32" if do_record else p,
+        "keep_ptr": "*u8" if do_ablate else p, "set_ids_ptr": "*i32" if do_ablate else p,
         "h_ptr": p, "K_ptr": stats[0], "S_ptr": stats[1], "Q_ptr": stats[2],
         "R": "i32", "N": "i32", "C": "i32", "num_sets": "i32",
         "stride_gate_r": "i32", "stride_up_r": "i32", "stride_h_r": "i32",
@@ -68,13 +68,13 @@ def _compile_act_record(act_fn, record, do_record, do_ablate, dtype, arch, warp)
 
 def _compile_masked_down(dtype, do_ablate, arch, warp):
     import triton
-    from culture_neurons.kernels import masked_down as m
+    m = _bench_module("masked_down")
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     p = PTR[dtype]
     sig = {
-        "h_ptr": p, "w_ptr": p, "keep_ptr": "*u8", "row_set_ptr": "*i32", "out_ptr": p,
+        "h_ptr": p, "w_ptr": p, "keep_ptr": "*u8", "set_ids_ptr": "*i32", "out_ptr": p,
         "R": "i32", "H": "i32", "N": "i32", "num_sets": "i32",
         "stride_h_r": "i32", "stride_h_n": "constexpr", "stride_w_h": "i32",
         "stride_w_n": "constexpr", "stride_keep_s": "i32", "stride_keep_n": "constexpr",
@@ -94,6 +94,18 @@ def _compile_masked_down(dtype, do_ablate, arch, warp):
     src = ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", arch, warp),
                           options={"num_warps": m.NUM_WARPS_GPU, "num_stages": m.NUM_STAGES_GPU})
+
+
+def _bench_module(name: str):
+    """A kernel kept in bench/ (measured there, not part of the package)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "bench" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _variant_ids():

@@ -5,9 +5,9 @@ import functools
 
 import pytest
 import torch
-from culture_neurons.kernels import act_and_record, masked_down_proj
+from culture_neurons.kernels import act_and_record
 from culture_neurons.kernels.ops import act_and_record_torch
-from culture_neurons.kernels.reference import act_and_record_reference, masked_down_reference
+from culture_neurons.kernels.reference import act_and_record_reference
 
 from culture_neurons.errors import UsageError
 
@@ -39,19 +39,20 @@ def test_cpu_switches_off(do_record, do_ablate, mlp_case, act_and_record_checker
 
 
 def _accumulators(C, N):
-    return (torch.zeros(C, N, dtype=torch.int32), torch.zeros(C, N), torch.zeros(C, N))
+    return (torch.zeros(C, N, dtype=torch.int64), torch.zeros(C, N, dtype=torch.float64),
+            torch.zeros(C, N, dtype=torch.float64))
 
 
 def test_wrapper_leading_dims_and_keywords(mlp_case, assert_close_stats):
     case = mlp_case(130, 67, C=7, seed=2)
     K, S, Q = _accumulators(7, 67)
     gate, up = case["gate"].reshape(2, 65, 67), case["up"].reshape(2, 65, 67)
-    h = act_and_record(gate, up, act_fn="silu", record="post",
-                       row_culture=case["row_culture"].long().reshape(2, 65), K=K, S=S, Q=Q,
-                       keep=case["keep"], row_set=case["row_set"].long().reshape(2, 65))
+    h = act_and_record(gate, up, act_fn="silu", activation="post",
+                       culture=case["culture"].long().reshape(2, 65), K=K, S=S, Q=Q,
+                       keep=case["keep"], set_ids=case["set_ids"].long().reshape(2, 65))
     h_ref, K_ref, S_ref, _ = act_and_record_reference(
-        case["gate"], case["up"], case["row_culture"], 7, "silu", "post", case["keep"],
-        case["row_set"])
+        case["gate"], case["up"], case["culture"], 7, "silu", "post", case["keep"],
+        case["set_ids"])
     assert h.shape == (2, 65, 67)
     assert_close_stats("h", h.reshape(130, 67), h_ref, atol=1e-6, rtol=1e-5)
     assert_close_stats("K", K, K_ref)
@@ -68,15 +69,15 @@ def test_wrapper_without_stats_or_mask_is_plain_mlp_activation():
     "change,match",
     [
         (dict(act_fn="relu"), "act_fn"),
-        (dict(record="both"), "record"),
+        (dict(activation="both"), "activation"),
         (dict(K=None), "K, S and Q"),
-        (dict(row_set=None), "keep and row_set"),
-        (dict(K=torch.zeros(33, 5, dtype=torch.int32).T), "contiguous"),
-        (dict(S=torch.zeros(5, 33, dtype=torch.float64)), "float32"),
+        (dict(set_ids=None), "keep and set_ids"),
+        (dict(K=torch.zeros(33, 5, dtype=torch.int64).T), "contiguous"),
+        (dict(S=torch.zeros(5, 33)), "float64"),
         (dict(Q=torch.zeros(5, 34)), r"\[C, N\]"),
-        (dict(row_culture=torch.zeros(6, dtype=torch.int32)), "leading dims"),
-        (dict(row_culture=torch.full((7,), 5, dtype=torch.int32)), "culture id 5 >= C = 5"),
-        (dict(row_set=torch.full((7,), 3, dtype=torch.int32)), "set id 3 >= num_sets = 3"),
+        (dict(culture=torch.zeros(6, dtype=torch.int32)), "leading dims"),
+        (dict(culture=torch.full((7,), 5, dtype=torch.int32)), "culture id 5 >= C = 5"),
+        (dict(set_ids=torch.full((7,), 3, dtype=torch.int32)), "set id 3 >= num_sets = 3"),
         (dict(keep=torch.ones(3, 32, dtype=torch.bool)), "num_sets, N"),
         (dict(up=torch.randn(7, 33, dtype=torch.float64)), "float dtype"),
     ],
@@ -84,9 +85,9 @@ def test_wrapper_without_stats_or_mask_is_plain_mlp_activation():
 def test_wrapper_errors_name_the_problem(change, match, mlp_case):
     case = mlp_case(7, 33, C=5)
     K, S, Q = _accumulators(5, 33)
-    kwargs = dict(gate=case["gate"], up=case["up"], act_fn="silu", record="gate",
-                  row_culture=case["row_culture"], K=K, S=S, Q=Q, keep=case["keep"],
-                  row_set=case["row_set"])
+    kwargs = dict(gate=case["gate"], up=case["up"], act_fn="silu", activation="gate",
+                  culture=case["culture"], K=K, S=S, Q=Q, keep=case["keep"],
+                  set_ids=case["set_ids"])
     kwargs.update(change)
     with pytest.raises(UsageError, match=match):
         act_and_record(kwargs.pop("gate"), kwargs.pop("up"), **kwargs)
@@ -96,46 +97,28 @@ def test_opcheck(mlp_case):
     """Schema, mutation annotations, fake (meta) kernels and AOT dispatch are consistent."""
     case = mlp_case(7, 33, C=5)
     K, S, Q = _accumulators(5, 33)
-    args = (case["gate"], case["up"], case["row_culture"], K, S, Q, case["keep"].to(torch.uint8),
-            case["row_set"], "silu", "post", True, True)
+    args = (case["gate"], case["up"], case["culture"], K, S, Q, case["keep"].to(torch.uint8),
+            case["set_ids"], "silu", "post", True, True)
     torch.library.opcheck(OP, args)
-    down_args = (case["gate"], torch.randn(4, 33), case["keep"], case["row_set"])
-    torch.library.opcheck(torch.ops.culture_neurons.masked_down_proj.default, down_args)
 
 
 def test_torch_compile_fullgraph(mlp_case, assert_close_stats):
     case = mlp_case(7, 33, C=5)
     weight = torch.randn(4, 33)
 
-    def mlp_tail(gate, up, row_culture, K, S, Q, keep, row_set):
-        h = act_and_record(gate, up, row_culture=row_culture, K=K, S=S, Q=Q, keep=keep,
-                           row_set=row_set)
-        return masked_down_proj(h, weight, keep, row_set)
+    def mlp_tail(gate, up, culture, K, S, Q, keep, set_ids):
+        h = act_and_record(gate, up, culture=culture, K=K, S=S, Q=Q, keep=keep,
+                           set_ids=set_ids)
+        return torch.nn.functional.linear(h, weight)
 
-    args = [case[k] for k in ("gate", "up", "row_culture")]
+    args = [case[k] for k in ("gate", "up", "culture")]
     eager_acc, compiled_acc = _accumulators(5, 33), _accumulators(5, 33)
-    want = mlp_tail(*args, *eager_acc, case["keep"], case["row_set"])
+    want = mlp_tail(*args, *eager_acc, case["keep"], case["set_ids"])
     compiled = torch.compile(mlp_tail, fullgraph=True, backend="aot_eager")
-    got = compiled(*args, *compiled_acc, case["keep"], case["row_set"])
+    got = compiled(*args, *compiled_acc, case["keep"], case["set_ids"])
     assert_close_stats("out", got, want, atol=1e-6, rtol=1e-6)
     for name, a, b in zip("KSQ", compiled_acc, eager_acc, strict=True):
         assert_close_stats(name, a, b, atol=1e-6, rtol=1e-6)  # same PyTorch path, same order
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_masked_down_proj_cpu(dtype, assert_close_stats):
-    gen = torch.Generator().manual_seed(0)
-    h = torch.randn(2, 9, 33, generator=gen).to(dtype)
-    weight = torch.randn(5, 33, generator=gen).to(dtype)
-    keep = torch.rand(3, 33, generator=gen) > 0.5
-    row_set = torch.randint(-1, 3, (2, 9), generator=gen)
-    out = masked_down_proj(h, weight, keep, row_set)
-    want = masked_down_reference(h.reshape(18, 33), weight, keep, row_set.reshape(18))
-    assert out.shape == (2, 9, 5)
-    # bf16 GEMM on CPU: products rounded to bf16 as they accumulate, so 2^-6 relative and an
-    # atol of ~sqrt(N) * 2^-8 for outputs near zero; fp32: ~1e-6 relative.
-    rtol, atol = (1e-5, 1e-5) if dtype == torch.float32 else (2.0**-6, 0.05)
-    assert_close_stats("out", out.reshape(18, 5), want, atol=atol, rtol=rtol)
 
 
 # --- CUDA ----------------------------------------------------------------------------------------
@@ -148,9 +131,9 @@ def test_cuda_op_matches_cpu_op(record, mlp_case, assert_close_stats):
     outs = {}
     for dev in ("cpu", "cuda"):
         K, S, Q = (t.to(dev) for t in _accumulators(25, 4099))
-        h = act_and_record(case["gate"].to(dev), case["up"].to(dev), act_fn="silu", record=record,
-                           row_culture=case["row_culture"].to(dev), K=K, S=S, Q=Q,
-                           keep=case["keep"].to(dev), row_set=case["row_set"].to(dev))
+        h = act_and_record(case["gate"].to(dev), case["up"].to(dev), act_fn="silu",
+                           activation=record, culture=case["culture"].to(dev), K=K, S=S, Q=Q,
+                           keep=case["keep"].to(dev), set_ids=case["set_ids"].to(dev))
         outs[dev] = (h.cpu(), K.cpu(), S.cpu(), Q.cpu())
     (h_c, K_c, S_c, Q_c), (h_g, K_g, S_g, Q_g) = outs["cpu"], outs["cuda"]
     assert_close_stats("K", K_g, K_c)
@@ -163,9 +146,9 @@ def test_cuda_op_matches_cpu_op(record, mlp_case, assert_close_stats):
 def test_cuda_graph_capture(mlp_case, assert_close_stats):
     case = mlp_case(256, 1024, C=5, dtype=torch.bfloat16, seed=1)
     gate, up = case["gate"].cuda(), case["up"].cuda()
-    rc, keep, rs = case["row_culture"].cuda(), case["keep"].cuda(), case["row_set"].cuda()
+    rc, keep, rs = case["culture"].cuda(), case["keep"].cuda(), case["set_ids"].cuda()
     K, S, Q = (t.cuda() for t in _accumulators(5, 1024))
-    run = lambda: act_and_record(gate, up, row_culture=rc, K=K, S=S, Q=Q, keep=keep, row_set=rs)
+    run = lambda: act_and_record(gate, up, culture=rc, K=K, S=S, Q=Q, keep=keep, set_ids=rs)
     run()  # compile the kernel outside the capture
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
@@ -189,7 +172,7 @@ def test_cpu_counts_match_eager_torch_where_fp32_saturates(act_fn, mlp_case, eag
     case = mlp_case(33, 67, C=3, seed=12)
     gate = torch.linspace(-9, 3, 33 * 67).reshape(33, 67)
     K, S, Q = _accumulators(3, 67)
-    act_and_record(gate, case["up"], act_fn=act_fn, record="post",
-                   row_culture=case["row_culture"], K=K, S=S, Q=Q)
-    want = eager_counts_fn(gate, case["up"], case["row_culture"], 3, act_fn, "post")
+    act_and_record(gate, case["up"], act_fn=act_fn, activation="post",
+                   culture=case["culture"], K=K, S=S, Q=Q)
+    want = eager_counts_fn(gate, case["up"], case["culture"], 3, act_fn, "post")
     assert_close_stats("K", K, want)

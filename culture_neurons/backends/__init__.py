@@ -1,2 +1,0 @@
-"""Backends that instrument a decoder MLP. Each module offers ``attach(instrument) -> handle``
-with ``handle.flush()`` (bring accumulators up to date) and ``handle.detach()``."""

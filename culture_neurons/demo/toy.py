@@ -1,0 +1,512 @@
+"""A trained toy VLM: a tiny Qwen2.5-VL that really knows the synthetic cultures.
+
+The random models of :mod:`culture_neurons.tiny` exercise code paths; they answer at chance, so
+nothing can be learned from ablating them. This toy is trained, on CPU in a few minutes, on
+synthetic CVQA (:mod:`culture_neurons.data.synthetic`): each culture has its own image cue
+(hue + motif) and invented words, and the right option is the word of the image's culture. The
+model has to learn image -> culture and word -> culture and match the two, so culture knowledge
+sits in its weights and a pipeline run (record, select, ablate, evaluate) has something to find.
+
+    from culture_neurons.demo.toy import toy
+    t = toy()                      # built once (~2 min on 2 busy cores), then loaded in seconds
+    t.model, t.processor           # Qwen2_5_VLForConditionalGeneration + its processor
+    t.data                         # CultureData of the evaluation pipeline (read from t.data_path)
+
+What makes it meaningful:
+- training items come from the same generator with another seed (new images, new option
+  draws, same cultures and words); the data the pipeline uses (``data_path``) is never trained
+  on, so its accuracy measures generalisation to new items of the same cultures;
+- the loss is the evaluator's own score: cross-entropy over the four option-letter logits at the
+  last prompt position (:func:`culture_neurons.evaluate.letter_scores`), on prompts built by
+  :func:`culture_neurons.prompting.encode`, exactly as evaluation builds them;
+- the vision tower stays at its random initialisation (frozen), so the decoder, not the vision
+  tower, must turn raw image features into a culture: that is where the paper looks for neurons.
+
+Each culture knows one word per category (``words_per_category=1``: 4 facts per culture). With
+the full synthetic vocabulary (6 words per category, 192 words) the model memorised training
+items without generalising (toy-v1: 28 % on data_path); with one word per category and 1200
+steps on 8 x 512 training items it generalises: seed 0 reaches 73 % on data_path (chance 25 %).
+With the paper's protocol at a ratio of 5 % of the L*N neurons per culture (:data:`TOY_RATIO`;
+0.5 % of this toy's 1152 neurons would be 6 per culture), ablating a
+culture's CAS neurons costs that culture 3.1 points against 0.5 for the others (gap -2.6),
+where RND's gap is -0.1 +- 0.2 (3 draws; measured on 2 CPU cores, seed 0).
+
+Cache layout (``<root>/toy-v2-seed<seed>``, root = ``$CULTURE_NEURONS_CACHE`` or
+``~/.cache/culture-neurons``): ``model/`` (save_pretrained weights with the processor beside
+them, so ``culture-neurons run --model <cache>/model --data <cache>/data.parquet`` works too),
+``data.parquet`` (synthetic CVQA, CVQA's schema), ``toy.json`` (seed, config, accuracy reached,
+build time, description). It is written to a temporary folder and renamed into place, so a killed
+build never leaves a half cache.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from torch import nn
+from transformers import (
+    PreTrainedTokenizerFast,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+)
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+from culture_neurons.data.cvqa import CultureData, Item, load_cvqa, stable_seed
+from culture_neurons.data.synthetic import (
+    CATEGORIES,
+    make_synthetic_items,
+    resolve_cultures,
+    write_synthetic_cvqa,
+)
+from culture_neurons.errors import UsageError
+from culture_neurons.models.adapters import get_adapter
+from culture_neurons.models.loading import load_processor, save_processor
+from culture_neurons.scoring.multiple_choice import letter_scores, predict
+from culture_neurons.scoring.prompting import INSTRUCTION, LETTERS, encode, letter_token_ids
+from culture_neurons.testing import tiny
+
+__all__ = ["Toy", "ToyConfig", "build_toy", "default_cache_dir", "load_toy", "toy"]
+
+log = logging.getLogger(__name__)
+
+FAMILY = "qwen2_5_vl"  # the toy is a tiny Qwen2.5-VL (testing.tiny's, at the sizes below)
+TOY_RATIO = 0.05  # default selection ratio on the toy (its L*N is 1152, see the module doc)
+VERSION = "toy-v2"  # part of the cache folder name: bump it when the recipe changes
+
+
+@dataclass(frozen=True)
+class ToyConfig:
+    """Everything that defines a toy besides its seed (sizes of the 7B model beside them)."""
+
+    cultures: int = 8  # CVQA: 25 culture groups (paper), ~30 countries
+    eval_items: int = 64  # per culture in data_path (>= 50: load_cvqa's default min_items)
+    train_items: int = 512  # per culture, drawn with another seed than data_path
+    words_per_category: int = 1  # facts per culture and category (synthetic.py has up to 6)
+    hidden: int = 64  # Qwen2-7B 3584
+    intermediate: int = 384  # 18944; L * N = 1152 neurons, 1 % = 12 per culture
+    layers: int = 3  # 28
+    heads: int = 4  # 28 (head_dim 16 here, 128 real)
+    kv_heads: int = 2  # 4
+    vocab: int = 8192  # BPE cap; training stops at ~3.3k, when every prompt line is one token
+    steps: int = 1200
+    batch_size: int = 32
+    lr: float = 3e-3
+    weight_decay: float = 0.01
+    warmup: int = 30
+    init_std: float = 0.1  # decoder init (HF default 0.02); see _init_decoder
+
+
+@dataclass
+class Toy:
+    """A trained toy model with its processor and the data it is evaluated on."""
+
+    model: Qwen2_5_VLForConditionalGeneration
+    processor: object  # a Qwen2.5-VL processor (tokenizer + Pil image processor)
+    data_path: Path  # synthetic CVQA parquet (CVQA's schema): what the pipeline loads
+    data: CultureData  # load_cvqa(data_path), C cultures x eval_items
+    description: str  # what the toy is and how well it does, for reports
+    cache_dir: Path
+    metadata: dict  # the contents of toy.json
+
+
+# ----------------------------------------------------------------------------------------------
+# Public entry points
+# ----------------------------------------------------------------------------------------------
+def default_cache_dir(seed: int = 0) -> Path:
+    """``$CULTURE_NEURONS_CACHE/toy-v1-seed<seed>`` (root default ``~/.cache/culture-neurons``)."""
+    root = os.environ.get("CULTURE_NEURONS_CACHE") or Path.home() / ".cache" / "culture-neurons"
+    return Path(root) / f"{VERSION}-seed{seed}"
+
+
+def toy(
+    seed: int = 0,
+    cache_dir: str | os.PathLike | None = None,
+    force: bool = False,
+    config: ToyConfig | None = None,
+) -> Toy:
+    """The toy of ``seed``: loaded from ``cache_dir`` if built there before, else built (a few
+    minutes on 2 CPU cores), cached, and loaded. ``force=True`` rebuilds over the cache.
+    ``config``: another recipe than :class:`ToyConfig`'s defaults (give it its own cache_dir)."""
+    config = config or ToyConfig()
+    target = Path(cache_dir) if cache_dir is not None else default_cache_dir(seed)
+    if force or not (target / "toy.json").is_file():
+        build_toy(seed, target, force=force, config=config)
+    _check_cache(target, seed, config)
+    return load_toy(target)
+
+
+def _check_cache(path: Path, seed: int, config: ToyConfig) -> None:
+    """Refuse a cache built from another seed or recipe (it would silently answer for them)."""
+    meta = json.loads((path / "toy.json").read_text())
+    if meta["seed"] != seed or meta["config"] != asdict(config):
+        raise UsageError(
+            f"{path} holds the toy of seed {meta['seed']} with config {meta['config']}, not seed "
+            f"{seed} with {asdict(config)}; pass another cache_dir or force=True to rebuild it"
+        )
+
+
+def load_toy(cache_dir: str | os.PathLike) -> Toy:
+    """Load a built toy (model in eval mode, fp32, eager attention) from its cache folder."""
+    path = Path(cache_dir)
+    meta_file = path / "toy.json"
+    if not meta_file.is_file():
+        raise UsageError(f"{path} holds no built toy (no toy.json); build it with toy(seed)")
+    meta = json.loads(meta_file.read_text())
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+        path / "model", attn_implementation="eager", dtype=torch.float32
+    ).eval()
+    processor = load_processor(str(path / "model"), get_adapter(model))
+    data = load_cvqa(path / "data.parquet", min_items=1)
+    return Toy(model, processor, path / "data.parquet", data, meta["description"], path, meta)
+
+
+def build_toy(
+    seed: int, cache_dir: str | os.PathLike, force: bool = False, config: ToyConfig | None = None
+) -> Path:
+    """Build the toy of ``seed`` into ``cache_dir`` atomically; return ``cache_dir``.
+
+    A finished cache is kept unless ``force``; a build of another process that finishes first
+    wins (its cache is kept, this one discarded).
+    """
+    config = config or ToyConfig()
+    target = Path(cache_dir)
+    if (target / "toy.json").is_file() and not force:
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_builds(target)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        _build_into(seed, config, tmp)
+        _replace(tmp, target, force)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+# ----------------------------------------------------------------------------------------------
+# Building
+# ----------------------------------------------------------------------------------------------
+def _build_into(seed: int, config: ToyConfig, out: Path) -> None:
+    """Write data, model, processor and toy.json of the toy into the (empty) folder ``out``.
+
+    Runs on one CPU thread: the matrices are 64 wide, so threads only add synchronisation, and
+    on a shared machine (load ~5 on 2 cores) a training step took ~1.5 s with 2 threads against
+    ~0.2-0.3 s with 1 (measured here).
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _build_steps(seed, config, out)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _build_steps(seed: int, config: ToyConfig, out: Path) -> None:
+    start = time.perf_counter()
+    data_path = write_synthetic_cvqa(
+        out / "data.parquet", config.cultures, config.eval_items, seed=seed,
+        words_per_category=config.words_per_category,
+    )  # fmt: skip
+    data = load_cvqa(data_path, min_items=1)
+    train_items = list(
+        make_synthetic_items(config.cultures, config.train_items, seed=_train_seed(seed),
+                             words_per_category=config.words_per_category)  # fmt: skip
+    )
+    processor = toy_processor(config)
+    model = toy_model(processor, config, seed)
+    losses = train(model, processor, train_items, config, seed)
+    per_culture = _accuracy_per_culture(model, processor, data)
+    accuracy = sum(per_culture.values()) / len(per_culture)  # equal items per culture
+    model.save_pretrained(out / "model")
+    # The processor beside the weights: `culture-neurons run --model <cache>/model` loads both.
+    save_processor(processor, out / "model")
+    seconds = time.perf_counter() - start
+    meta = {
+        "version": VERSION,
+        "seed": seed,
+        "train_seed": _train_seed(seed),
+        "config": asdict(config),
+        "cultures": data.cultures,
+        "accuracy": accuracy,
+        "accuracy_per_culture": per_culture,
+        "final_loss": losses[-1],
+        "build_seconds": round(seconds, 1),
+    }
+    meta["description"] = describe(model, config, meta)
+    (out / "toy.json").write_text(json.dumps(meta, indent=2))
+    log.info("toy: built in %.0f s, accuracy %.1f %% (%s)", seconds, 100 * accuracy, out)
+
+
+STALE_BUILD_SECONDS = 3600  # a temporary build folder this old belongs to a killed build
+
+
+def _remove_stale_builds(target: Path) -> None:
+    """Delete temporary folders of builds that were killed (SIGKILL/SIGTERM skip cleanup);
+    fresh ones may belong to a build running in another process and are left alone."""
+    now = time.time()
+    for tmp in target.parent.glob(f".{target.name}.tmp-*"):
+        if now - tmp.stat().st_mtime > STALE_BUILD_SECONDS:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _train_seed(seed: int) -> int:
+    """Training items get their own generator seed: new images and option draws, same cultures."""
+    return stable_seed("toy-train", seed) % (2**31)
+
+
+def _replace(tmp: Path, target: Path, force: bool) -> None:
+    """Move the finished build ``tmp`` to ``target`` (one rename; the old cache goes if forced)."""
+    if target.exists():
+        if not force and (target / "toy.json").is_file():
+            return  # another process finished first: keep its cache
+        trash = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+        os.replace(target, trash / "old")
+        shutil.rmtree(trash, ignore_errors=True)
+    os.replace(tmp, target)
+
+
+def describe(model, config: ToyConfig, meta: dict) -> str:
+    """One paragraph: what the toy is (architecture, sizes, data, training, accuracy)."""
+    tc = model.config.text_config
+    n_params = sum(p.numel() for p in model.parameters())
+    per = meta["accuracy_per_culture"]
+    return (
+        f"Toy {VERSION} (seed {meta['seed']}): Qwen2_5_VLForConditionalGeneration, "
+        f"{n_params / 1e3:.0f}k parameters; decoder {tc.num_hidden_layers} layers x "
+        f"{tc.intermediate_size} MLP neurons (hidden {tc.hidden_size}, SiLU), vocabulary "
+        f"{tc.vocab_size}; vision tower random and frozen. Data: synthetic CVQA, "
+        f"{config.cultures} cultures x {config.eval_items} evaluation items (data_path, never "
+        f"trained on); trained on {config.cultures} x {config.train_items} items of another "
+        f"seed for {config.steps} AdamW steps (batch {config.batch_size}, lr {config.lr}), "
+        f"cross-entropy on the option letter at the answer position. Accuracy on data_path: "
+        f"{100 * meta['accuracy']:.1f} % (chance 25 %; per culture "
+        f"{min(per.values()) * 100:.0f}-{max(per.values()) * 100:.0f} %). Built in "
+        f"{meta['build_seconds']:.0f} s."
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokenizer, processor, model
+# ----------------------------------------------------------------------------------------------
+def _corpus(config: ToyConfig) -> list[str]:
+    """tiny.py's corpus plus every line a toy prompt can hold (questions, options, system
+    prompt, instruction), each often enough to become one token."""
+    lines = list(tiny.corpus())
+    fixed = ["You are a helpful assistant.", INSTRUCTION, "system", "user", "assistant"]
+    fixed += [question for _, question, _ in CATEGORIES.values()]
+    for culture in resolve_cultures(config.cultures):
+        for words in culture.words.values():
+            lines += [f"{letter}. {word}" for word in words for letter in LETTERS]
+    return lines + fixed * 4
+
+
+def toy_tokenizer(config: ToyConfig) -> PreTrainedTokenizerFast:
+    """Byte-level BPE that splits text only at line breaks, trained until every line of
+    :func:`_corpus` is one token (special tokens, chat template: Qwen2's, as in tiny.py).
+
+    So an option line ``"B. Tobaki stew"`` is one token that carries its letter and its
+    culture's word. Why: with letter and word in separate tokens, answering needs two attention
+    hops (find the word of the image's culture, then the letter before it), which a model this
+    small does not learn within a CPU budget of minutes (measured: 300 steps at chance); with
+    one token per line it needs one, and prompts shrink from ~70 tokens to ~20.
+    """
+    spec = tiny.special_tokens(FAMILY)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split("\n", behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=config.vocab - len(spec.tail),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # any byte: no text is unknown
+        show_progress=False,
+    )
+    tok.train_from_iterator(_corpus(config), trainer)
+    tok.add_special_tokens(list(spec.tail))
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token=spec.eos,
+        pad_token=spec.pad,
+        extra_special_tokens=dict(spec.extra),
+        chat_template=tiny.chat_template(FAMILY),
+        padding_side="right",
+    )
+
+
+def toy_processor(config: ToyConfig):
+    """tiny.py's Qwen2.5-VL processor (Pil image processor, no video) over the toy tokenizer."""
+    return tiny.tiny_processor(FAMILY, toy_tokenizer(config))
+
+
+def toy_model(processor, config: ToyConfig, seed: int) -> Qwen2_5_VLForConditionalGeneration:
+    """A random Qwen2.5-VL of the toy's sizes (tiny.py's vision tower), fp32, eager attention."""
+    head_dim = config.hidden // config.heads
+    _, model_config = tiny.tiny_config(
+        FAMILY,
+        processor.tokenizer,
+        hidden_size=config.hidden,
+        intermediate_size=config.intermediate,
+        num_hidden_layers=config.layers,
+        num_attention_heads=config.heads,
+        num_key_value_heads=config.kv_heads,
+        # mrope splits head_dim / 2 rotary frequencies over (t, h, w); real [16, 24, 24].
+        rope_parameters={
+            "rope_type": "default",
+            "rope_theta": 1e6,
+            "mrope_section": _mrope_section(head_dim),
+        },
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Qwen2_5_VLForConditionalGeneration._from_config(
+            model_config, attn_implementation="eager", dtype=torch.float32
+        )
+        _init_decoder(model, config.init_std)
+    return model.eval()
+
+
+def _init_decoder(model, std: float) -> None:
+    """Re-initialise the decoder for training from scratch in a few hundred steps.
+
+    Weights (embeddings, projections, lm_head) ~ N(0, std) instead of HF's N(0, 0.02): with
+    0.02, signals through this 64-wide decoder are so small that training sat at chance for
+    300+ steps (measured); ``std`` 0.1 learned an image-only probe in ~75. Query projections
+    start at zero, so every head begins as a causal average of the values (the answer position
+    sees all options and the image at once) and only sharpens where the loss asks for it.
+    """
+    adapter = get_adapter(model)
+    lm = adapter.language_model(model)
+    with torch.no_grad():
+        for module in [*lm.modules(), model.lm_head]:
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, std=std)
+        for layer in adapter.decoder_layers(model):
+            layer.self_attn.q_proj.weight.zero_()
+            layer.self_attn.q_proj.bias.zero_()
+
+
+def _mrope_section(head_dim: int) -> list[int]:
+    """Split head_dim / 2 frequencies over (t, h, w) about as Qwen2.5-VL does (16:24:24)."""
+    half = head_dim // 2
+    t = max(1, half // 4)
+    h = (half - t) // 2
+    return [t, h, half - t - h]
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------
+class _Encoded:
+    """All training prompts encoded once, as evaluation builds them (left-padded, by
+    :func:`encode`), with what never changes during training computed once too: the frozen
+    vision tower's image embeddings and the 3D rope positions. A minibatch is a row slice; the
+    model gets the embeddings as ``mm_encoder_outputs`` and runs only its decoder (on 2 busy
+    CPU cores this halves a step)."""
+
+    def __init__(self, model, processor, items: list[Item]):
+        batch = encode(model, processor, items)
+        self.input_ids, self.attention_mask = batch["input_ids"], batch["attention_mask"]
+        self.labels = torch.tensor([it.label for it in items])
+        inner = model.model
+        with torch.no_grad():
+            vision = inner.get_image_features(batch["pixel_values"], batch["image_grid_thw"])
+            self.position_ids, _ = inner.get_rope_index(
+                self.input_ids,
+                image_grid_thw=batch["image_grid_thw"],
+                attention_mask=self.attention_mask,
+                mm_token_type_ids=batch["mm_token_type_ids"],
+            )  # [3, rows, T]
+        self.image_embeds = [e.detach() for e in vision.pooler_output]  # per row [tokens, H]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def rows(self, index: torch.Tensor) -> tuple[dict, torch.Tensor]:
+        """Model inputs and labels of rows ``index``; leading all-padding columns dropped."""
+        mask = self.attention_mask[index]
+        first = int(mask.any(dim=0).nonzero()[0, 0])
+        image = BaseModelOutputWithPooling(
+            pooler_output=tuple(self.image_embeds[i] for i in index.tolist())
+        )
+        inputs = {
+            "input_ids": self.input_ids[index, first:],
+            "attention_mask": mask[:, first:],
+            "position_ids": self.position_ids[:, index, first:],
+            "mm_encoder_outputs": {"image": image},
+        }
+        return inputs, self.labels[index]
+
+
+def train(model, processor, items: list[Item], config: ToyConfig, seed: int) -> list[float]:
+    """Train ``model`` in place on ``items``; return the loss of every step.
+
+    Loss: cross-entropy over the four option-letter scores (the evaluator's
+    :func:`letter_scores`) of the next-token logits at the last prompt position. AdamW, linear
+    warmup then cosine decay; minibatch order from a generator seeded with ``seed``.
+    """
+    encoded = _Encoded(model, processor, items)
+    letters = letter_token_ids(processor)
+    model.model.visual.requires_grad_(False)  # its outputs are cached in `encoded`
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_factor(config))
+    gen = torch.Generator().manual_seed(stable_seed("toy-batches", seed) % (2**31))
+    order = torch.randperm(len(encoded), generator=gen)
+    cursor, losses = 0, []
+    model.train()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)  # dropout, if a config enables it
+        for step in range(config.steps):
+            if cursor + config.batch_size > len(order):
+                order, cursor = torch.randperm(len(encoded), generator=gen), 0
+            batch, labels = encoded.rows(order[cursor : cursor + config.batch_size])
+            cursor += config.batch_size
+            logits = model(**batch, logits_to_keep=1).logits[:, -1, :]
+            loss = F.cross_entropy(letter_scores(logits, letters), labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            losses.append(loss.item())
+            if step % 50 == 0 or step == config.steps - 1:
+                log.info("toy: step %d/%d loss %.3f", step, config.steps, losses[-1])
+    model.requires_grad_(True)
+    model.eval()
+    return losses
+
+
+def _lr_factor(config: ToyConfig):
+    """Linear warmup over ``config.warmup`` steps, then cosine decay to 0 at the last step."""
+
+    def factor(step: int) -> float:
+        if step < config.warmup:
+            return (step + 1) / config.warmup
+        progress = (step - config.warmup) / max(1, config.steps - config.warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def _accuracy(model, processor, items: list[Item]) -> float:
+    """Share of ``items`` answered right by the evaluator's own scoring."""
+    preds = predict(model, processor, items, batch_size=64)
+    labels = torch.tensor([it.label for it in items])
+    return float((preds == labels).float().mean())
+
+
+def _accuracy_per_culture(model, processor, data: CultureData) -> dict[str, float]:
+    return {c: _accuracy(model, processor, list(its)) for c, its in data.items_by_culture.items()}

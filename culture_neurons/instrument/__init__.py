@@ -1,0 +1,12 @@
+"""Recording and ablation inside the model's forward pass.
+
+- :mod:`.instrument`: :class:`Instrument`, :func:`record`, :func:`ablate` (attach to a model).
+- :mod:`.rows`: token weights and per-row culture / set ids (one home for their rules).
+- :mod:`.reduce`: THE per-culture reduction and per-row ablation every PyTorch path uses.
+- :mod:`.hooks`, :mod:`.fused`: the two backends.
+- :mod:`.functional`: the same numbers inside someone else's forward code (no patching).
+"""
+
+from culture_neurons.instrument.instrument import BACKENDS, Instrument, ablate, record
+
+__all__ = ["BACKENDS", "Instrument", "ablate", "record"]

@@ -1,0 +1,105 @@
+"""The fused backend: each decoder MLP's ``forward`` is replaced on the instance.
+
+    h = act_and_record(gate_proj(x), up_proj(x))   # one op: act, ablation mask, K/S/Q
+    y = down_proj(h)
+
+On CUDA the op is one Triton kernel (the activations are never written out for the
+statistics) that adds straight into the layer's int64 / fp64 totals; elsewhere the same math
+runs in PyTorch over token chunks (:mod:`culture_neurons.instrument.reduce`). No per-forward
+work besides the op: nothing to fold, zero or synchronise.
+
+gate_proj, up_proj and down_proj are still called as modules, so hooks on them keep firing.
+A hook on ``act_fn`` could not fire inside the fused op: such a layer takes the eager path
+(``act_fn`` called, then the same masking and statistics as the hooks backend) and a warning
+says so.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+import torch
+
+from culture_neurons.instrument import hooks
+from culture_neurons.kernels.ops import act_and_record
+
+log = logging.getLogger(__name__)
+
+
+def _has_hooks(module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks)
+
+
+class FusedHandle:
+    def __init__(self, inst):
+        self.inst = inst
+        self.saved = []  # (mlp, instance-level forward it had or None, the one we installed)
+        self._warned = False
+        self.attached = True
+        for site in inst.sites:
+            mlp = site.mlp
+            ours = self._forward(site)
+            self.saved.append((mlp, mlp.__dict__.get("forward"), ours))
+            mlp.forward = ours
+
+    def _forward(self, site):
+        inst, mlp = self.inst, site.mlp
+
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            if not self.attached:  # detached while a wrapper (e.g. nnsight) still calls us
+                return type(mlp).forward(mlp, x)
+            culture, set_ids = site.begin(x)
+            g, u = mlp.gate_proj(x), mlp.up_proj(x)
+            if _has_hooks(mlp.act_fn):
+                return mlp.down_proj(self._eager(site, g, u, culture, set_ids))
+            lead = g.shape[:-1]
+            recording = culture is not None
+            h = act_and_record(
+                g, u,
+                act_fn=inst.act_fn,
+                activation=inst.activation,
+                culture=culture.view(lead) if recording else None,
+                K=site.K if recording else None,
+                S=site.S if recording else None,
+                Q=site.Q if recording else None,
+                keep=site.keep if set_ids is not None else None,
+                set_ids=set_ids.view(lead) if set_ids is not None else None,
+            )  # fmt: skip
+            return mlp.down_proj(h)
+
+        return forward
+
+    def _eager(self, site, g, u, culture, set_ids) -> torch.Tensor:
+        if not self._warned:
+            warnings.warn(
+                "a hook is registered on a decoder MLP's act_fn; those layers run the eager "
+                "path (act_fn called, statistics in PyTorch) so that the hook keeps firing",
+                stacklevel=3,
+            )
+            self._warned = True
+        a = site.mlp.act_fn(g)
+        if set_ids is not None:
+            a = hooks.ablated(site, a, set_ids)
+        h = a * u
+        if culture is not None:
+            hooks.record(site, a if self.inst.activation == "gate" else h, culture)
+        return h
+
+    def detach(self) -> None:
+        self.attached = False
+        for mlp, forward, ours in self.saved:
+            if mlp.__dict__.get("forward") is not ours:
+                # Someone wrapped our forward after we attached (nnsight does): leave theirs in
+                # place; ours now passes straight through to the class forward.
+                log.warning("%s.forward was wrapped after attaching; left in place",
+                            type(mlp).__name__)  # fmt: skip
+                continue
+            del mlp.forward
+            if forward is not None:
+                mlp.forward = forward
+        self.saved.clear()
+
+
+def attach(inst) -> FusedHandle:
+    return FusedHandle(inst)

@@ -1,0 +1,366 @@
+"""Attach to a model's decoder MLPs to record per-culture statistics and/or ablate neurons.
+
+One :class:`Instrument` serves both jobs because the fused kernel does both in one pass:
+every flattened token row carries a culture id (``-1`` = not counted) and an ablation-set id
+(``set_ids``, ``-1`` = no ablation). A batch may mix cultures and sets freely, so a whole
+source-by-target ablation matrix runs in few passes.
+
+    with culture_neurons.record(model, cultures=["ja", "mx"]) as rec:
+        for batch, culture in loader:                 # culture: one id (or name) per row
+            rec(culture, **batch)                     # = rec.set_batch(...); model(**batch)
+    stats = rec.stats()
+
+Backends (``rec.backend``): ``hooks`` (plain PyTorch forward hooks, the reference) and
+``fused`` (the MLP forward replaced on the instance by one fused op; see ``fused.py``). Both
+add straight into int64 / fp64 totals on each layer's device; nothing moves to the host until
+:meth:`Instrument.stats`. Patching is per instance, never per class; detaching restores the
+model exactly. A model carries at most one Instrument at a time (a second is refused, naming
+the live one): one Instrument records and ablates at once.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import weakref
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from culture_neurons.errors import StatsMismatchError, UsageError
+from culture_neurons.instrument.rows import check_ids, count_per_culture, row_ids, token_weights
+from culture_neurons.models import adapters
+from culture_neurons.stats import ACTIVATIONS, Stats, check_choice
+
+log = logging.getLogger(__name__)
+BACKENDS = ("auto", "hooks", "fused")
+_OWNER = "_culture_neurons_instrument"  # attribute on each instrumented MLP: weakref to its owner
+
+
+@dataclass
+class Batch:
+    """Per-row state of the forward(s) about to run."""
+
+    batch_size: int  # B
+    rows: int  # B*T of the prompt: a recorded forward must have exactly these token rows
+    culture: torch.Tensor | None  # int32 [B*T] on the inputs' device, -1 = not counted
+    set_ids: torch.Tensor | None  # int32 [B] on the CPU, -1 = no ablation; None = none
+    serial: int
+    items: torch.Tensor | None  # int64 [C]: items per culture (CPU)
+    _cache: dict = field(default_factory=dict)
+
+    def on(self, device: torch.device, tokens_per_row: int):
+        """(culture [B*T], set ids [B*T]) on ``device``; moved once per device and length
+        (layers may sit on several devices; generate() runs one token per row at a time)."""
+        key = (device, tokens_per_row)
+        if key not in self._cache:
+            culture = None if self.culture is None else self.culture.to(device, non_blocking=True)
+            set_ids = None
+            if self.set_ids is not None:
+                set_ids = self.set_ids.repeat_interleave(tokens_per_row).to(device, non_blocking=True)
+            self._cache[key] = (culture, set_ids)
+        return self._cache[key]
+
+
+class Site:
+    """One decoder MLP: its layer, its statistics totals and its slice of the ablation masks."""
+
+    def __init__(self, inst: Instrument, layer: int, mlp: nn.Module):
+        self.inst, self.layer, self.mlp = inst, layer, mlp
+        self.device = mlp.gate_proj.weight.device
+        self.last_serial = -1
+        self.current = None  # (culture, set ids) of the forward in progress
+        self.K = self.S = self.Q = None  # int64 / float64 / float64 [C, N] totals, if recording
+        self.keep = None  # uint8 [S, N] keep mask of this layer (0 = ablate), if ablating
+
+    def begin(self, x: torch.Tensor):
+        """(culture, set ids) per token row of this MLP input ``x`` ``[B, T, H]``, each None
+        when unused; checks that a recorded batch runs once, on the prompt it described."""
+        batch = self.inst._batch
+        if batch is None:
+            if self.inst.recording:
+                raise UsageError(
+                    "the model ran while instrumented for recording but no rows were set; call "
+                    "set_batch(culture, input_ids=..., attention_mask=...) before each forward"
+                )
+            self.current = (None, None)
+            return self.current
+        rows = x.numel() // x.shape[-1]
+        if batch.culture is not None:
+            if rows != batch.rows:
+                raise UsageError(
+                    f"layer {self.layer} MLP got {rows} token rows but set_batch described "
+                    f"{batch.rows}; recording works on full prompt forwards (not generate() "
+                    "with a KV cache), one set_batch per forward"
+                )
+            if batch.serial == self.last_serial:
+                raise UsageError(
+                    "the model ran twice for one set_batch; call set_batch before every forward"
+                )
+        elif rows % batch.batch_size:
+            raise UsageError(
+                f"layer {self.layer} MLP got {rows} token rows, not a multiple of the "
+                f"{batch.batch_size} rows given to set_batch"
+            )
+        if self.layer == 0 and batch.serial != self.last_serial:
+            self.inst._commit_counts(batch)
+        self.last_serial = batch.serial
+        self.current = batch.on(x.device, rows // batch.batch_size)
+        return self.current
+
+
+class Instrument:
+    """Records statistics (``cultures`` given) and/or ablates (``masks`` given); see module doc.
+
+    Args:
+        model: a HF model of a supported family (see :mod:`culture_neurons.models`).
+        cultures: C culture names, the rows' culture ids index this list.
+        masks: a :class:`culture_neurons.masks.Masks` of S sets; the rows' ``set_ids`` index it.
+        activation: ``gate`` (``act(gate_proj(x))``) or ``post`` (``act(...) * up_proj(x)``).
+        scope: ``all`` / ``text`` / ``image`` / ``last``: which tokens count.
+        backend: ``auto`` (fused), ``fused`` or ``hooks``.
+        options: further settings stored in the stats (must agree for a merge).
+
+    Raises:
+        UsageError: the model already carries a live Instrument (detach it first, or record
+            and ablate with one Instrument given both ``cultures`` and ``masks``).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        cultures: list[str] | None = None,
+        masks=None,
+        *,
+        activation: str = "gate",
+        scope: str = "all",
+        backend: str = "auto",
+        options: dict | None = None,
+    ):
+        check_choice("activation", activation, ACTIVATIONS)
+        check_choice("backend", backend, BACKENDS)
+        if cultures is None and masks is None:
+            raise UsageError("give cultures (to record), masks (to ablate), or both")
+        self.model = model
+        self.fingerprint = adapters.fingerprint(model)
+        self.act_fn = adapters.activation_fn(model)
+        self.image_token_ids = adapters.image_token_ids(model)
+        self.cultures = list(cultures) if cultures is not None else None
+        self.masks = masks
+        self.activation, self.scope = activation, scope
+        self.options = dict(options or {})
+        self._batch: Batch | None = None
+        self._serial = 0
+        self.sites = [Site(self, i, mlp) for i, mlp in enumerate(adapters.decoder_mlps(model))]
+        _refuse_second(self.sites)
+        if masks is not None:
+            masks.require_model(self.fingerprint, "these masks")
+            keep = masks.keep_mask(device="cpu", dtype=torch.uint8)  # [L, S, N]
+            for site in self.sites:  # built once per attach, on each layer's device
+                site.keep = keep[site.layer].to(site.device)
+        self.reset_stats()
+        self.backend = "fused" if backend == "auto" else backend
+        self._impl = importlib.import_module(f"culture_neurons.instrument.{self.backend}")
+        self._impl = self._impl.attach(self)
+        for site in self.sites:  # so that print(model) shows what is instrumented
+            setattr(site.mlp, _OWNER, weakref.ref(self))
+            site.mlp.extra_repr = lambda b=self.backend: f"[culture_neurons: {b} backend]"
+        log.info("instrumented %d decoder MLPs with the %s backend", len(self.sites), self.backend)
+
+    def __repr__(self) -> str:
+        jobs = []
+        if self.recording:
+            jobs.append(f"recording {len(self.cultures)} cultures")
+        if self.masks is not None:
+            jobs.append(f"ablating {len(self.masks)} sets")
+        state = "attached" if self.attached else "detached"
+        return f"Instrument({', '.join(jobs)}, {self.backend} backend, {state})"
+
+    # -- state ---------------------------------------------------------------------------
+    @property
+    def recording(self) -> bool:
+        return self.cultures is not None
+
+    @property
+    def attached(self) -> bool:
+        return self._impl is not None
+
+    def reset_stats(self) -> None:
+        """Zero the totals (the attached model is unchanged)."""
+        if not self.recording:
+            return
+        C, N = len(self.cultures), self.fingerprint.num_neurons
+        for site in self.sites:
+            site.K = torch.zeros(C, N, dtype=torch.int64, device=site.device)
+            site.S = torch.zeros(C, N, dtype=torch.float64, device=site.device)
+            site.Q = torch.zeros(C, N, dtype=torch.float64, device=site.device)
+        # Token counts live where the rows are built (the inputs' device): no host sync.
+        self._T = torch.zeros(C, dtype=torch.int64, device=self.sites[0].device)
+        self._items = torch.zeros(C, dtype=torch.int64)
+
+    def start_from(self, stats: Stats) -> None:
+        """Continue accumulating from ``stats`` (a checkpoint of this same recording): the
+        totals then equal, bit for bit, those of a run that was never interrupted."""
+        probe = Stats.zeros(self.cultures, self.fingerprint, self.activation, self.scope,
+                            self.options)  # fmt: skip
+        bad = probe.mismatches(stats)
+        if bad:
+            raise StatsMismatchError("cannot continue from stats that differ in " + "; ".join(bad))
+        for site in self.sites:
+            l = site.layer
+            site.K.copy_(stats.K[:, l]), site.S.copy_(stats.S[:, l]), site.Q.copy_(stats.Q[:, l])
+        self._T.copy_(stats.T)
+        self._items.copy_(stats.items)
+
+    # -- per batch -----------------------------------------------------------------------
+    def set_batch(
+        self,
+        culture=None,
+        *,
+        set_ids=None,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        **_unused,
+    ) -> None:
+        """Describe the next forward: one culture id (or name) per row, -1 = not counted;
+        ``set_ids``: one mask-set id per row, -1 = none. Token weights come from
+        ``attention_mask`` (padding) and ``input_ids`` (image tokens) under the scope."""
+        if "ablate" in _unused:  # the keyword before set_ids: never ignore an ablation silently
+            raise UsageError("set_batch(ablate=...) is now set_batch(set_ids=...): one mask-set "
+                             "id per row, -1 = none")  # fmt: skip
+        if input_ids is None and attention_mask is None:
+            raise UsageError("set_batch needs input_ids or attention_mask to know the rows")
+        shape = (input_ids if input_ids is not None else attention_mask).shape
+        rows = items = None
+        if culture is not None:
+            if not self.recording:
+                raise UsageError("this instrument was built without cultures; it cannot record")
+            ids = self._culture_ids(culture, shape[0])
+            weights = token_weights(attention_mask, input_ids, self.scope, self.image_token_ids)
+            rows = row_ids(ids.to(weights.device), weights.shape, weights).reshape(-1).int()
+            items = count_per_culture(ids, len(self.cultures))
+        ablation = None
+        if set_ids is not None:
+            if self.masks is None:
+                raise UsageError("this instrument was built without masks; it cannot ablate")
+            ablation = self._set_ids(set_ids, shape[0])
+        self._serial += 1
+        self._batch = Batch(shape[0], shape[0] * shape[1], rows, ablation, self._serial, items)
+
+    def clear_batch(self) -> None:
+        """Forget the rows set by set_batch (the next forward must set its own)."""
+        self._batch = None
+
+    def __call__(self, culture=None, *, set_ids=None, **inputs):
+        """``set_batch(culture, set_ids=..., **inputs)`` then ``model(**inputs)``."""
+        self.set_batch(culture, set_ids=set_ids, **inputs)
+        try:
+            return self.model(**inputs)
+        finally:
+            self.clear_batch()
+
+    def generate(self, *, set_ids=None, **kwargs):
+        """``model.generate(**kwargs)`` with rows ablated by ``set_ids`` throughout (ablation
+        only: statistics are recorded on prompt forwards)."""
+        self.set_batch(None, set_ids=set_ids, **kwargs)
+        try:
+            return self.model.generate(**kwargs)
+        finally:
+            self.clear_batch()
+
+    def _culture_ids(self, culture, batch_size: int) -> torch.Tensor:
+        """int64 [B] culture ids (CPU) from names or ids; one value applies to every row."""
+        if isinstance(culture, (str, int)):
+            culture = [culture] * batch_size
+        if isinstance(culture, (list, tuple)):
+            culture = [self._culture_id(c) for c in culture]
+        ids = torch.as_tensor(culture).reshape(-1).cpu()
+        if ids.numel() != batch_size:
+            raise UsageError(f"got {ids.numel()} culture ids for a batch of {batch_size} rows; "
+                             "give one id per row (-1 = not counted)")  # fmt: skip
+        return check_ids(ids, len(self.cultures), "culture", "not counted").long()
+
+    def _culture_id(self, c) -> int:
+        if isinstance(c, str):
+            if c not in self.cultures:
+                raise UsageError(f"unknown culture {c!r}; known: {', '.join(self.cultures)}")
+            return self.cultures.index(c)
+        return int(c)
+
+    def _set_ids(self, set_ids, batch_size: int) -> torch.Tensor:
+        """int32 [B] ablation set ids (CPU); one value applies to every row."""
+        ids = torch.as_tensor(set_ids).reshape(-1).cpu()
+        if ids.numel() == 1:
+            ids = ids.expand(batch_size)
+        if ids.numel() != batch_size:
+            raise UsageError(f"got {ids.numel()} ablation set ids for {batch_size} rows")
+        check_ids(ids, len(self.masks), "set", "no ablation")
+        return ids.to(torch.int32).contiguous()
+
+    def _commit_counts(self, batch: Batch) -> None:
+        # Committed when layer 0 runs, so a batch set but never run counts nothing.
+        if batch.culture is not None:
+            self._T += count_per_culture(batch.culture, len(self.cultures)).to(self._T.device)
+            self._items += batch.items
+
+    # -- results -------------------------------------------------------------------------
+    def stats(self) -> Stats:
+        """The statistics so far, on the CPU (the totals stay where they are)."""
+        if not self.recording:
+            raise UsageError("this instrument does not record (no cultures were given)")
+        stack = lambda name: torch.stack([getattr(s, name).cpu() for s in self.sites], dim=1)
+        return Stats(
+            cultures=list(self.cultures),
+            fingerprint=self.fingerprint,
+            activation=self.activation,
+            scope=self.scope,
+            T=self._T.cpu(), K=stack("K"), S=stack("S"), Q=stack("Q"),
+            items=self._items.clone(),
+            options=dict(self.options),
+        )  # fmt: skip
+
+    # -- attach / detach -----------------------------------------------------------------
+    def detach(self) -> None:
+        """Remove exactly what was added; the model is as before. Idempotent."""
+        if self._impl is None:
+            return
+        self._impl.detach()
+        self._impl = None
+        for site in self.sites:
+            for name in (_OWNER, "extra_repr"):
+                site.mlp.__dict__.pop(name, None)
+
+    def __enter__(self) -> Instrument:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.detach()
+
+
+def live_instrument(mlp: nn.Module) -> Instrument | None:
+    """The attached Instrument of a decoder MLP, or None."""
+    ref = mlp.__dict__.get(_OWNER)
+    inst = ref() if ref is not None else None
+    return inst if inst is not None and inst.attached else None
+
+
+def _refuse_second(sites: list[Site]) -> None:
+    for site in sites:
+        live = live_instrument(site.mlp)
+        if live is not None:
+            raise UsageError(
+                f"decoder layer {site.layer}'s MLP already carries {live!r}; detach it first "
+                "(inst.detach() or leave its with-block), or record and ablate with one "
+                "Instrument(model, cultures=..., masks=...)"
+            )
+
+
+def record(model: nn.Module, cultures: list[str], **kwargs) -> Instrument:
+    """Attach a recorder: per-culture statistics of every decoder MLP neuron."""
+    return Instrument(model, cultures=cultures, **kwargs)
+
+
+def ablate(model: nn.Module, masks, **kwargs) -> Instrument:
+    """Attach an ablator: rows zero the neurons of their mask set (``set_ids=`` per row)."""
+    return Instrument(model, masks=masks, **kwargs)

@@ -1,0 +1,126 @@
+"""Per-row ids: which token rows count for which culture, and which ablation set each row takes.
+
+Token weights are 0/1 (SPEC "Token weights"), so instead of a weight tensor every backend gets
+one id per flattened token row: the row's culture where ``w_t = 1`` and -1 where it is not
+counted (padding, positions outside the scope, items of no culture). ``[B, T]`` inputs flatten
+to ``B*T`` rows in the order the decoder MLP sees them. Ablation works the same way: one set
+id per row (``set_ids``), -1 = no ablation.
+
+Ids may be given per row (``[...]``, the activations' leading dims) or per item (a prefix such
+as ``[B]`` of ``[B, T]``) and are then repeated over the remaining dims; an int applies to every
+row. Value checks read the data, so they run on CPU tensors only (elsewhere they would cost a
+device sync); the kernels ignore out-of-range ids rather than write out of bounds.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from culture_neurons.errors import UsageError
+from culture_neurons.stats import SCOPES, check_choice
+
+
+def token_weights(
+    attention_mask: torch.Tensor | None,
+    input_ids: torch.Tensor | None,
+    scope: str = "all",
+    image_token_ids: tuple[int, ...] = (),
+    shape: tuple[int, int] | None = None,
+) -> torch.Tensor:
+    """Bool ``[B, T]``: True where a token counts.
+
+    ``all``: every non-pad token (image tokens included); ``text``: non-pad, non-image;
+    ``image``: image tokens only; ``last``: the last non-pad position of each row (the answer
+    position after a prompt, under left or right padding).
+    """
+    check_choice("scope", scope, SCOPES)
+    if attention_mask is None:
+        if input_ids is None and shape is None:
+            raise UsageError("give attention_mask or input_ids so that token weights can be built")
+        size = input_ids.shape if input_ids is not None else shape
+        device = input_ids.device if input_ids is not None else "cpu"
+        attention_mask = torch.ones(size, dtype=torch.bool, device=device)
+    valid = attention_mask.bool()
+    if scope == "all":
+        return valid
+    if scope == "last":
+        positions = torch.arange(valid.shape[1], device=valid.device).expand_as(valid)
+        last = torch.where(valid, positions, -1).amax(dim=1, keepdim=True)
+        return valid & (positions == last)
+    if input_ids is None:
+        raise UsageError(f"scope={scope!r} needs input_ids to find the image tokens")
+    image = torch.zeros_like(valid)
+    for token in image_token_ids:
+        image |= input_ids == token
+    return valid & (image if scope == "image" else ~image)
+
+
+def per_row(x: torch.Tensor | int, lead: torch.Size, name: str, device=None) -> torch.Tensor:
+    """``x`` repeated to the leading dims ``lead``: ``x.shape`` must be a prefix of ``lead``."""
+    x = torch.as_tensor(x, device=device)
+    if tuple(lead[: x.dim()]) != tuple(x.shape):
+        raise UsageError(
+            f"{name} has shape {tuple(x.shape)}, which is not a prefix of the activations' leading "
+            f"dims {tuple(lead)}; give one value per row ({tuple(lead)}) or per item "
+            f"({tuple(lead[:1])})"
+        )
+    return x.reshape(*x.shape, *([1] * (len(lead) - x.dim()))).expand(lead)
+
+
+def check_ids(ids: torch.Tensor, count: int, what: str, none: str) -> torch.Tensor:
+    """``ids`` (integers) in ``[-1, count)``, else a UsageError naming ``what`` they index;
+    ``none`` says what -1 means. The range is checked on CPU tensors only (no device sync)."""
+    if ids.is_floating_point() or ids.dtype == torch.bool:
+        raise UsageError(f"{what} ids must be integers, got {ids.dtype}; -1 = {none}")
+    if ids.device.type == "cpu" and ids.numel():
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < -1 or hi >= count:
+            raise UsageError(
+                f"{what} ids must be in [-1, {count - 1}] ({count} {what}s), got [{lo}, {hi}]; "
+                f"-1 = {none}"
+            )
+    return ids
+
+
+def row_ids(
+    culture: torch.Tensor | int,
+    lead: torch.Size | tuple[int, ...],
+    weights: torch.Tensor | None = None,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """int64 culture id per row ``lead`` (e.g. ``[B, T]``): ``culture`` where ``weights`` is 1,
+    ``-1`` (not counted) where it is 0 or ``culture`` is -1.
+
+    Args:
+        culture: ``[...]`` int, or a prefix of ``lead`` (per item), or an int; -1 = not counted.
+        lead: the leading dims of the activations (their shape without the last dim N).
+        weights: ``[...]`` 0/1 (bool, int or float; a prefix of ``lead`` too), None = all 1.
+
+    Raises:
+        UsageError: a shape that is not a prefix of ``lead``; weights other than 0/1 (checked
+            on CPU tensors only).
+    """
+    lead = torch.Size(lead)
+    ids = per_row(culture, lead, "culture", device)
+    if ids.is_floating_point():
+        raise UsageError(f"culture ids must be integers, got {ids.dtype}; -1 = not counted")
+    ids = ids.long()
+    if weights is None:
+        return ids
+    w = per_row(weights, lead, "weights", ids.device)
+    if w.device.type == "cpu" and bool(((w != 0) & (w != 1)).any()):
+        raise UsageError(
+            "token weights must be 0 or 1 (SPEC: w_t in {0, 1}), got other values; pass the "
+            "attention mask or a bool mask of the tokens to count"
+        )
+    return torch.where(w != 0, ids, -1)
+
+
+def count_per_culture(ids: torch.Tensor, C: int) -> torch.Tensor:
+    """int64 ``[C]`` on ``ids``' device: how many of ``ids`` are c, for every c (-1 and ids
+    >= C are not counted). No host sync (unlike ``bincount`` on CUDA, which reads the max)."""
+    ids = ids.reshape(-1).long()
+    slot = torch.where((ids >= 0) & (ids < C), ids, C)
+    counts = torch.zeros(C + 1, dtype=torch.int64, device=ids.device)
+    counts.index_add_(0, slot, torch.ones_like(slot))
+    return counts[:C]

@@ -1,0 +1,359 @@
+"""The whole experiment (SPEC "The science"), as resumable steps writing SPEC's output layout.
+
+    full model on the identification half  ->  statistics of its (correct) items  ->  every
+    selector  ->  every culture's evaluation half under every method's every culture set
+    (+ RND draws), rows of many sets sharing batches  ->  matrices, summaries, report.
+
+Two tasks share these steps (``RunConfig.task``, see :mod:`culture_neurons.pipeline.tasks`):
+``mc``, multiple-choice questions scored by their letter, and ``lm``, plain sentences scored
+by their next-token NLL. A task says how items become a batch, how a group of items is scored
+under many conditions, and how the scores become ``eval/<method>.json``; everything else is
+the same code.
+
+Every step leaves its result in ``OUT`` (``stats.*``, ``masks/``, ``eval/``) and its progress
+in ``OUT/progress``: identification statistics are checkpointed atomically every N batches and
+evaluation groups are appended as they finish, so a run stopped anywhere (Ctrl-C, kill -9)
+continues with ``resume=True`` and ends with the same numbers as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from culture_neurons.errors import StatsMismatchError, UsageError
+from culture_neurons.instrument import Instrument
+from culture_neurons.masks import Masks, load_masks
+from culture_neurons.models import adapters
+from culture_neurons.pipeline.config import RunConfig
+from culture_neurons.pipeline.distributed import Partition
+from culture_neurons.pipeline.tasks import TASKS
+from culture_neurons.scoring.metrics import nan_to_none
+from culture_neurons.scoring.multiple_choice import predict
+from culture_neurons.selection import select
+from culture_neurons.stats import Fingerprint, Stats, load_stats
+
+log = logging.getLogger(__name__)
+RUN_FILE = "run.json"
+
+
+@dataclass
+class Run:
+    """One experiment in one output dir; each step can run alone (the CLI's commands)."""
+
+    model: torch.nn.Module
+    processor: object
+    data: object  # culture_neurons.data.CultureData
+    out: Path
+    config: RunConfig = field(default_factory=RunConfig)
+    resume: bool = False
+    overwrite: bool = False
+    progress: bool = True
+    description: str = ""  # what model and data these are, for the report
+    part: Partition = field(default_factory=Partition)  # this process's share of the items
+
+    def __post_init__(self) -> None:
+        self.out = Path(self.out)
+        self.cultures = list(self.data.cultures)
+        self.fingerprint = adapters.fingerprint(self.model)
+        self.ident, self.evaluation = self.data.split(self.config.split_ratio, self.config.seed)
+        self.task = TASKS[self.config.task](self.model, self.processor, self.config)
+        if self.part.main:
+            self._prepare_dir()
+        self.part.barrier()
+
+    # -- output dir ----------------------------------------------------------------------
+    def _prepare_dir(self) -> None:
+        meta = {
+            "config": asdict(self.config),
+            "cultures": self.cultures,
+            "fingerprint": asdict(self.fingerprint),
+            "data": getattr(self.data, "source", ""),
+        }
+        meta["config"]["methods"] = list(self.config.methods)
+        if self.config.task == "mc":  # run.json of MC runs as before tasks existed: resumable
+            del meta["config"]["task"]
+        path = self.out / RUN_FILE
+        if path.exists():
+            if self.overwrite:
+                for sub in ("progress", "masks", "eval", "figures"):
+                    shutil.rmtree(self.out / sub, ignore_errors=True)
+                for f in ("stats.safetensors", "stats.json", "report.md"):
+                    (self.out / f).unlink(missing_ok=True)
+            elif self.resume:
+                old = json.loads(path.read_text())
+                if old.get("fingerprint") != meta["fingerprint"]:
+                    theirs = Fingerprint.from_dict(old["fingerprint"])
+                    raise StatsMismatchError(
+                        f"{self.out} holds the results of another model ("
+                        + "; ".join(theirs.differences(self.fingerprint))
+                        + "); use a new --out for this model"
+                    )
+                diff = [k for k in meta if old.get(k) != meta[k]]
+                if diff:
+                    raise UsageError(
+                        f"{self.out} holds a run with other {', '.join(diff)}; resume it with "
+                        "the same settings, or pass overwrite to start again"
+                    )
+            else:
+                raise UsageError(
+                    f"{self.out} already holds a run; pass --resume to continue it or "
+                    "--overwrite to replace it"
+                )
+        try:
+            (self.out / "progress").mkdir(parents=True, exist_ok=True)
+            _write_json(path, meta)
+        except OSError as e:
+            raise UsageError(f"cannot write to output dir {self.out} ({e.strerror}); "
+                             "choose a writable --out") from e  # fmt: skip
+
+    def _bar(self, total: int, desc: str):
+        return tqdm(total=total, desc=desc, unit="item", dynamic_ncols=True, leave=False,
+                    disable=not self.progress or not self.part.main)  # fmt: skip
+
+    # -- step 1: full model on the identification half -------------------------------------
+    def identification_items(self) -> list:
+        """This part's items whose statistics are recorded (correct ones, or all)."""
+        items = [it for c in self.cultures for it in self.ident.items_by_culture[c]]
+        items = self.part.mine(items, self.config.batch_size)
+        if self.config.identify_on == "all":
+            return items
+        if not self.data.labels_available:
+            raise UsageError(
+                "labels are hidden in this data, so 'correct items only' is undefined; "
+                "use identify_on='all'"
+            )
+        path = self.out / "progress" / f"ident_full{self.part.tag}.json"
+        if self.resume and path.exists():
+            preds = json.loads(path.read_text())
+        else:
+            with self._bar(len(items), "full model (identification half)") as bar:
+                pred = predict(self.model, self.processor, items, batch_size=self.config.batch_size,
+                               scoring=self.config.scoring, progress=bar.update)  # fmt: skip
+            preds = {it.id: int(p) for it, p in zip(items, pred.tolist(), strict=True)}
+            _write_json(path, preds)
+        return [it for it in items if preds[it.id] == it.label]
+
+    # -- step 2: statistics ------------------------------------------------------------------
+    def identify(self) -> Stats:
+        """Record statistics on the identification items; checkpointed, resumable."""
+        items = self.identification_items()
+        if not items:
+            raise UsageError("no identification item is left (the full model answers none "
+                             "correctly); use identify_on='all'")  # fmt: skip
+        options = {"items": self.config.identify_on, "split_ratio": self.config.split_ratio,
+                   "seed": self.config.seed}  # fmt: skip
+        ckpt_dir = self.out / "progress" / f"stats{self.part.tag}"
+        done, prior = 0, None
+        if self.resume and (ckpt_dir / "stats.json").exists():
+            prior = load_stats(ckpt_dir)
+            done = json.loads((ckpt_dir / "stats.json").read_text())["batches_done"]
+        bs = self.config.batch_size
+        batches = [items[i : i + bs] for i in range(0, len(items), bs)]
+        device = next(self.model.parameters()).device
+        with Instrument(self.model, self.cultures, activation=self.config.activation,
+                        scope=self.config.scope, backend=self.config.backend,
+                        options=options) as rec, torch.no_grad(), \
+                self._bar(len(items), "recording statistics") as bar:  # fmt: skip
+            if prior is not None:  # continue the same sums in the same order: identical results
+                rec.start_from(prior)
+            bar.update(sum(len(b) for b in batches[:done]))
+            for i in range(done, len(batches)):
+                batch = self.task.encode(batches[i], device)
+                rec([self.cultures.index(it.culture) for it in batches[i]], **batch)
+                bar.update(len(batches[i]))
+                if (i + 1) % self.config.checkpoint_every == 0 and i + 1 < len(batches):
+                    rec.stats().save(ckpt_dir, extra={"batches_done": i + 1})
+            stats = rec.stats()
+        if self.part.ranks:
+            stats = self.part.all_reduce_stats(stats)
+        elif self.part.sharded:
+            stats.shard = (self.part.index, self.part.count)
+        if self.part.main:
+            stats.save(self.out, extra={"items_counted": int(stats.items.sum())})
+        return stats
+
+    # -- step 3: selection ------------------------------------------------------------------
+    def select(self, stats: Stats | None = None) -> dict[str, Masks]:
+        """Every method's masks (``masks/<method>.safetensors``) and the RND draws."""
+        stats = stats if stats is not None else load_stats(self.out)
+        stats.require_model(self.fingerprint, "the statistics in " + str(self.out))
+        return select_all(stats, self.config, self.out if self.part.main else None)
+
+    def load_masks(self) -> dict[str, Masks]:
+        names = list(self.config.methods) + [f"rnd{i}" for i in range(self.config.rnd_draws)]
+        return {n: load_masks(self.out / "masks" / f"{n}.safetensors", self.fingerprint)
+                for n in names}  # fmt: skip
+
+    # -- step 4: the ablation matrices ------------------------------------------------------
+    def evaluate(self, masks: dict[str, Masks] | None = None) -> dict[str, dict]:
+        """Every evaluation item under the full model and under every set of every method."""
+        masks = masks if masks is not None else self.load_masks()
+        for name, m in masks.items():
+            if m.names != self.cultures:
+                raise StatsMismatchError(
+                    f"masks {name!r} are for cultures {m.names}, this run has {self.cultures}"
+                )
+        combined, names = _combine(masks)
+        items = [it for c in self.cultures for it in self.evaluation.items_by_culture[c]]
+        preds = self._matrix_predictions(items, combined)  # [1 + S_total, n]
+        if not self.part.main:
+            return {}
+        C = len(self.cultures)
+        culture = torch.tensor([self.cultures.index(it.culture) for it in items])
+        # row 0 is the full model, then C rows (one per culture's set) of each method in turn
+        per_method = {name: preds[1 + i * C : 1 + (i + 1) * C] for i, name in enumerate(names)}
+        full_record, results = self.task.results(masks, per_method, preds[0], items, culture,
+                                                 self.cultures, self.data)  # fmt: skip
+        _write_json(self.out / "eval" / "full.json", full_record)
+        if self.config.rnd_draws and any(n.startswith("rnd") for n in masks):
+            results["rnd"] = _rnd_summary([results.pop(n) for n in list(results)
+                                           if n.startswith("rnd")])  # fmt: skip
+        for name, res in results.items():
+            _write_json(self.out / "eval" / f"{name}.json", res)
+        return results
+
+    def _matrix_predictions(self, items: list, combined: Masks) -> torch.Tensor:
+        """[1 + S, n] scores (the task's: MC letters int64, LM summed NLL float64): row 0 the
+        full model, row 1 + s under set s. Groups of items are appended to
+        ``progress/matrix.jsonl`` as they finish (the resume point)."""
+        S, n = len(combined), len(items)
+        preds = self.task.empty((1 + S, n))
+        group_size = max(1, self.config.batch_size // 4)
+        per_forward = max(1, self.config.batch_size // group_size)
+        log_path = self.out / "progress" / f"matrix{self.part.tag}.jsonl"
+        done = _read_groups(log_path, combined) if self.resume else {}
+        if not self.resume:
+            log_path.unlink(missing_ok=True)
+        conditions = [-1] + list(range(S))
+        with Instrument(self.model, masks=combined, backend=self.config.backend) as ablator, \
+                self._bar(n * len(conditions), "ablation matrix") as bar, \
+                open(log_path, "a", encoding="utf-8") as log_file:  # fmt: skip
+            for g, start in enumerate(range(0, n, group_size)):
+                chunk = items[start : start + group_size]
+                if not self.part.owns(g):
+                    continue
+                if g in done and done[g]["items"] == [it.id for it in chunk]:
+                    preds[:, start : start + len(chunk)] = torch.tensor(done[g]["preds"],
+                                                                    dtype=preds.dtype)
+                    bar.update(len(chunk) * len(conditions))
+                    continue
+                group = self.task.group(chunk)
+                out = []
+                for c0 in range(0, len(conditions), per_forward):
+                    part = conditions[c0 : c0 + per_forward]
+                    out.append(group.predict(part, ablator))
+                    bar.update(len(chunk) * len(part))
+                block = torch.cat(out)  # [1 + S, len(chunk)]
+                preds[:, start : start + len(chunk)] = block
+                record = {"group": g, "items": [it.id for it in chunk], "preds": block.tolist()}
+                log_file.write(json.dumps(record) + "\n")
+                log_file.flush()
+                os.fsync(log_file.fileno())
+        if self.part.ranks:  # every rank filled its own groups; task.missing marks the others
+            for other in self.part.gather(preds):
+                preds = torch.where(self.task.missing(preds), other, preds)
+        return preds
+
+    # -- everything -------------------------------------------------------------------------
+    def run(self) -> dict[str, dict]:
+        """Identification, selection, evaluation and report; resumable at every step."""
+        stats = self._load_or(lambda: load_stats(self.out), self.identify, "stats.json")
+        masks = self.select(stats)
+        results = self.evaluate(masks)
+        if self.part.main:
+            from culture_neurons.report import write_report
+
+            write_report(self.out, description=self.description)
+        return results
+
+    def _load_or(self, load, compute, marker: str):
+        if self.resume and (self.out / marker).exists():
+            log.info("resuming: %s already done", marker)
+            return load()
+        return compute()
+
+
+def select_all(stats: Stats, config: RunConfig, out: Path | None = None) -> dict[str, Masks]:
+    """Masks of every configured method, then ``rnd_draws`` random sets size-matched to
+    ``rnd_like`` (named ``rnd0, rnd1, ...``); saved to ``out/masks`` when ``out`` is given."""
+    if stats.shard is not None:
+        raise UsageError(f"these statistics are shard {stats.shard[0]}/{stats.shard[1]} only; "
+                         "add all shards with `merge` first")  # fmt: skip
+    masks = {m: select(stats, m, ratio=config.ratio, per_layer=config.per_layer)
+             for m in config.methods}  # fmt: skip
+    if config.rnd_draws:
+        draws = select(stats, "rnd", like=masks[config.rnd_like], per_layer=config.per_layer,
+                       seed=config.seed, draws=config.rnd_draws)  # fmt: skip
+        for i, draw in enumerate(draws if isinstance(draws, list) else [draws]):
+            masks[f"rnd{i}"] = draw
+    if out is not None:
+        for name, m in masks.items():
+            m.save(Path(out) / "masks" / f"{name}.safetensors")
+    return masks
+
+
+def _combine(masks: dict[str, Masks]) -> tuple[Masks, list[str]]:
+    """One Masks holding every method's sets in order (set ids of a shared ablator)."""
+    first = next(iter(masks.values()))
+    names, sets = [], []
+    for name, m in masks.items():
+        for s in range(len(m)):
+            names.append(f"{name}:{m.names[s]}")
+            sets.append(m.flat_of(s))
+    return Masks.from_sets(names, sets, first.fingerprint, method="combined"), list(masks)
+
+
+def _read_groups(path: Path, combined: Masks) -> dict[int, dict]:
+    """Finished groups from the progress log; a torn last line (kill -9) is ignored."""
+    done = {}
+    if not path.exists():
+        return done
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if len(rec["preds"]) == 1 + len(combined):
+            done[rec["group"]] = rec
+    return done
+
+
+def _rnd_summary(draws: list[dict]) -> dict:
+    """RND: matrices averaged over the draws; per-draw summaries and their mean and sd."""
+    out = dict(draws[0], method="rnd", draws=[
+        {k: d[k] for k in ("self", "cross", "gap", "flip_self", "flip_cross", "flip_gap")
+         if k in d}  # the LM task has no flips
+        for d in draws
+    ])  # fmt: skip
+    for key in ("accuracy", "delta", "flip", "nll"):
+        if draws[0].get(key) is not None:
+            mats = torch.tensor([d[key] for d in draws], dtype=torch.float64)
+            out[key] = nan_to_none(mats.mean(0).tolist())
+    for key in ("self", "cross", "gap", "flip_self", "flip_cross", "flip_gap"):
+        vals = [d[key] for d in draws if d.get(key) is not None]
+        if vals:
+            t = torch.tensor(vals, dtype=torch.float64)
+            out[key] = t.mean().item()
+            out[f"{key}_sd"] = t.std().item() if len(vals) > 1 else 0.0
+    out["set_sizes"] = draws[0]["set_sizes"]
+    out["layer_counts"] = torch.tensor([d["layer_counts"] for d in draws]).double().mean(0).tolist()
+    return out
+
+
+
+
+def _write_json(path: Path, obj) -> None:
+    """Atomic: a temporary file renamed over the target."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1, ensure_ascii=False), encoding="utf-8")
+    os.replace(tmp, path)
+

@@ -1,0 +1,29 @@
+"""The report of a run (SPEC "What a run leaves behind"): ``OUT/report.md`` and ``OUT/figures/``.
+
+One writer per task over shared parts: :mod:`.mc` (multiple choice: accuracy, delta and flip
+matrices, figures) and :mod:`.lm` (language modelling: NLL matrices), both reading the run's
+files (:mod:`.files`) and writing with the same tables (:mod:`.tables`), figures
+(:mod:`.figures`) and layer summaries (:mod:`.layers`). Reports need only the files, never the
+model, so they can be written again for any finished run.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from culture_neurons.report.files import load_run
+
+
+def write_report(out_dir: str | os.PathLike, description: str = "") -> Path:
+    """``OUT/report.md`` (and, for multiple choice, ``OUT/figures/*.png``) of the run in
+    ``out_dir``, by the writer of its task; returns the report's path."""
+    from culture_neurons.report import lm, mc
+
+    run = load_run(out_dir)
+    task = run.config.get("task") or next(iter(run.evals.values())).get("task", "mc")
+    writer = lm.write_report if task == "lm" else mc.write_report
+    return writer(out_dir, description=description)
+
+
+__all__ = ["write_report"]
