@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from culture_neurons.data.cvqa import CultureData, stable_seed
+from culture_neurons.data.items import CultureData, stable_seed
 from culture_neurons.errors import DataError, UsageError
 
 # Templates per language; {name} {city} {company} {phone} {address} are Faker fields.

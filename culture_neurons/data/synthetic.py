@@ -30,7 +30,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from culture_neurons.data.cvqa import CultureData, culture_name, item_from_row, stable_seed
+from culture_neurons.data.cvqa import culture_name, item_from_row
+from culture_neurons.data.items import CultureData, stable_seed
 from culture_neurons.errors import UsageError
 
 logger = logging.getLogger(__name__)

@@ -57,12 +57,11 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from torch import nn
 from transformers import (
     PreTrainedTokenizerFast,
-    Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
 )
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from culture_neurons.data.cvqa import CultureData, Item, load_cvqa, stable_seed
+from culture_neurons.data import CultureData, Item, load_cvqa, stable_seed
 from culture_neurons.data.synthetic import (
     CATEGORIES,
     make_synthetic_items,

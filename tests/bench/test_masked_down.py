@@ -9,7 +9,7 @@ import pytest
 import torch
 
 pytest.importorskip("triton")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 import masked_down  # noqa: E402  (bench/masked_down.py)
 from masked_down import masked_down_reference  # noqa: E402
 

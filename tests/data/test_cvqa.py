@@ -11,7 +11,8 @@ import pytest
 
 from culture_neurons.data import CultureData, Item, load_cvqa, make_synthetic_items
 from culture_neurons.data import write_synthetic_cvqa as write
-from culture_neurons.data.cvqa import InMemoryImage, ParquetImage, parse_subset
+from culture_neurons.data.cvqa import parse_subset
+from culture_neurons.data.images import InMemoryImage, ParquetImage
 from culture_neurons.data.synthetic import cvqa_arrow_schema, synthetic_rows
 from culture_neurons.errors import DataError, UsageError
 
