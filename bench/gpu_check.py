@@ -18,7 +18,6 @@ plumbing of this script anywhere.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import statistics
@@ -35,31 +34,12 @@ import torch.nn.functional as F  # noqa: E402
 from shapes import QWEN25_VL_7B, TINY, DecoderShape  # noqa: E402
 
 
-def import_kernels():
-    """``culture_neurons.kernels``, installed or straight from this checkout (setup.py maps the
-    top-level ``kernels/`` dir to it; never import it as a top-level ``kernels`` package)."""
-    try:
-        import culture_neurons.kernels as kernels
-
-        return kernels
-    except ImportError:
-        pass
-    sys.path.insert(0, str(REPO))
-    import culture_neurons
-
-    spec = importlib.util.spec_from_file_location(
-        "culture_neurons.kernels", REPO / "kernels" / "__init__.py",
-        submodule_search_locations=[str(REPO / "kernels")])
-    kernels = importlib.util.module_from_spec(spec)
-    sys.modules["culture_neurons.kernels"] = kernels
-    culture_neurons.kernels = kernels
-    spec.loader.exec_module(kernels)
-    return kernels
-
-
-kernels = import_kernels()
-from culture_neurons.kernels import act_and_record, masked_down_proj  # noqa: E402
+# Run from the repository root, culture_neurons imports from this checkout (kernels/ included,
+# see culture_neurons/_source_tree.py) or from an install.
+sys.path.insert(0, str(REPO))
+from culture_neurons.kernels import act_and_record  # noqa: E402
 from culture_neurons.kernels import reference as ref  # noqa: E402
+from masked_down import masked_down_proj, masked_down_reference  # noqa: E402  (bench/)
 
 RESULTS: dict = {"checks": [], "timings": []}
 
@@ -117,10 +97,10 @@ def check_act_and_record(dev, dtype, R, N, C, act_fn, record, seed=0):
     gate, up = gate.to(dtype), torch.randn(R, N, generator=gen).to(dtype)
     culture, set_ids = batch_ids(R, C, 3, gen)
     keep = torch.rand(3, N, generator=gen) > 0.3
-    K = torch.zeros(C, N, dtype=torch.int32, device=dev)
-    S = torch.zeros(C, N, device=dev)
-    Q = torch.zeros(C, N, device=dev)
-    h = act_and_record(gate.to(dev), up.to(dev), act_fn=act_fn, record=record,
+    K = torch.zeros(C, N, dtype=torch.int64, device=dev)
+    S = torch.zeros(C, N, dtype=torch.float64, device=dev)
+    Q = torch.zeros(C, N, dtype=torch.float64, device=dev)
+    h = act_and_record(gate.to(dev), up.to(dev), act_fn=act_fn, activation=record,
                        culture=culture.to(dev), K=K, S=S, Q=Q, keep=keep.to(dev),
                        set_ids=set_ids.to(dev))
     h_ref, K_ref, S_ref, Q_ref = ref.act_and_record_reference(gate, up, culture, C, act_fn,
@@ -150,9 +130,10 @@ def check_gelu_saturation(dev, N=4099):
     gate = torch.linspace(-9, 3, R * N).reshape(R, N)
     up = torch.randn(R, N, generator=gen)
     rc = torch.randint(0, 4, (R,), generator=gen, dtype=torch.int32)
-    K = torch.zeros(4, N, dtype=torch.int32, device=dev)
-    S, Q = torch.zeros(4, N, device=dev), torch.zeros(4, N, device=dev)
-    act_and_record(gate.to(dev), up.to(dev), act_fn="gelu_tanh", record="post",
+    K = torch.zeros(4, N, dtype=torch.int64, device=dev)
+    S = torch.zeros(4, N, dtype=torch.float64, device=dev)
+    Q = torch.zeros(4, N, dtype=torch.float64, device=dev)
+    act_and_record(gate.to(dev), up.to(dev), act_fn="gelu_tanh", activation="post",
                    culture=rc.to(dev), K=K, S=S, Q=Q)
     a = F.gelu(gate.to(dev), approximate="tanh") * up.to(dev)  # eager torch on the same device
     K_eager = torch.stack([(a[rc.to(dev) == c] > 0).sum(0) for c in range(4)])
@@ -170,7 +151,7 @@ def check_masked_down(dev, dtype, R, N, H, seed=0, vs="reference"):
     _, set_ids = batch_ids(R, 25, 4, gen)
     out = masked_down_proj(h.to(dev), weight.to(dev), keep.to(dev), set_ids.to(dev))
     if vs == "reference":
-        want = ref.masked_down_reference(h, weight, keep, set_ids)
+        want = masked_down_reference(h, weight, keep, set_ids)
     else:  # fp32 cuBLAS: the fp64 reference is minutes of CPU time at 7B shapes
         hd, kd, rsd = h.to(dev).float(), keep.to(dev), set_ids.to(dev).long()
         mask = torch.where((rsd >= 0)[:, None], kd[rsd.clamp(min=0)].float(), 1.0)
@@ -257,10 +238,10 @@ class Env:
         self.shape, self.mlps, self.x = shape, mlps, x
         self.culture, self.set_ids, self.keep = culture, set_ids, keep
         L, C, N, dev = len(mlps), shape.cultures, shape.intermediate, x.device
-        # [L, C, N]: K[l] is the contiguous [C, N] accumulator the op requires.
-        self.K = torch.zeros(L, C, N, dtype=torch.int32, device=dev)
-        self.S = torch.zeros(L, C, N, device=dev)
-        self.Q = torch.zeros(L, C, N, device=dev)
+        # [L, C, N]: K[l] is the contiguous [C, N] total the op adds into.
+        self.K = torch.zeros(L, C, N, dtype=torch.int64, device=dev)
+        self.S = torch.zeros(L, C, N, dtype=torch.float64, device=dev)
+        self.Q = torch.zeros(L, C, N, dtype=torch.float64, device=dev)
 
     def zero_stats(self):
         self.K.zero_()
@@ -302,9 +283,9 @@ def provider_hooks(env: Env):
 
         def hook(module, inputs, out, layer=layer):
             a = out.reshape(-1, N)[counted].float()
-            env.K[layer].index_add_(0, culture, (a > 0).to(torch.int32))
-            env.S[layer].index_add_(0, culture, a)
-            env.Q[layer].index_add_(0, culture, a * a)
+            env.K[layer].index_add_(0, culture, (a > 0).long())
+            env.S[layer].index_add_(0, culture, a.double())
+            env.Q[layer].index_add_(0, culture, (a * a).double())
 
         handles.append(mlp.act_fn.register_forward_hook(hook))
     run, _ = provider_plain(env)
@@ -316,7 +297,7 @@ def _fused_forward(env: Env, layer: int, mlp, record: bool, ablate: bool):
     stats = dict(culture=env.culture, K=env.K[layer], S=env.S[layer],
                  Q=env.Q[layer]) if record else {}
     mask = dict(keep=env.keep, set_ids=env.set_ids) if ablate else {}
-    h = act_and_record(g, u, act_fn=env.shape.act_fn, record="gate", **stats, **mask)
+    h = act_and_record(g, u, act_fn=env.shape.act_fn, activation="gate", **stats, **mask)
     return mlp.down_proj(h)
 
 
@@ -459,8 +440,9 @@ def sweep_act_record(dev, dtype, deadline: float, R: int = 8192, N: int = 18944,
     rc, rs = batch_ids(R, C, 4, gen, item_len=(50, 400))
     rc, rs = rc.to(dev), rs.to(dev)
     keep = (torch.rand(4, N, generator=gen) > 0.005).to(dev)
-    K = torch.zeros(C, N, dtype=torch.int32, device=dev)
-    S, Q = torch.zeros(C, N, device=dev), torch.zeros(C, N, device=dev)
+    K = torch.zeros(C, N, dtype=torch.int64, device=dev)
+    S = torch.zeros(C, N, dtype=torch.float64, device=dev)
+    Q = torch.zeros(C, N, dtype=torch.float64, device=dev)
     gbytes = 3 * R * N * g.element_size() / 1e9
     rows = []
 
@@ -531,7 +513,9 @@ def main(argv=None) -> int:
     dtype = torch.bfloat16
     print(header(dev), flush=True)
     if dev.type == "cuda":
-        from culture_neurons.kernels import act_record, masked_down
+        import masked_down
+
+        from culture_neurons.kernels import act_record
 
         print(f"# act_record tile {act_record.BLOCK_R_GPU}x{act_record.BLOCK_N_GPU} "
               f"warps {act_record.NUM_WARPS_GPU}; masked_down tile {masked_down.BLOCK_M_GPU}x"

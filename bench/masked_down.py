@@ -190,3 +190,19 @@ def masked_down_reference(
     R, N = h.shape
     mask = keep_rows_reference(keep, set_ids, R, N)
     return (h.cpu().double() * mask) @ weight.cpu().double().T
+
+
+def masked_down_proj(h: torch.Tensor, weight: torch.Tensor, keep: torch.Tensor,
+                     set_ids: torch.Tensor) -> torch.Tensor:
+    """``out [..., H] = (h * keep[set_ids]) @ weight^T``: the Triton GEMM on CUDA, else
+    ``F.linear(h * mask, weight)`` (what gpu_check --quick runs on a CPU)."""
+    shape = h.shape
+    h2, rs = h.reshape(-1, shape[-1]), set_ids.reshape(-1)
+    check_masked_down_args(h2, weight, keep, rs)
+    if h.is_cuda:
+        out = masked_down_triton(h2, weight, keep, rs)
+    else:
+        valid = (rs >= 0) & (rs < keep.shape[0])
+        mask = torch.where(valid[:, None], keep[rs.clamp(0, keep.shape[0] - 1).long()] != 0, True)
+        out = torch.nn.functional.linear(h2 * mask.to(h2.dtype), weight)
+    return out.reshape(*shape[:-1], weight.shape[0])
