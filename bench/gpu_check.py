@@ -33,7 +33,6 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from shapes import QWEN25_VL_7B, TINY, DecoderShape  # noqa: E402
 
-
 # Run from the repository root, culture_neurons imports from this checkout (kernels/ included,
 # see culture_neurons/_source_tree.py) or from an install.
 sys.path.insert(0, str(REPO))
@@ -514,7 +513,6 @@ def main(argv=None) -> int:
     print(header(dev), flush=True)
     if dev.type == "cuda":
         import masked_down
-
         from culture_neurons.kernels import act_record
 
         print(f"# act_record tile {act_record.BLOCK_R_GPU}x{act_record.BLOCK_N_GPU} "

@@ -18,11 +18,11 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-
-from culture_neurons.errors import UsageError
 from culture_neurons.kernels.act_record import device_of, interpreting
 from culture_neurons.kernels.ops import FLOAT_DTYPES
 from culture_neurons.kernels.reference import keep_rows_reference
+
+from culture_neurons.errors import UsageError
 
 # Standard Hopper/Ampere GEMM tile (128 x 128 x 64, 8 warps, 3 stages); not yet tuned.
 BLOCK_M_GPU, BLOCK_H_GPU, BLOCK_K_GPU, GROUP_M, NUM_WARPS_GPU, NUM_STAGES_GPU = (

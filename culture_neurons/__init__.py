@@ -21,7 +21,7 @@ from culture_neurons import _source_tree
 _source_tree.find_kernels()
 
 from culture_neurons.errors import CultureNeuronsError  # noqa: E402
-from culture_neurons.instrument import Instrument, ablate, record  # noqa: E402
+from culture_neurons.instrument import Instrument, ablate, record, steer  # noqa: E402
 from culture_neurons.masks import Masks, load_masks  # noqa: E402
 from culture_neurons.pipeline import Run, RunConfig  # noqa: E402
 from culture_neurons.scoring import evaluate  # noqa: E402
@@ -41,4 +41,5 @@ __all__ = [
     "load_stats",
     "record",
     "select",
+    "steer",
 ]

@@ -36,4 +36,6 @@ def find_kernels() -> None:
     if (here / "kernels").is_dir() or not (_ROOT_KERNELS / "__init__.py").is_file():
         return  # installed (kernels copied in), or not a checkout
     if not any(isinstance(f, _KernelsFinder) for f in sys.meta_path):
-        sys.meta_path.append(_KernelsFinder())
+        # First: it answers for one name only, and only for this checkout, so it must win over
+        # an editable install of another checkout (whose finder would map the name there).
+        sys.meta_path.insert(0, _KernelsFinder())

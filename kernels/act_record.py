@@ -1,8 +1,9 @@
 """Fused gated-MLP activation, per-culture statistics and ablation in one pass (Triton).
 
 Symbols: R rows (flattened tokens), N neurons, C cultures, num_sets ablation sets.
-Inputs ``g = gate_proj(x)``, ``u = up_proj(x)`` as ``[R, N]``; ``m[r, j] = keep[set_ids[r], j]``
-(1 where ``set_ids[r] = -1``); ``act`` is SiLU or GELU-tanh; arithmetic in fp32:
+Inputs ``g = gate_proj(x)``, ``u = up_proj(x)`` as ``[R, N]``; ``m[r, j] = 1`` where
+``keep[set_ids[r], j]`` is nonzero or ``set_ids[r] = -1``, else ``factor`` (0: ablation, exactly;
+``1 + alpha``: steering); ``act`` is SiLU or GELU-tanh; arithmetic in fp32:
 
     h[r, j]  = act(g[r, j]) * u[r, j] * m[r, j]              (input dtype, fed to down_proj)
     a[r, j]  = act(g[r, j]) * m[r, j]  (activation="gate")  or  h[r, j] in fp32  ("post")
@@ -92,6 +93,7 @@ def _act_record_kernel(
     N,  # neurons
     C,  # cultures (ids >= C are ignored, so a bad id can never write out of bounds)
     num_sets,  # ablation sets (ids >= num_sets mean no ablation)
+    factor,  # fp32: what a selected neuron's act is multiplied by (read only if STEER)
     # strides
     stride_gate_r,
     stride_up_r,
@@ -103,6 +105,7 @@ def _act_record_kernel(
     RECORD_POST: tl.constexpr,  # activation "post": a = h; "gate": a = act(g) * m
     DO_RECORD: tl.constexpr,
     DO_ABLATE: tl.constexpr,
+    STEER: tl.constexpr,  # False: selected neurons set to exactly 0; True: scaled by factor
     BLOCK_R: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -129,7 +132,10 @@ def _act_record_kernel(
         ablated_row = (set_id >= 0) & (set_id < num_sets)
         keep_offs = set_id.to(tl.int64)[:, None] * stride_keep_s + cols[None, :] * stride_keep_n
         keep = tl.load(keep_ptr + keep_offs, mask=tile_ok & ablated_row[:, None], other=1)
-        act = tl.where(keep != 0, act, 0.0)
+        if STEER:
+            act = tl.where(keep != 0, act, act * factor)
+        else:
+            act = tl.where(keep != 0, act, 0.0)
 
     h = act * u.to(tl.float32)
     tl.store(h_ptr + rows[:, None] * stride_h_r + cols[None, :], h.to(h_ptr.dtype.element_ty),
@@ -173,6 +179,7 @@ def act_and_record_triton(
     activation: str,
     do_record: bool,
     do_ablate: bool,
+    factor: float = 0.0,
     *,
     block_r: int | None = None,
     block_n: int | None = None,
@@ -230,13 +237,14 @@ def act_and_record_triton(
             gate, up, culture, keep, set_ids,
             h,
             K, S, Q,
-            R, N, C, num_sets,
+            R, N, C, num_sets, float(factor),
             gate.stride(0), up.stride(0), h.stride(0),
             keep.stride(0) if do_ablate else 0, keep.stride(1) if do_ablate else 0,
             ACT_FN=ACT_IDS[act_fn],
             RECORD_POST=activation == "post",
             DO_RECORD=bool(do_record),
             DO_ABLATE=bool(do_ablate),
+            STEER=bool(do_ablate) and factor != 0.0,
             BLOCK_R=block_r,
             BLOCK_N=block_n,
             num_warps=num_warps,

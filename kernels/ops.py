@@ -133,6 +133,7 @@ def act_and_record_torch(
     activation: str,
     do_record: bool,
     do_ablate: bool,
+    factor: float = 0.0,
     chunk_rows: int = reduce.CHUNK_ROWS,
 ) -> torch.Tensor:
     """The op's math in PyTorch over row chunks; fp32 arithmetic, ``h`` in gate's dtype.
@@ -154,7 +155,7 @@ def act_and_record_torch(
         else:
             a = _act_(gate[rows].float(), act_fn)  # in place on the fp32 copy
         if do_ablate:
-            reduce.ablate_(a, keep, set_ids[rows], chunk_rows)
+            reduce.ablate_(a, keep, set_ids[rows], factor, chunk_rows)
         if fp32_in:
             h_c = torch.mul(a, up[rows], out=h[rows])
         else:
@@ -183,9 +184,10 @@ def _act_and_record_op(
     activation: str,
     do_record: bool,
     do_ablate: bool,
+    factor: float,
 ) -> torch.Tensor:
     return act_and_record_torch(gate, up, culture, K, S, Q, keep, set_ids, act_fn, activation,
-                                do_record, do_ablate)
+                                do_record, do_ablate, factor)
 
 
 @functools.cache
@@ -201,16 +203,16 @@ def _triton_module(name: str):
 
 @_act_and_record_op.register_kernel("cuda")
 def _act_and_record_cuda(gate, up, culture, K, S, Q, keep, set_ids, act_fn, activation,
-                         do_record, do_ablate):
+                         do_record, do_ablate, factor):
     kernel = _triton_module("act_record")  # lazy: triton only where CUDA runs
     run = kernel.act_and_record_triton if kernel else act_and_record_torch
     return run(gate, up, culture, K, S, Q, keep, set_ids, act_fn, activation, do_record,
-               do_ablate)
+               do_ablate, factor)
 
 
 @_act_and_record_op.register_fake
 def _act_and_record_fake(gate, up, culture, K, S, Q, keep, set_ids, act_fn, activation,
-                         do_record, do_ablate):
+                         do_record, do_ablate, factor):
     return torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
 
 
@@ -226,6 +228,7 @@ def act_and_record(
     Q: torch.Tensor | None = None,
     keep: torch.Tensor | None = None,
     set_ids: torch.Tensor | None = None,
+    factor: float = 0.0,
 ) -> torch.Tensor:
     """``h = act(gate) * up`` (ablated neurons zeroed), recording per-culture statistics.
 
@@ -241,8 +244,11 @@ def act_and_record(
         Q: ``[C, N]`` float64 contiguous, ``Q[c, j] += sum of a[r, j]^2`` over rows of c.
         keep: ``[num_sets, N]`` bool/uint8/float, nonzero = keep, 0 = ablate. None: no ablation.
         set_ids: ``[...]`` int32/int64 ablation set id per row, ``-1`` = no ablation.
+        factor: what a row's selected neurons' ``act`` is multiplied by: ``0`` ablates (exactly
+            0, SPEC's ``a := 0``), ``1 + alpha`` steers (SPEC's ``a := (1 + alpha) a``).
 
-    Ablated neurons have ``a = 0`` and ``h = 0``; the statistics see the ablated value. Math in
+    Ablated neurons have ``a = 0`` and ``h = 0``; the statistics see the ablated (or steered)
+    value. Math in
     fp32 whatever the input dtype (sums are fp32 within a tile or chunk, then added to the fp64
     totals); ``h`` is returned in gate's dtype and shape.
 
@@ -293,5 +299,5 @@ def act_and_record(
         raise UsageError(f"act_and_record: set id {int(rs.max())} >= num_sets = "
                          f"{keep.shape[0]}; pass one keep row per set")
     h = _act_and_record_op(gate2, up2, rc, K_, S_, Q_, keep_, rs, act_fn, activation,
-                           do_record, do_ablate)
+                           do_record, do_ablate, float(factor))
     return h.reshape(shape)

@@ -31,16 +31,17 @@ def act_reference(g: torch.Tensor, act_fn: str) -> torch.Tensor:
 
 
 def keep_rows_reference(
-    keep: torch.Tensor | None, set_ids: torch.Tensor | None, R: int, N: int
+    keep: torch.Tensor | None, set_ids: torch.Tensor | None, R: int, N: int, factor: float = 0.0
 ) -> torch.Tensor:
-    """Per-row keep mask ``[R, N]`` in fp64: ``keep[set_ids[r]]``, all ones where set_ids = -1."""
+    """Per-row multiplier ``[R, N]`` in fp64: 1 where ``keep[set_ids[r]]`` is nonzero or
+    set_ids = -1, ``factor`` where the row's set selects the neuron (0: ablation)."""
     mask = torch.ones(R, N, dtype=torch.float64, device="cpu")
     if keep is None or set_ids is None:
         return mask
     for r in range(R):
         s = int(set_ids[r])
         if s >= 0:
-            mask[r] = (keep[s].cpu() != 0).double()
+            mask[r] = torch.where(keep[s].cpu() != 0, 1.0, factor).double()
     return mask
 
 
@@ -53,6 +54,7 @@ def act_and_record_reference(
     activation: str = "gate",
     keep: torch.Tensor | None = None,  # [num_sets, N], nonzero = keep, 0 = ablate
     set_ids: torch.Tensor | None = None,  # [R] int, -1 = no ablation
+    factor: float = 0.0,  # selected neurons' act times factor: 0 ablates, 1 + alpha steers
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns ``h [R, N]`` (fp64) and the increments ``K [C, N]`` (int64), ``S``, ``Q`` (fp64).
 
@@ -62,7 +64,7 @@ def act_and_record_reference(
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
     R, N = gate.shape
-    mask = keep_rows_reference(keep, set_ids, R, N)
+    mask = keep_rows_reference(keep, set_ids, R, N, factor)
     act = act_reference(gate.cpu(), act_fn) * mask
     h = act * up.cpu().double()
     a = act if activation == "gate" else h

@@ -109,7 +109,7 @@ H_RTOL = {torch.float32: 1e-5, torch.float16: 2 * 2.0**-10, torch.bfloat16: 2 * 
 
 
 def check_act_and_record(op, case: dict, act_fn: str, record: str, do_record: bool = True,
-                         do_ablate: bool = True) -> None:
+                         do_ablate: bool = True, factor: float = 0.0) -> None:
     """Run ``op`` (the 2D op contract) on ``case`` and compare with the fp64 reference.
 
     Counts must match EXACTLY; sums and h within the tolerances commented below. Accumulators
@@ -119,10 +119,11 @@ def check_act_and_record(op, case: dict, act_fn: str, record: str, do_record: bo
     from culture_neurons.kernels.reference import act_and_record_reference, keep_rows_reference
 
     gate, up, C = case["gate"], case["up"], case["C"]
-    if act_fn == "gelu_tanh" and record == "post":
+    if act_fn == "gelu_tanh" and (record == "post" or factor < 0):
         # Below g ~ -5.06 fp32 GELU-tanh rounds 1 + tanh(z) to 0 (torch and the kernels alike),
-        # where fp64 keeps a tiny a whose sign is that of -u: K["post"] would differ by rounding.
-        # The fp32 agreement there is tested against eager torch (test_counts_match_eager_*).
+        # where fp64 keeps a tiny a whose sign is that of -u ("post") or that a negative
+        # steering factor flips: K would differ by rounding. The fp32 agreement there is tested
+        # against eager torch (test_counts_match_eager_*).
         gate = gate.clamp(min=-4.5)
     R, N = gate.shape
     keep, set_ids = case["keep"], case["set_ids"]
@@ -134,14 +135,14 @@ def check_act_and_record(op, case: dict, act_fn: str, record: str, do_record: bo
     dev = gate.device  # a CUDA case runs on the GPU; the reference always runs on the CPU
     K, S, Q = K.to(dev), S.to(dev), Q.to(dev)
     h = op(gate, up, culture.to(dev), K, S, Q, keep.to(dev), set_ids.to(dev), act_fn, record,
-           do_record, do_ablate)
+           do_record, do_ablate, factor)
     assert h.shape == (R, N) and h.dtype == gate.dtype
 
     ref_keep = keep if do_ablate else None
     ref_set = set_ids if do_ablate else None
     h_ref, K_ref, S_ref, Q_ref = act_and_record_reference(
-        gate.cpu(), up.cpu(), culture, C, act_fn, record, ref_keep, ref_set)
-    mask = keep_rows_reference(ref_keep, ref_set, R, N)
+        gate.cpu(), up.cpu(), culture, C, act_fn, record, ref_keep, ref_set, factor)
+    mask = keep_rows_reference(ref_keep, ref_set, R, N, factor)
     h = h.cpu()
 
     # Ablated neurons are exactly zero; the rest match eager act(g) * u (tolerance: H_RTOL).

@@ -7,6 +7,6 @@
 - :mod:`.functional`: the same numbers inside someone else's forward code (no patching).
 """
 
-from culture_neurons.instrument.instrument import BACKENDS, Instrument, ablate, record
+from culture_neurons.instrument.instrument import BACKENDS, Instrument, ablate, record, steer
 
-__all__ = ["BACKENDS", "Instrument", "ablate", "record"]
+__all__ = ["BACKENDS", "Instrument", "ablate", "record", "steer"]

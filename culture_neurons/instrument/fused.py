@@ -65,6 +65,7 @@ class FusedHandle:
                 Q=site.Q if recording else None,
                 keep=site.keep if set_ids is not None else None,
                 set_ids=set_ids.view(lead) if set_ids is not None else None,
+                factor=inst.factor,
             )  # fmt: skip
             return mlp.down_proj(h)
 

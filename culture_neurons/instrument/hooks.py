@@ -20,11 +20,12 @@ def record(site, a, culture) -> None:
 
 
 def ablated(site, a, set_ids):
-    """``a`` with each row's set's neurons zeroed: in place where autograd allows it."""
+    """``a`` with each row's set's neurons zeroed (or steered): in place where autograd allows."""
     rows = a.reshape(-1, a.shape[-1])
+    factor = site.inst.factor
     if a.requires_grad and a.grad_fn is not None:
-        return reduce.ablate(rows, site.keep, set_ids).view(a.shape)
-    reduce.ablate_(rows, site.keep, set_ids)
+        return reduce.ablate(rows, site.keep, set_ids, factor).view(a.shape)
+    reduce.ablate_(rows, site.keep, set_ids, factor)
     return a
 
 

@@ -1,6 +1,7 @@
 """Attach to a model's decoder MLPs to record per-culture statistics and/or ablate neurons.
 
-One :class:`Instrument` serves both jobs because the fused kernel does both in one pass:
+One :class:`Instrument` serves both jobs because the fused kernel does both in one pass
+(and steers instead of ablating with ``alpha``: ``a := (1 + alpha) a``, alpha = -1 ablates):
 every flattened token row carries a culture id (``-1`` = not counted) and an ablation-set id
 (``set_ids``, ``-1`` = no ablation). A batch may mix cultures and sets freely, so a whole
 source-by-target ablation matrix runs in few passes.
@@ -117,6 +118,8 @@ class Instrument:
         model: a HF model of a supported family (see :mod:`culture_neurons.models`).
         cultures: C culture names, the rows' culture ids index this list.
         masks: a :class:`culture_neurons.masks.Masks` of S sets; the rows' ``set_ids`` index it.
+        alpha: the intervention on a row's set's neurons, ``a := (1 + alpha) a``: ``-1``
+            (default) ablates (exactly 0, SPEC's ``a := 0``), e.g. ``0.5`` amplifies by half.
         activation: ``gate`` (``act(gate_proj(x))``) or ``post`` (``act(...) * up_proj(x)``).
         scope: ``all`` / ``text`` / ``image`` / ``last``: which tokens count.
         backend: ``auto`` (fused), ``fused`` or ``hooks``.
@@ -137,6 +140,7 @@ class Instrument:
         scope: str = "all",
         backend: str = "auto",
         options: dict | None = None,
+        alpha: float = -1.0,
     ):
         check_choice("activation", activation, ACTIVATIONS)
         check_choice("backend", backend, BACKENDS)
@@ -149,6 +153,8 @@ class Instrument:
         self.cultures = list(cultures) if cultures is not None else None
         self.masks = masks
         self.activation, self.scope = activation, scope
+        self.alpha = float(alpha)
+        self.factor = 1.0 + self.alpha  # what selected neurons are multiplied by (0: ablation)
         self.options = dict(options or {})
         self._batch: Batch | None = None
         self._serial = 0
@@ -173,7 +179,8 @@ class Instrument:
         if self.recording:
             jobs.append(f"recording {len(self.cultures)} cultures")
         if self.masks is not None:
-            jobs.append(f"ablating {len(self.masks)} sets")
+            verb = "ablating" if self.factor == 0.0 else f"steering (alpha {self.alpha:g})"
+            jobs.append(f"{verb} {len(self.masks)} sets")
         state = "attached" if self.attached else "detached"
         return f"Instrument({', '.join(jobs)}, {self.backend} backend, {state})"
 
@@ -364,3 +371,9 @@ def record(model: nn.Module, cultures: list[str], **kwargs) -> Instrument:
 def ablate(model: nn.Module, masks, **kwargs) -> Instrument:
     """Attach an ablator: rows zero the neurons of their mask set (``set_ids=`` per row)."""
     return Instrument(model, masks=masks, **kwargs)
+
+
+def steer(model: nn.Module, masks, alpha: float, **kwargs) -> Instrument:
+    """Attach a steerer: rows multiply the neurons of their mask set by ``1 + alpha``
+    (``set_ids=`` per row); ``alpha = -1`` is :func:`ablate`."""
+    return Instrument(model, masks=masks, alpha=alpha, **kwargs)

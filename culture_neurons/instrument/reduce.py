@@ -44,20 +44,27 @@ def ablated_rows(keep: torch.Tensor, set_ids: torch.Tensor) -> torch.Tensor:
     return rows & valid[:, None]
 
 
-def ablate_(a: torch.Tensor, keep: torch.Tensor, set_ids: torch.Tensor,
+def ablate_(a: torch.Tensor, keep: torch.Tensor, set_ids: torch.Tensor, factor: float = 0.0,
             chunk_rows: int = CHUNK_ROWS) -> torch.Tensor:  # fmt: skip
-    """Zero, in place, each row's set's neurons of ``a [R, N]`` (exactly 0, as SPEC's a := 0)."""
+    """Each row's set's neurons of ``a [R, N]``, in place: set to exactly 0 (``factor`` 0,
+    SPEC's ``a := 0``) or multiplied by ``factor`` (steering: ``1 + alpha``)."""
     for start in range(0, a.shape[0], chunk_rows):
         part = a[start : start + chunk_rows]
-        part.masked_fill_(ablated_rows(keep, set_ids[start : start + chunk_rows]), 0)
+        selected = ablated_rows(keep, set_ids[start : start + chunk_rows])
+        if factor == 0.0:
+            part.masked_fill_(selected, 0)
+        else:
+            part.copy_(torch.where(selected, part * factor, part))
     return a
 
 
-def ablate(a: torch.Tensor, keep: torch.Tensor, set_ids: torch.Tensor) -> torch.Tensor:
+def ablate(a: torch.Tensor, keep: torch.Tensor, set_ids: torch.Tensor,
+           factor: float = 0.0) -> torch.Tensor:  # fmt: skip
     """:func:`ablate_` out of place (for tensors autograd still needs), same values."""
     if a.requires_grad and torch.is_grad_enabled():
-        return a.masked_fill(ablated_rows(keep, set_ids), 0)
-    return ablate_(a.clone(), keep, set_ids)
+        selected = ablated_rows(keep, set_ids)
+        return a.masked_fill(selected, 0) if factor == 0.0 else torch.where(selected, a * factor, a)
+    return ablate_(a.clone(), keep, set_ids, factor)
 
 
 # --- statistics --------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ from conftest import short_batch
 from stats_reference import act
 
 import culture_neurons as cn
-from culture_neurons.errors import UnsupportedModelError, StatsMismatchError, UsageError
+from culture_neurons.errors import StatsMismatchError, UnsupportedModelError, UsageError
 from culture_neurons.instrument import functional as F
 from culture_neurons.masks import Masks
 from culture_neurons.models import adapters

@@ -102,3 +102,57 @@ def test_print_shows_the_instrument_and_detach_removes_it(llama):
     with cn.record(llama, CULTURES, backend="hooks"):
         assert "[culture_neurons: hooks backend]" in repr(llama)
     assert "culture_neurons" not in repr(llama)
+
+
+# --- steering: a := (1 + alpha) a on each row's set -----------------------------------------------
+
+
+def steered_by_hand(model, inputs, masks: Masks, set_ids: list[int], alpha: float):
+    """Logits with each row's set's neurons of act_fn's output multiplied by 1 + alpha, written
+    as a plain forward hook with Python loops over the set's (layer, neuron) pairs."""
+    mlps = adapters.decoder_mlps(model)
+
+    def hook(layer):
+        def scale(module, args, a):
+            a = a.clone()
+            for row, s in enumerate(set_ids):
+                if s < 0:
+                    continue
+                for l, n in masks.pairs(s).tolist():
+                    if l == layer:
+                        a[row, :, n] = a[row, :, n] * (1 + alpha)
+            return a
+
+        return scale
+
+    handles = [mlp.act_fn.register_forward_hook(hook(i)) for i, mlp in enumerate(mlps)]
+    try:
+        with torch.no_grad():
+            return model(**inputs).logits
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@pytest.mark.parametrize("backend", ["hooks", "fused"])
+@pytest.mark.parametrize("alpha", [0.5, -0.3])
+def test_steering_equals_an_independent_hook(llama, backend, alpha):
+    inputs, masks, set_ids = short_batch(), masks_of(llama), [1, -1, 0]
+    want = steered_by_hand(llama, inputs, masks, set_ids, alpha)
+    with cn.steer(llama, masks, alpha, backend=backend) as st, torch.no_grad():
+        got = st(set_ids=set_ids, **inputs).logits
+    # (1 + alpha) * act(g) * u against act(g) * (1 + alpha) * u: fp32 rounding order only.
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    with cn.ablate(llama, masks, backend=backend) as ab, torch.no_grad():
+        assert not torch.allclose(ab(set_ids=set_ids, **inputs).logits, got), "alpha had no effect"
+
+
+@pytest.mark.parametrize("backend", ["hooks", "fused"])
+def test_steering_at_alpha_minus_one_is_ablation_exactly(llama, backend):
+    inputs, masks, set_ids = short_batch(), masks_of(llama), [1, -1, 0]
+    with torch.no_grad():
+        with cn.steer(llama, masks, -1.0, backend=backend) as st:
+            steered = st(set_ids=set_ids, **inputs).logits
+        with cn.ablate(llama, masks, backend=backend) as ab:
+            ablated = ab(set_ids=set_ids, **inputs).logits
+    assert torch.equal(steered, ablated)

@@ -12,10 +12,10 @@ from conftest import short_batch
 
 import culture_neurons as cn
 from culture_neurons import interop
-from culture_neurons.models import adapters
 from culture_neurons.errors import UsageError
 from culture_neurons.instrument import functional as F
 from culture_neurons.masks import Masks
+from culture_neurons.models import adapters
 from culture_neurons.stats import Fingerprint, Stats
 from culture_neurons.testing.tiny import tiny_model
 

@@ -58,6 +58,13 @@ def test_switches_off(do_record, do_ablate, mlp_case, device, act_and_record_che
     act_and_record_checker(_kernel(), case, "silu", "gate", do_record, do_ablate)
 
 
+@pytest.mark.parametrize("factor", [1.5, -0.5])
+def test_steering_scales_the_selected_neurons(factor, mlp_case, device, act_and_record_checker):
+    """a := (1 + alpha) a on each row's set (factor = 1 + alpha), statistics of the steered a."""
+    case = _on(mlp_case(130, 67, C=7, seed=8), device)
+    act_and_record_checker(_kernel(), case, "silu", "post", factor=factor)
+
+
 def test_one_tile_covers_everything(mlp_case, device, act_and_record_checker):
     """A 64 x 128 tile (the GPU default) over 7 x 33: all rows of all cultures in one program."""
     case = _on(mlp_case(7, 33, seed=4), device)

@@ -21,18 +21,18 @@ pytestmark = pytest.mark.slow
 TARGETS = [(80, 32), (90, 32)]
 PTR = {"fp32": "*fp32", "fp16": "*fp16", "bf16": "*bf16"}
 
-# (act_fn, record, do_record, do_ablate, dtype): every switch both ways, every dtype.
+# (act_fn, activation, do_record, do_ablate, steer, dtype): every switch both ways, every dtype.
 ACT_RECORD_VARIANTS = [
-    ("silu", "gate", True, True, "bf16"),
-    ("gelu_tanh", "post", True, True, "bf16"),
-    ("gelu_tanh", "post", True, False, "fp16"),
-    ("silu", "post", False, True, "fp32"),
+    ("silu", "gate", True, True, False, "bf16"),
+    ("gelu_tanh", "post", True, True, False, "bf16"),
+    ("gelu_tanh", "post", True, False, False, "fp16"),
+    ("silu", "post", False, True, True, "fp32"),
 ]
 # (dtype, do_ablate)
 MASKED_DOWN_VARIANTS = [("bf16", True), ("fp16", False), ("fp32", True)]
 
 
-def _compile_act_record(act_fn, record, do_record, do_ablate, dtype, arch, warp):
+def _compile_act_record(act_fn, record, do_record, do_ablate, steer, dtype, arch, warp):
     import triton
     from culture_neurons.kernels import act_record as m
     from triton.backends.compiler import GPUTarget
@@ -44,15 +44,16 @@ def _compile_act_record(act_fn, record, do_record, do_ablate, dtype, arch, warp)
         "gate_ptr": p, "up_ptr": p, "culture_ptr": "*i32" if do_record else p,
         "keep_ptr": "*u8" if do_ablate else p, "set_ids_ptr": "*i32" if do_ablate else p,
         "h_ptr": p, "K_ptr": stats[0], "S_ptr": stats[1], "Q_ptr": stats[2],
-        "R": "i32", "N": "i32", "C": "i32", "num_sets": "i32",
+        "R": "i32", "N": "i32", "C": "i32", "num_sets": "i32", "factor": "fp32",
         "stride_gate_r": "i32", "stride_up_r": "i32", "stride_h_r": "i32",
         "stride_keep_s": "i32", "stride_keep_n": "constexpr",
         "ACT_FN": "constexpr", "RECORD_POST": "constexpr", "DO_RECORD": "constexpr",
-        "DO_ABLATE": "constexpr", "BLOCK_R": "constexpr", "BLOCK_N": "constexpr",
+        "DO_ABLATE": "constexpr", "STEER": "constexpr", "BLOCK_R": "constexpr",
+        "BLOCK_N": "constexpr",
     }  # fmt: skip
     constexprs = {
         "stride_keep_n": 1, "ACT_FN": m.ACT_IDS[act_fn], "RECORD_POST": record == "post",
-        "DO_RECORD": do_record, "DO_ABLATE": do_ablate, "BLOCK_R": m.BLOCK_R_GPU,
+        "DO_RECORD": do_record, "DO_ABLATE": do_ablate, "STEER": steer, "BLOCK_R": m.BLOCK_R_GPU,
         "BLOCK_N": m.BLOCK_N_GPU,
     }  # fmt: skip
     # As the JIT specialises at 7B shapes: N = 18944 and R = 2048/8192 are multiples of 16 too.

@@ -33,6 +33,12 @@ def test_cpu_chunks(record, dtype, mlp_case, act_and_record_checker):
     act_and_record_checker(op, case, "silu", record)
 
 
+@pytest.mark.parametrize("factor", [1.5, -0.5])
+@pytest.mark.parametrize("record", ["gate", "post"])
+def test_cpu_steering(factor, record, mlp_case, act_and_record_checker):
+    act_and_record_checker(OP, mlp_case(130, 67, C=7, seed=13), "gelu_tanh", record, factor=factor)
+
+
 @pytest.mark.parametrize("do_record,do_ablate", [(False, True), (True, False), (False, False)])
 def test_cpu_switches_off(do_record, do_ablate, mlp_case, act_and_record_checker):
     act_and_record_checker(OP, mlp_case(7, 33), "gelu_tanh", "gate", do_record, do_ablate)
@@ -98,7 +104,7 @@ def test_opcheck(mlp_case):
     case = mlp_case(7, 33, C=5)
     K, S, Q = _accumulators(5, 33)
     args = (case["gate"], case["up"], case["culture"], K, S, Q, case["keep"].to(torch.uint8),
-            case["set_ids"], "silu", "post", True, True)
+            case["set_ids"], "silu", "post", True, True, 1.5)
     torch.library.opcheck(OP, args)
 
 

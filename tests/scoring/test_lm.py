@@ -14,13 +14,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from culture_neurons.models import adapters
-from culture_neurons.pipeline import cli
 from culture_neurons.data.faker_text import LOCALES, SCRIPTS, TextItem, make_faker_data
 from culture_neurons.errors import UsageError
 from culture_neurons.instrument.instrument import Instrument
 from culture_neurons.masks import Masks
+from culture_neurons.models import adapters
 from culture_neurons.models.loading import save_processor
+from culture_neurons.pipeline import cli
 from culture_neurons.pipeline.run import RunConfig
 from culture_neurons.scoring.lm import LMGroup, culture_nll, encode_text
 from culture_neurons.testing.tiny import tiny_model, tiny_processor
