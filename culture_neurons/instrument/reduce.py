@@ -23,9 +23,21 @@ from __future__ import annotations
 
 import torch
 
-# Rows per chunk: bounds each fp32 temporary to CHUNK_ROWS x N (2048 x 18944 x 4 B = 155 MB at
-# the 7B width) and keeps fp32 counts exact (< 2^24 rows).
+# Rows per chunk. On a CPU the [chunk, N] fp32 temporary is held to CPU_CHUNK_BYTES so that a
+# chunk's five passes run in the last-level cache. Measured on a 2-core EPYC (32 MiB L3), 25
+# cultures, one thread, accumulate() against 2048-row chunks: 4096 x 4736 fp32 rows, 1024-row
+# chunks 0.56x the time (bf16: 0.53x); 2048 x 18944, 256-row chunks 0.51x. Elsewhere (CUDA)
+# CHUNK_ROWS, for fewer launches: 2048 x 18944 x 4 B = 155 MB at the 7B width. Both keep the
+# fp32 counts exact (< 2^24 rows).
 CHUNK_ROWS = 2048
+CPU_CHUNK_BYTES = 16 << 20
+
+
+def chunk_rows_for(a: torch.Tensor) -> int:
+    """Rows per chunk for activations ``a [R, N]`` on their device (see CPU_CHUNK_BYTES)."""
+    if a.device.type != "cpu":
+        return CHUNK_ROWS
+    return max(64, min(CHUNK_ROWS, CPU_CHUNK_BYTES // (4 * max(a.shape[-1], 1))))
 
 
 # --- ablation ----------------------------------------------------------------------------------
@@ -36,7 +48,7 @@ def ablated_rows(keep: torch.Tensor, set_ids: torch.Tensor) -> torch.Tensor:
     all False for set id -1 or an id outside ``[0, S)``. One chunk's worth: callers with many
     rows go through :func:`ablate_` / :func:`ablate`, which chunk."""
     num_sets = keep.shape[0]
-    set_ids = set_ids.to(keep.device).long()
+    set_ids = set_ids.to(keep.device, non_blocking=True).long()
     if num_sets == 0:
         return torch.zeros(set_ids.shape[0], keep.shape[1], dtype=torch.bool, device=keep.device)
     valid = (set_ids >= 0) & (set_ids < num_sets)
@@ -45,12 +57,13 @@ def ablated_rows(keep: torch.Tensor, set_ids: torch.Tensor) -> torch.Tensor:
 
 
 def ablate_(a: torch.Tensor, keep: torch.Tensor, set_ids: torch.Tensor, factor: float = 0.0,
-            chunk_rows: int = CHUNK_ROWS) -> torch.Tensor:  # fmt: skip
+            chunk_rows: int | None = None) -> torch.Tensor:  # fmt: skip
     """Each row's set's neurons of ``a [R, N]``, in place: set to exactly 0 (``factor`` 0,
     SPEC's ``a := 0``) or multiplied by ``factor`` (steering: ``1 + alpha``)."""
-    for start in range(0, a.shape[0], chunk_rows):
-        part = a[start : start + chunk_rows]
-        selected = ablated_rows(keep, set_ids[start : start + chunk_rows])
+    step = chunk_rows or chunk_rows_for(a)
+    for start in range(0, a.shape[0], step):
+        part = a[start : start + step]
+        selected = ablated_rows(keep, set_ids[start : start + step])
         if factor == 0.0:
             part.masked_fill_(selected, 0)
         else:
@@ -76,7 +89,7 @@ def accumulate(
     Q: torch.Tensor,  # [C, N] float64, updated in place
     a: torch.Tensor,  # [R, N] any float dtype, on K's device
     culture: torch.Tensor,  # [R] int, -1 (or >= C) = not counted
-    chunk_rows: int = CHUNK_ROWS,
+    chunk_rows: int | None = None,  # None: chunk_rows_for(a)
 ) -> None:
     """Add the statistics of ``a`` per culture into ``K, S, Q`` (see the module docstring).
 
@@ -89,24 +102,28 @@ def accumulate(
     if R == 0 or C == 0:
         return
     a = a.detach()
-    culture = culture.to(a.device)
-    # One [C + 1, N] fp32 buffer per statistic: row C collects the uncounted rows.
+    culture = culture.to(a.device, non_blocking=True)
+    chunk_rows = chunk_rows or chunk_rows_for(a)
+    # One [C + 1, N] fp32 buffer per statistic (row C collects the uncounted rows) and ONE
+    # [chunk, N] fp32 temporary, whatever a's dtype: the peak is bounded by the chunk.
     sums = torch.empty(3, C + 1, N, dtype=torch.float32, device=a.device)
-    scratch = None
+    scratch = torch.empty(min(R, chunk_rows), N, dtype=torch.float32, device=a.device)
     for start in range(0, R, chunk_rows):
         x = a[start : start + chunk_rows]
-        if x.dtype != torch.float32:
-            x = x.float()
         c = culture[start : start + chunk_rows]
         slot = torch.where((c >= 0) & (c < C), c, C).long()
-        if scratch is None or scratch.shape[0] != x.shape[0]:
-            scratch = torch.empty_like(x)
+        buf = scratch[: x.shape[0]]
         sums.zero_()
-        torch.gt(x, 0, out=scratch)
-        sums[0].index_add_(0, slot, scratch)
-        sums[1].index_add_(0, slot, x)
-        torch.mul(x, x, out=scratch)
-        sums[2].index_add_(0, slot, scratch)
+        if x.dtype == torch.float32:
+            sums[1].index_add_(0, slot, x)
+            torch.mul(x, x, out=buf)
+        else:  # the fp32 copy is the temporary; squared in place once S has it
+            buf.copy_(x)
+            sums[1].index_add_(0, slot, buf)
+            buf.mul_(buf)
+        sums[2].index_add_(0, slot, buf)
+        torch.gt(x, 0, out=buf)  # a > 0 in a's own dtype: the fp32 conversion keeps the sign
+        sums[0].index_add_(0, slot, buf)
         K.add_(sums[0, :C].to(torch.int64))
         S.add_(sums[1, :C])
         Q.add_(sums[2, :C])

@@ -9,7 +9,9 @@ id per row (``set_ids``), -1 = no ablation.
 Ids may be given per row (``[...]``, the activations' leading dims) or per item (a prefix such
 as ``[B]`` of ``[B, T]``) and are then repeated over the remaining dims; an int applies to every
 row. Value checks read the data, so they run on CPU tensors only (elsewhere they would cost a
-device sync); the kernels ignore out-of-range ids rather than write out of bounds.
+device sync); the kernels ignore out-of-range ids rather than write out of bounds. Ids move to
+the activations' device with :func:`on_device`, never by a blocking copy (that synchronises
+the device): nothing here waits for the GPU.
 """
 
 from __future__ import annotations
@@ -55,9 +57,20 @@ def token_weights(
     return valid & (image if scope == "image" else ~image)
 
 
+def on_device(x, device: torch.device | str | None = None) -> torch.Tensor:
+    """``x`` (a tensor, or ints / a list of them, which start on the CPU) on ``device`` (None:
+    where it is). A CPU-to-GPU copy is issued without waiting: torch's blocking copy (and
+    ``torch.tensor(..., device="cuda")``) synchronises the stream, once per layer per call
+    here. Safe from pageable memory, which the driver stages before returning."""
+    x = torch.as_tensor(x)
+    if device is None or x.device == torch.device(device):
+        return x
+    return x.to(device, non_blocking=True)
+
+
 def per_row(x: torch.Tensor | int, lead: torch.Size, name: str, device=None) -> torch.Tensor:
     """``x`` repeated to the leading dims ``lead``: ``x.shape`` must be a prefix of ``lead``."""
-    x = torch.as_tensor(x, device=device)
+    x = on_device(x, device)
     if tuple(lead[: x.dim()]) != tuple(x.shape):
         raise UsageError(
             f"{name} has shape {tuple(x.shape)}, which is not a prefix of the activations' leading "

@@ -1,0 +1,93 @@
+"""The one reduction against a loop written here: every chunk size and input dtype gives the
+same counts exactly, sums to fp32 rounding, and ablation zeroes exactly each row's set."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from culture_neurons.instrument import reduce
+
+
+def loop_reference(a: torch.Tensor, culture: torch.Tensor, C: int):
+    """K int64, S, Q fp64 [C, N] row by row, in fp64 from a's own values."""
+    N = a.shape[1]
+    K = torch.zeros(C, N, dtype=torch.int64)
+    S = torch.zeros(C, N, dtype=torch.float64)
+    Q = torch.zeros(C, N, dtype=torch.float64)
+    for r in range(a.shape[0]):
+        c = int(culture[r])
+        if 0 <= c < C:
+            x = a[r].double()
+            K[c] += (x > 0).long()
+            S[c] += x
+            Q[c] += x * x
+    return K, S, Q
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("chunk", [1, 7, 64, None])
+@pytest.mark.parametrize("R,N", [(1, 1), (130, 67), (7, 33)])
+def test_accumulate_matches_a_loop_for_every_chunk_and_dtype(dtype, chunk, R, N):
+    gen = torch.Generator().manual_seed(R * N)
+    a = (torch.randn(R, N, generator=gen) * 3).to(dtype)  # both signs, never all zero
+    culture = torch.randint(-1, 6, (R,), generator=gen)  # 5 = C: out of range, not counted
+    C = 5
+    K0 = torch.randint(0, 9, (C, N))
+    S0, Q0 = torch.randn(C, N, dtype=torch.float64), torch.rand(C, N, dtype=torch.float64)
+    K, S, Q = K0.clone(), S0.clone(), Q0.clone()
+    reduce.accumulate(K, S, Q, a, culture, chunk_rows=chunk)
+    Kr, Sr, Qr = loop_reference(a, culture, C)
+    assert torch.equal(K - K0, Kr), "counts must be exact"
+    # fp32 sums of <= 130 values (exact in fp32: they come from a bf16/fp16/fp32 tensor):
+    # <= 130 * 2^-24 relative to sum |a|, below 1e-5 of the largest |S|.
+    torch.testing.assert_close(S - S0, Sr, rtol=1e-5, atol=1e-5 * float(Sr.abs().max()) + 1e-9)
+    torch.testing.assert_close(Q - Q0, Qr, rtol=1e-5, atol=1e-5 * float(Qr.max()) + 1e-9)
+
+
+def test_chunks_are_bounded_by_bytes_on_the_cpu():
+    for N in (1, 96, 4736, 18944, 10**7):
+        rows = reduce.chunk_rows_for(torch.empty(0, N))
+        assert 64 <= rows <= reduce.CHUNK_ROWS
+        assert rows == 64 or rows * N * 4 <= reduce.CPU_CHUNK_BYTES
+
+
+def test_accumulate_allocates_one_chunk_temporary():
+    """Whatever R and a's dtype, the only [rows, N] allocation is one [chunk, N] fp32 buffer."""
+    from culture_neurons.testing.memory import peak_bytes
+
+    R, N, C, chunk = 4096, 256, 25, 64
+    K = torch.zeros(C, N, dtype=torch.int64)
+    S, Q = torch.zeros(C, N, dtype=torch.float64), torch.zeros(C, N, dtype=torch.float64)
+    culture = torch.randint(-1, C, (R,))
+    for dtype in (torch.float32, torch.bfloat16):
+        a = torch.randn(R, N).to(dtype)
+        peak = peak_bytes(lambda a=a: reduce.accumulate(K, S, Q, a, culture, chunk_rows=chunk))
+        sums = 3 * (C + 1) * N * 4 + C * N * 8  # [3, C + 1, N] fp32 and the int64 count fold
+        ids = 8 * chunk * 8  # a few [chunk] int64 / bool vectors (slots, their masks)
+        assert peak <= chunk * N * 4 + sums + ids, f"{dtype}: {peak} bytes"
+        assert peak < R * N * 4 / 8, "nothing of the size of the rows may be allocated"
+
+
+def ablate_reference(a, keep, set_ids, factor):
+    out = a.clone()
+    for r in range(a.shape[0]):
+        s = int(set_ids[r])
+        if 0 <= s < keep.shape[0]:
+            for n in range(a.shape[1]):
+                if keep[s, n] == 0:
+                    out[r, n] = out[r, n] * factor if factor else 0
+    return out
+
+
+@pytest.mark.parametrize("factor", [0.0, 1.5])
+@pytest.mark.parametrize("chunk", [1, 5, None])
+def test_ablate_matches_a_loop(factor, chunk):
+    gen = torch.Generator().manual_seed(3)
+    a = torch.randn(23, 17, generator=gen) + 0.1
+    keep = (torch.rand(4, 17, generator=gen) > 0.4).to(torch.uint8)
+    set_ids = torch.randint(-1, 6, (23,), generator=gen)  # 4, 5: outside [0, S), no ablation
+    want = ablate_reference(a, keep, set_ids, factor)
+    got = reduce.ablate_(a.clone(), keep, set_ids, factor, chunk_rows=chunk)
+    assert torch.equal(got, want)
+    assert torch.equal(reduce.ablate(a, keep, set_ids, factor), want)
