@@ -29,8 +29,15 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from culture_neurons.errors import StatsMismatchError, UsageError
-from culture_neurons.instrument.rows import check_ids, count_per_culture, row_ids, token_weights
+from culture_neurons.errors import UsageError
+from culture_neurons.instrument.rows import (
+    check_ids,
+    count_per_culture,
+    on_device,
+    row_ids,
+    token_weights,
+)
+from culture_neurons.instrument.totals import Totals
 from culture_neurons.models import adapters
 from culture_neurons.stats import ACTIVATIONS, Stats, check_choice
 
@@ -41,14 +48,15 @@ _OWNER = "_culture_neurons_instrument"  # attribute on each instrumented MLP: we
 
 @dataclass
 class Batch:
-    """Per-row state of the forward(s) about to run."""
+    """Per-row state of the forward(s) about to run. Every tensor stays on the device it was
+    given or built on (the inputs' for rows): describing a batch never synchronises."""
 
     batch_size: int  # B
     rows: int  # B*T of the prompt: a recorded forward must have exactly these token rows
     culture: torch.Tensor | None  # int32 [B*T] on the inputs' device, -1 = not counted
-    set_ids: torch.Tensor | None  # int32 [B] on the CPU, -1 = no ablation; None = none
+    set_ids: torch.Tensor | None  # int32 [B], -1 = no ablation; None = none
     serial: int
-    items: torch.Tensor | None  # int64 [C]: items per culture (CPU)
+    items: torch.Tensor | None  # int64 [C]: items per culture, on the culture ids' device
     _cache: dict = field(default_factory=dict)
 
     def on(self, device: torch.device, tokens_per_row: int):
@@ -59,7 +67,8 @@ class Batch:
             culture = None if self.culture is None else self.culture.to(device, non_blocking=True)
             set_ids = None
             if self.set_ids is not None:
-                set_ids = self.set_ids.repeat_interleave(tokens_per_row).to(device, non_blocking=True)
+                ids = self.set_ids.to(device, non_blocking=True)
+                set_ids = ids[:, None].expand(self.batch_size, tokens_per_row).reshape(-1)
             self._cache[key] = (culture, set_ids)
         return self._cache[key]
 
@@ -72,7 +81,8 @@ class Site:
         self.device = mlp.gate_proj.weight.device
         self.last_serial = -1
         self.current = None  # (culture, set ids) of the forward in progress
-        self.K = self.S = self.Q = None  # int64 / float64 / float64 [C, N] totals, if recording
+        # int64 / float64 / float64 [C, N] on this layer's device (inst.totals'), if recording
+        self.K = self.S = self.Q = None
         self.keep = None  # uint8 [S, N] keep mask of this layer (0 = ablate), if ablating
 
     def begin(self, x: torch.Tensor):
@@ -165,7 +175,11 @@ class Instrument:
             keep = masks.keep_mask(device="cpu", dtype=torch.uint8)  # [L, S, N]
             for site in self.sites:  # built once per attach, on each layer's device
                 site.keep = keep[site.layer].to(site.device)
-        self.reset_stats()
+        self.totals = None
+        if self.recording:
+            self.totals = Totals(self.cultures, self.fingerprint, activation, scope, self.options)
+            for site in self.sites:  # on each layer's device, for the life of the Instrument
+                site.K, site.S, site.Q = self.totals.layer(site.layer, site.device)
         self.backend = "fused" if backend == "auto" else backend
         self._impl = importlib.import_module(f"culture_neurons.instrument.{self.backend}")
         self._impl = self._impl.attach(self)
@@ -195,30 +209,15 @@ class Instrument:
 
     def reset_stats(self) -> None:
         """Zero the totals (the attached model is unchanged)."""
-        if not self.recording:
-            return
-        C, N = len(self.cultures), self.fingerprint.num_neurons
-        for site in self.sites:
-            site.K = torch.zeros(C, N, dtype=torch.int64, device=site.device)
-            site.S = torch.zeros(C, N, dtype=torch.float64, device=site.device)
-            site.Q = torch.zeros(C, N, dtype=torch.float64, device=site.device)
-        # Token counts live where the rows are built (the inputs' device): no host sync.
-        self._T = torch.zeros(C, dtype=torch.int64, device=self.sites[0].device)
-        self._items = torch.zeros(C, dtype=torch.int64)
+        if self.recording:
+            self.totals.reset()
 
     def start_from(self, stats: Stats) -> None:
         """Continue accumulating from ``stats`` (a checkpoint of this same recording): the
         totals then equal, bit for bit, those of a run that was never interrupted."""
-        probe = Stats.zeros(self.cultures, self.fingerprint, self.activation, self.scope,
-                            self.options)  # fmt: skip
-        bad = probe.mismatches(stats)
-        if bad:
-            raise StatsMismatchError("cannot continue from stats that differ in " + "; ".join(bad))
-        for site in self.sites:
-            l = site.layer
-            site.K.copy_(stats.K[:, l]), site.S.copy_(stats.S[:, l]), site.Q.copy_(stats.Q[:, l])
-        self._T.copy_(stats.T)
-        self._items.copy_(stats.items)
+        if not self.recording:
+            raise UsageError("this instrument does not record (no cultures were given)")
+        self.totals.start_from(stats)
 
     # -- per batch -----------------------------------------------------------------------
     def set_batch(
@@ -243,9 +242,9 @@ class Instrument:
         if culture is not None:
             if not self.recording:
                 raise UsageError("this instrument was built without cultures; it cannot record")
-            ids = self._culture_ids(culture, shape[0])
             weights = token_weights(attention_mask, input_ids, self.scope, self.image_token_ids)
-            rows = row_ids(ids.to(weights.device), weights.shape, weights).reshape(-1).int()
+            ids = self._culture_ids(culture, shape[0], weights.device)
+            rows = row_ids(ids, weights.shape, weights).reshape(-1).int()
             items = count_per_culture(ids, len(self.cultures))
         ablation = None
         if set_ids is not None:
@@ -276,17 +275,19 @@ class Instrument:
         finally:
             self.clear_batch()
 
-    def _culture_ids(self, culture, batch_size: int) -> torch.Tensor:
-        """int64 [B] culture ids (CPU) from names or ids; one value applies to every row."""
+    def _culture_ids(self, culture, batch_size: int, device: torch.device) -> torch.Tensor:
+        """int64 [B] culture ids on ``device`` from names or ids; one value applies to every
+        row. Ids already on a device stay there (checked on the CPU only: no sync)."""
         if isinstance(culture, (str, int)):
             culture = [culture] * batch_size
         if isinstance(culture, (list, tuple)):
             culture = [self._culture_id(c) for c in culture]
-        ids = torch.as_tensor(culture).reshape(-1).cpu()
+        ids = torch.as_tensor(culture).reshape(-1)
         if ids.numel() != batch_size:
             raise UsageError(f"got {ids.numel()} culture ids for a batch of {batch_size} rows; "
                              "give one id per row (-1 = not counted)")  # fmt: skip
-        return check_ids(ids, len(self.cultures), "culture", "not counted").long()
+        check_ids(ids, len(self.cultures), "culture", "not counted")
+        return on_device(ids, device).long()
 
     def _culture_id(self, c) -> int:
         if isinstance(c, str):
@@ -296,8 +297,9 @@ class Instrument:
         return int(c)
 
     def _set_ids(self, set_ids, batch_size: int) -> torch.Tensor:
-        """int32 [B] ablation set ids (CPU); one value applies to every row."""
-        ids = torch.as_tensor(set_ids).reshape(-1).cpu()
+        """int32 [B] ablation set ids (where given; moved per layer device by Batch.on); one
+        value applies to every row."""
+        ids = torch.as_tensor(set_ids).reshape(-1)
         if ids.numel() == 1:
             ids = ids.expand(batch_size)
         if ids.numel() != batch_size:
@@ -308,24 +310,17 @@ class Instrument:
     def _commit_counts(self, batch: Batch) -> None:
         # Committed when layer 0 runs, so a batch set but never run counts nothing.
         if batch.culture is not None:
-            self._T += count_per_culture(batch.culture, len(self.cultures)).to(self._T.device)
-            self._items += batch.items
+            T, _ = self.totals.counts(batch.culture.device)
+            T += count_per_culture(batch.culture, len(self.cultures))
+            _, items = self.totals.counts(batch.items.device)
+            items += batch.items
 
     # -- results -------------------------------------------------------------------------
     def stats(self) -> Stats:
         """The statistics so far, on the CPU (the totals stay where they are)."""
         if not self.recording:
             raise UsageError("this instrument does not record (no cultures were given)")
-        stack = lambda name: torch.stack([getattr(s, name).cpu() for s in self.sites], dim=1)
-        return Stats(
-            cultures=list(self.cultures),
-            fingerprint=self.fingerprint,
-            activation=self.activation,
-            scope=self.scope,
-            T=self._T.cpu(), K=stack("K"), S=stack("S"), Q=stack("Q"),
-            items=self._items.clone(),
-            options=dict(self.options),
-        )  # fmt: skip
+        return self.totals.stats()
 
     # -- attach / detach -----------------------------------------------------------------
     def detach(self) -> None:
