@@ -2,14 +2,16 @@
 inside an nnsight wrapper.
 
     lm = nnsight.NNsight(model)                     # or nnsight.LanguageModel(model, tokenizer=tok)
-    stats = Stats.zeros(cultures, models.fingerprint(model))
+    totals = Totals(cultures, models.fingerprint(model))
     with lm.trace(**batch):
-        record_in_trace(lm, stats, culture=item_culture, weights=batch["attention_mask"])
+        record_in_trace(lm, totals, culture=item_culture, weights=batch["attention_mask"])
     with lm.trace(**batch):
         record_in_trace(lm, masks=masks, set_ids=item_set)   # ablate, no recording
         logits = lm.output.logits.save()
+    stats = totals.stats()                          # the one copy to the host
 
-No patching: nnsight's own module access plus :mod:`culture_neurons.instrument.functional`.
+No patching: nnsight's own module access plus :mod:`culture_neurons.instrument.functional`,
+so the statistics stay on each layer's device until asked for (see there).
 The other way also works: attach an :class:`~culture_neurons.instrument.Instrument` to the HF
 model (``hf_model(lm)``) and call ``set_batch`` before each trace; see :func:`instrument`.
 """
@@ -24,7 +26,6 @@ from culture_neurons.instrument import functional as F
 from culture_neurons.instrument.instrument import live_instrument
 from culture_neurons.masks import Masks
 from culture_neurons.models import adapters
-from culture_neurons.stats import Stats
 
 __all__ = ["hf_model", "instrument", "mlp_paths", "record_in_trace"]
 
@@ -56,7 +57,7 @@ def mlp_paths(model) -> list[str]:
 
 def record_in_trace(
     model,
-    stats: Stats | None = None,
+    totals: F.Target | None = None,
     culture: torch.Tensor | int | None = None,
     weights: torch.Tensor | None = None,
     *,
@@ -70,15 +71,18 @@ def record_in_trace(
     ``activation="gate"``) and ``mlp.down_proj.input`` (``activation="post"``); nothing is
     patched. With ``masks``, each row's set's neurons are zeroed in ``act_fn.output`` (so
     ``h = a * up`` is zero there) and the statistics see the ablated values, as with the
-    Instrument. Layers are visited in forward order, as nnsight requires.
+    Instrument. Layers are visited in forward order, as nnsight requires. The per-row ids are
+    built once per call, on the first layer's device.
 
     Args:
         model: ``nnsight.NNsight`` (or ``LanguageModel`` / ``TransformersModel``) over a
             supported HF model.
-        stats: where to add T, K, S, Q (and items); None = no recording.
+        totals: a :class:`~culture_neurons.instrument.Totals` where T, K, S, Q (and items)
+            go, on each layer's device (a Stats works too, at the cost stated in
+            :mod:`culture_neurons.instrument.functional`); None = no recording.
         culture: ``[B]`` per item or ``[B, T]`` per token; -1 = not counted.
         weights: ``[B, T]`` 0/1 token weights, e.g. the batch's ``attention_mask`` (padding
-            is then not counted; ``tokens.token_weights`` builds the other scopes). None = all.
+            is then not counted; ``rows.token_weights`` builds the other scopes). None = all.
         masks, set_ids: ablate ``set_ids`` (``[B]`` or ``[B, T]``, -1 = none) rows' sets.
         count: add the forward's tokens to ``T`` (and, with ``culture`` per item ``[B]``, its
             items to ``items``); set False when several traces share one forward's count.
@@ -91,28 +95,32 @@ def record_in_trace(
             an Instrument with the ``fused`` backend attached to the same model (its fused op
             never calls ``act_fn``, so nnsight would never see ``act_fn.output``).
     """
-    if stats is None and masks is None:
-        raise UsageError("record_in_trace: give stats (to record), masks (to ablate), or both")
-    if stats is not None and culture is None:
-        raise UsageError("record_in_trace: stats given without culture ids; pass culture")
+    if totals is None and masks is None:
+        raise UsageError("record_in_trace: give totals (to record), masks (to ablate), or both")
+    if totals is not None and culture is None:
+        raise UsageError("record_in_trace: totals given without culture ids; pass culture")
     if (masks is None) != (set_ids is None):
         raise UsageError("record_in_trace: masks and set_ids go together; pass both or neither")
     _refuse_fused(model)
-    lead = None
+    ids = None
     for layer, path in enumerate(mlp_paths(model)):
         mlp = model.get(path)
         a = mlp.act_fn.output
-        lead = a.shape[:-1]
         if masks is not None:
-            a = F.ablate(a, masks, layer, set_ids)
-            mlp.act_fn.output = a
-        if stats is None:
+            if a.requires_grad and torch.is_grad_enabled():  # autograd needs a's old value
+                a = F.ablate(a, masks, layer, set_ids)
+                mlp.act_fn.output = a
+            else:  # in place: no [B, T, N] copy per layer
+                F.ablate_(a, masks, layer, set_ids)
+        if totals is None:
             continue
-        if stats.activation == "post":
+        if ids is None:  # once per forward: every layer sees the same [B, T] rows
+            ids = F.row_ids(culture, a.shape[:-1], weights, device=a.device)
+            if count:
+                _count(totals, culture, ids)
+        if totals.activation == "post":
             a = mlp.down_proj.input
-        F.accumulate(stats, layer, a, culture, weights)
-    if stats is not None and count:
-        _count(stats, culture, weights, lead)
+        F.accumulate(totals, layer, a, ids)
 
 
 def _refuse_fused(model) -> None:
@@ -128,12 +136,12 @@ def _refuse_fused(model) -> None:
             )
 
 
-def _count(stats: Stats, culture, weights, lead: torch.Size) -> None:
-    """T (and, for per-item ids ``[B]``, items) of one forward whose MLP rows are ``lead``."""
+def _count(totals: F.Target, culture, ids: torch.Tensor) -> None:
+    """T from the forward's per-row ``ids`` and, for per-item culture ids ``[B]``, items."""
+    F.count_tokens(totals, ids)
     culture = torch.as_tensor(culture)
-    F.count_tokens(stats, F.row_ids(culture, lead, weights))
-    if culture.dim() == 1 and len(lead) > 1:
-        F.count_items(stats, culture)
+    if culture.dim() == 1 and ids.dim() > 1:
+        F.count_items(totals, culture)
 
 
 def instrument(model, cultures: list[str] | None = None, masks: Masks | None = None, **kwargs):

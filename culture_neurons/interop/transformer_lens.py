@@ -7,10 +7,10 @@ from collections.abc import Callable
 import torch
 
 from culture_neurons.instrument import functional as F
+from culture_neurons.instrument.rows import on_device
 from culture_neurons.interop.sets import set_pairs
 from culture_neurons.kernels.ops import act
 from culture_neurons.masks import Masks
-from culture_neurons.stats import Stats
 
 __all__ = ["TL_HOOK", "to_transformer_lens", "transformer_lens_hooks",
            "transformer_lens_record_hooks"]  # fmt: skip
@@ -48,42 +48,50 @@ def transformer_lens_hooks(
 
 
 def transformer_lens_record_hooks(
-    stats: Stats, culture: torch.Tensor | int, weights: torch.Tensor | None = None
+    totals: F.Target, culture: torch.Tensor | int, weights: torch.Tensor | None = None
 ) -> list[tuple[str, Callable[[torch.Tensor, object], None]]]:
-    """``fwd_hooks`` adding one forward's K, S, Q of every layer into ``stats``.
+    """``fwd_hooks`` adding one forward's K, S, Q of every layer into ``totals``.
 
     ``activation="gate"`` reads ``blocks.{l}.mlp.hook_pre`` (x @ W_gate; TL has no hook on
-    ``act(pre)`` alone in a gated MLP) and applies ``stats.fingerprint.act_fn``;
-    ``"post"`` reads ``hook_post``. Tokens are counted apart, once per forward::
+    ``act(pre)`` alone in a gated MLP) and applies ``totals.fingerprint.act_fn``;
+    ``"post"`` reads ``hook_post``. The statistics stay on each block's device (a
+    :class:`~culture_neurons.instrument.Totals`; a Stats works too, at the cost stated in
+    :mod:`culture_neurons.instrument.functional`). Tokens are counted apart, once per forward::
 
-        functional.count_tokens(stats, item_culture, attention_mask)
+        totals = Totals(cultures, fingerprint)
+        functional.count_tokens(totals, item_culture, attention_mask)
         tl_model.run_with_hooks(tokens, fwd_hooks=transformer_lens_record_hooks(
-            stats, item_culture, attention_mask))
+            totals, item_culture, attention_mask))
+        stats = totals.stats()
 
     Args:
         culture: ``[batch]`` or ``[batch, pos]`` culture ids, -1 = not counted.
         weights: ``[batch, pos]`` 0/1 token weights (TL pads too: pass its attention mask).
     """
-    gate = stats.activation == "gate"
+    gate = totals.activation == "gate"
     hook_name = "blocks.{layer}.mlp.hook_pre" if gate else TL_HOOK
-    act_fn = stats.fingerprint.act_fn
+    act_fn = totals.fingerprint.act_fn
 
     def record(layer: int):
         def hook(value: torch.Tensor, hook=None) -> None:
             a = act(value.float(), act_fn) if gate else value
-            F.accumulate(stats, layer, a, culture, weights)
+            F.accumulate(totals, layer, a, culture, weights)
 
         return hook
 
-    L = stats.fingerprint.num_layers
+    L = totals.fingerprint.num_layers
     return [(hook_name.format(layer=layer), record(layer)) for layer in range(L)]
 
 
 def _zero_hook(indices: list[int]) -> Callable[[torch.Tensor, object], torch.Tensor]:
     index = torch.tensor(indices, dtype=torch.long)
+    on = {}  # device -> the indices there, moved once (a blocking copy per call would sync)
 
     def hook(activation: torch.Tensor, hook=None) -> torch.Tensor:
-        activation[..., index.to(activation.device)] = 0
+        dev = activation.device
+        if dev not in on:
+            on[dev] = on_device(index, dev)
+        activation[..., on[dev]] = 0
         return activation
 
     return hook

@@ -1,5 +1,5 @@
 """The functional API against plain-PyTorch references written here, row by row, and against
-the Instrument on a tiny model."""
+the Instrument on a tiny model; into a Totals (on the device) and, for compatibility, a Stats."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from stats_reference import act
 
 import culture_neurons as cn
 from culture_neurons.errors import StatsMismatchError, UnsupportedModelError, UsageError
+from culture_neurons.instrument import Totals
 from culture_neurons.instrument import functional as F
 from culture_neurons.masks import Masks
 from culture_neurons.models import adapters
@@ -33,6 +34,21 @@ def random_stats(L: int, N: int, activation: str = "gate", act_fn: str = "silu")
     st.Q += torch.rand(st.Q.shape, generator=gen, dtype=torch.float64)
     st.T += 7
     return st
+
+
+@pytest.fixture(params=["totals", "stats"])
+def into(request):
+    """``into(stats) -> (target, result)``: what the functional calls add into (a Totals
+    continuing from ``stats``, or ``stats`` itself) and how to read it back as Stats."""
+
+    def make(st: Stats):
+        if request.param == "stats":
+            return st, lambda: st
+        totals = Totals.like(st)
+        totals.start_from(st)
+        return totals, totals.stats
+
+    return make
 
 
 def random_rows(lead: tuple[int, ...], C: int = len(CULTURES), seed: int = 0):
@@ -80,37 +96,59 @@ def check_layer(before: Stats, after: Stats, layer: int, want, rtol: float) -> N
 
 
 @pytest.mark.parametrize("lead,N", [((1,), 1), ((7,), 33), ((130,), 67), ((3, 11), 20)])
-def test_accumulate_matches_reference(lead, N):
+def test_accumulate_matches_reference(lead, N, into):
     st = random_stats(L=3, N=N)
     before = st.clone()
+    target, result = into(st)
     a = torch.randn(*lead, N) * 2  # never zeros: both signs, so K is tested
     culture, weights = random_rows(lead)
-    F.accumulate(st, 1, a, culture, weights)
+    F.accumulate(target, 1, a, culture, weights)
     # fp32 sums within a row chunk (<= 130 terms: <= 130 * 2^-24 relative to sum|a|), then fp64.
-    check_layer(before, st, 1, reference(a, culture, weights, len(CULTURES)), rtol=1e-5)
+    check_layer(before, result(), 1, reference(a, culture, weights, len(CULTURES)), rtol=1e-5)
 
 
-def test_accumulate_per_item_ids_and_no_weights():
+def test_accumulate_per_item_ids_and_no_weights(into):
     """culture [B] for a [B, T, N] tensor means every token of item b; weights default to 1."""
     st = random_stats(L=2, N=9)
     before = st.clone()
+    target, result = into(st)
     a = torch.randn(3, 5, 9).to(torch.bfloat16)  # any float dtype: bf16 values are exact in fp64
     item = torch.tensor([2, -1, 0])
-    F.accumulate(st, 0, a, item)
+    F.accumulate(target, 0, a, item)
     per_row = item.view(3, 1).expand(3, 5)
-    check_layer(before, st, 0, reference(a, per_row, None, len(CULTURES)), rtol=1e-5)
+    check_layer(before, result(), 0, reference(a, per_row, None, len(CULTURES)), rtol=1e-5)
 
 
-def test_count_tokens_once_per_forward():
-    st = Stats.zeros(CULTURES, fingerprint(2, 4))
+def test_count_tokens_once_per_forward(into):
+    target, result = into(Stats.zeros(CULTURES, fingerprint(2, 4)))
     item = torch.tensor([1, 3, 1, -1])
     weights = torch.tensor([[1, 1, 0], [0, 1, 1], [1, 1, 1], [1, 1, 1]])
-    F.count_tokens(st, item, weights)
-    F.count_items(st, item)
-    assert st.T.tolist() == [0, 2 + 3, 0, 2]
-    assert st.items.tolist() == [0, 2, 0, 1]
-    F.count_tokens(st, torch.tensor([[0, -1], [2, 2]]))  # per-row ids, no weights
-    assert st.T.tolist() == [1, 5, 2, 2]
+    F.count_tokens(target, item, weights)
+    F.count_items(target, item)
+    assert result().T.tolist() == [0, 2 + 3, 0, 2]
+    assert result().items.tolist() == [0, 2, 0, 1]
+    F.count_tokens(target, torch.tensor([[0, -1], [2, 2]]))  # per-row ids, no weights
+    assert result().T.tolist() == [1, 5, 2, 2]
+
+
+def test_totals_and_stats_give_identical_numbers():
+    """The compatibility path (a Stats) and the device path (a Totals) add the same fp32 chunk
+    sums into fp64 in the same order: bit-equal, over several calls and layers."""
+    st = random_stats(L=3, N=21)
+    totals = Totals.like(st)
+    totals.start_from(st)
+    gen = torch.Generator().manual_seed(5)
+    for call in range(4):
+        lead = (2, 9 + call)
+        a, gate, up = (torch.randn(*lead, 21, generator=gen) for _ in range(3))
+        culture, weights = random_rows(lead, seed=call)
+        for target in (st, totals):
+            F.count_tokens(target, culture, weights)
+            F.accumulate(target, call % 3, a, culture, weights)
+            F.accumulate_mlp(target, (call + 1) % 3, gate, up, culture, weights)
+    got = totals.stats()
+    for name in ("T", "K", "S", "Q", "items"):
+        assert torch.equal(getattr(got, name), getattr(st, name)), name
 
 
 @pytest.mark.parametrize(
@@ -136,22 +174,23 @@ def test_accumulate_refuses_bad_input(call, error):
 @pytest.mark.parametrize("act_fn", ["silu", "gelu_tanh"])
 @pytest.mark.parametrize("activation", ["gate", "post"])
 @pytest.mark.parametrize("lead,N", [((1,), 1), ((7,), 33), ((4, 29), 67)])
-def test_accumulate_mlp_matches_reference(act_fn, activation, lead, N):
+def test_accumulate_mlp_matches_reference(act_fn, activation, lead, N, into):
     st = random_stats(L=2, N=N, activation=activation, act_fn=act_fn)
     before = st.clone()
+    target, result = into(st)
     gen = torch.Generator().manual_seed(3)
     # Clamped below: fp32 GELU-tanh rounds to 0 below g ~ -5 where fp64 keeps a tiny value
     # whose sign (that of -up in "post") would make K differ by rounding (see conftest).
     gate = (torch.randn(*lead, N, generator=gen) * 2).clamp(min=-4.5)
     up = torch.randn(*lead, N, generator=gen)
     culture, weights = random_rows(lead, seed=4)
-    h = F.accumulate_mlp(st, 1, gate, up, culture, weights)
+    h = F.accumulate_mlp(target, 1, gate, up, culture, weights)
     eager = tF.silu(gate) if act_fn == "silu" else tF.gelu(gate, approximate="tanh")
     assert torch.equal(h, eager * up), "h must be exactly the eager act(gate) * up"
     a = act(gate.double(), act_fn)
     a = a if activation == "gate" else a * up.double()
     # fp32 sums within the call (as the fused backend) vs fp64: 1e-5 relative (conftest).
-    check_layer(before, st, 1, reference(a, culture, weights, len(CULTURES)), rtol=1e-5)
+    check_layer(before, result(), 1, reference(a, culture, weights, len(CULTURES)), rtol=1e-5)
 
 
 def test_accumulate_mlp_refuses_contradicting_mode():
@@ -242,15 +281,16 @@ def test_mlp_forward_equals_instrument_on_tiny_llama():
         want_logits = inst(item, set_ids=sets, **inputs).logits
         want = inst.stats()
 
-    st = Stats.zeros(CULTURES, fp)
+    totals = Totals(CULTURES, fp)
     w = inputs["attention_mask"]
-    F.count_tokens(st, torch.tensor(item), w)
-    F.count_items(st, torch.tensor(item))
+    F.count_tokens(totals, torch.tensor(item), w)
+    F.count_items(totals, torch.tensor(item))
 
     def hook(layer):
         def replace(mlp, args, out):
-            return F.mlp_forward(mlp, args[0], layer=layer, stats=st, culture=torch.tensor(item),
-                                 weights=w, masks=masks, set_ids=torch.tensor(sets))  # fmt: skip
+            return F.mlp_forward(mlp, args[0], layer=layer, totals=totals,
+                                 culture=torch.tensor(item), weights=w, masks=masks,
+                                 set_ids=torch.tensor(sets))  # fmt: skip
 
         return replace
 
@@ -262,12 +302,31 @@ def test_mlp_forward_equals_instrument_on_tiny_llama():
     finally:
         for h in handles:
             h.remove()
+    st = totals.stats()
     assert torch.equal(logits, want_logits)
     assert torch.equal(st.T, want.T) and torch.equal(st.items, want.items)
     assert torch.equal(st.K, want.K), f"K differs at {(st.K != want.K).nonzero()[0].tolist()}"
-    # Same fused op, same fp32 partial sums: equal up to fp64 rounding of the fold.
-    assert torch.allclose(st.S, want.S, rtol=1e-12, atol=1e-12)
-    assert torch.allclose(st.Q, want.Q, rtol=1e-12, atol=1e-12)
+    # Same fused op adding into int64 / fp64 [C, N] totals in the same order: equal bit for bit.
+    assert torch.equal(st.S, want.S) and torch.equal(st.Q, want.Q)
+
+
+def test_keep_masks_are_built_once_and_freed_with_their_masks(monkeypatch):
+    masks = hand_masks()
+    built = []
+    real = Masks.keep_mask
+    monkeypatch.setattr(Masks, "keep_mask", lambda self, *a, **k: built.append(k) or real(self, *a, **k))
+    h = torch.randn(4, 12)
+    for _ in range(3):  # three forwards
+        for layer in range(3):
+            F.ablate_(h.clone(), masks, layer, 0)
+            F.accumulate_mlp(None, layer, h, h, masks=masks, set_ids=1)
+    assert len(built) == 3, "one keep mask per (masks, layer, device), never one per call"
+    assert F.keep_mask(masks, 1, "cpu", torch.uint8) is F.keep_mask(masks, 1, "cpu", torch.uint8)
+    del masks
+    import gc
+
+    gc.collect()
+    assert not F._KEEP._by_masks, "the cache must not keep dead masks (or their tensors) alive"
 
 
 class GemmaLikeMLP(torch.nn.Module):

@@ -13,6 +13,7 @@ from conftest import short_batch
 import culture_neurons as cn
 from culture_neurons import interop
 from culture_neurons.errors import UsageError
+from culture_neurons.instrument import Totals
 from culture_neurons.instrument import functional as F
 from culture_neurons.masks import Masks
 from culture_neurons.models import adapters
@@ -61,9 +62,9 @@ def test_transformer_lens_hooks_zero_exactly_those_indices():
 def test_transformer_lens_record_hooks_equal_accumulate(activation):
     """Hooks fed TL-shaped tensors add what functional.accumulate adds for a = act(pre) / post."""
     item, weights = torch.tensor([2, -1, 0]), torch.tensor([[1, 1, 0], [1, 1, 1], [0, 1, 1]])
-    got = Stats.zeros(CULTURES, FP, activation=activation)
+    totals = Totals(CULTURES, FP, activation=activation)
     want = Stats.zeros(CULTURES, FP, activation=activation)
-    hooks = interop.transformer_lens_record_hooks(got, item, weights)
+    hooks = interop.transformer_lens_record_hooks(totals, item, weights)
     kind = "hook_pre" if activation == "gate" else "hook_post"
     assert [name for name, _ in hooks] == [f"blocks.{l}.mlp.{kind}" for l in range(4)]
     gen = torch.Generator().manual_seed(0)
@@ -72,6 +73,7 @@ def test_transformer_lens_record_hooks_equal_accumulate(activation):
         hook(value, None)
         a = torch.nn.functional.silu(value) if activation == "gate" else value
         F.accumulate(want, layer, a, item, weights)
+    got = totals.stats()
     assert torch.equal(got.K, want.K) and torch.equal(got.S, want.S)
     assert int(got.K.sum()) > 0 and torch.equal(got.T, want.T)
 
@@ -154,21 +156,23 @@ def test_mlp_paths_find_the_decoder_mlps(llama):
     assert interop.mlp_paths(model) == [f"model.layers.{i}.mlp" for i in range(3)]
 
 
+@pytest.mark.parametrize("kind", ["totals", "stats"])
 @pytest.mark.parametrize("activation", ["gate", "post"])
-def test_record_in_nnsight_trace_equals_instrument(llama, reference, activation):
+def test_record_in_nnsight_trace_equals_instrument(llama, reference, activation, kind):
     nnsight = pytest.importorskip("nnsight", reason="nnsight not installed (pip install nnsight)")
     model, inputs, masks = llama
     item, sets = ITEM, SETS
     want, want_logits = reference[activation]
 
     lm = nnsight.NNsight(model)
-    stats = Stats.zeros(CULTURES, adapters.fingerprint(model), activation=activation)
+    make = Totals if kind == "totals" else Stats.zeros
+    target = make(CULTURES, adapters.fingerprint(model), activation=activation)
     with torch.no_grad(), lm.trace(**inputs):
-        interop.record_in_trace(lm, stats, torch.tensor(item), inputs["attention_mask"],
+        interop.record_in_trace(lm, target, torch.tensor(item), inputs["attention_mask"],
                                 masks=masks, set_ids=torch.tensor(sets))  # fmt: skip
         logits = lm.output.logits.save()
     assert torch.equal(logits, want_logits)
-    assert_same_stats(stats, want)
+    assert_same_stats(target.stats() if kind == "totals" else target, want)
 
 
 def test_instrument_under_nnsight_trace_equals_plain(llama, reference):
@@ -196,11 +200,11 @@ def test_record_in_trace_refuses_nothing_to_do(llama):
     nnsight = pytest.importorskip("nnsight", reason="nnsight not installed (pip install nnsight)")
     model, inputs, masks = llama
     lm = nnsight.NNsight(model)
-    with pytest.raises(UsageError, match="give stats"):
+    with pytest.raises(UsageError, match="give totals"):
         interop.record_in_trace(lm)
     with pytest.raises(UsageError, match="together"):
         interop.record_in_trace(lm, masks=masks)
-    stats = Stats.zeros(CULTURES, adapters.fingerprint(model))
+    totals = Totals(CULTURES, adapters.fingerprint(model))
     with cn.Instrument(model, CULTURES, backend="fused"):
         with pytest.raises(UsageError, match="fused backend"):
-            interop.record_in_trace(lm, stats, 0)
+            interop.record_in_trace(lm, totals, 0)
