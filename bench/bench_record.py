@@ -1,117 +1,321 @@
-"""Whole-model forward: plain vs recording with the hooks backend vs the fused backend.
+"""Whole-model recording: every way to take per-culture statistics, against the plain forward.
 
-Providers (same model, same batch, one process, interleaved repeats so that machine noise
-hits all of them alike):
-  plain   model(**batch), nothing attached
-  hooks   culture_neurons.record(..., backend="hooks"): PyTorch forward hooks (the reference)
-  fused   culture_neurons.record(..., backend="fused"): the MLP forward replaced by one op
-          (Triton on CUDA, chunked PyTorch on CPU)
+Providers (same model, same batch and rows per forward, one process, interleaved rounds so
+that machine noise hits all of them alike; each is attached before its forward and detached
+after, outside the timing, with its totals allocated at attach as a long run amortises them):
 
-Cases: the tiny model of every family (tiny batch with images) and a mid-size decoder
-(Qwen2 text config, see MID below) on random token ids. Reports median seconds and the
-ratios hooks/plain and fused/plain; ``--json PATH`` writes them.
+  plain          model(**batch), nothing attached
+  hand_hooks     what a researcher writes by hand: a forward hook on each act_fn taking, per
+                 culture of the batch, fp32 (a > 0).sum, a.sum, (a * a).sum over its rows
+  store          hook-and-store (TransformerLens' run_with_cache style): keep every layer's
+                 activation during the forward, reduce per culture after it
+  hooks          culture_neurons.record(..., backend="hooks"): PyTorch hooks, the reference
+  functional     the functional API in a forward hook on each act_fn: one Totals, row ids
+                 and T once per forward, F.accumulate per layer
+  nnsight_plain  an nnsight trace with nothing in it (the baseline of nnsight's own cost);
+                 nnsight providers run on a copy of the model, as wrapping patches modules
+  nnsight        record_in_trace(lm, totals, ...) inside the trace
+  fused          culture_neurons.record(..., backend="fused"): one op per MLP (Triton on CUDA,
+                 chunked PyTorch on the CPU)
 
-    python bench/bench_record.py [--quick] [--json out.json] [--device cuda]
+Cases: the tiny model of every family (4 prompts with images), the trained toy (8 encoded
+items), and a realistic width (Qwen2 text config: hidden 896, intermediate 4736, 4 layers) on
+random token ids. Times are medians; ratios to ``plain`` in the same run, and
+``fused_over_hand_hooks``. Peak memory (``peak_mib``) is measured in a separate untimed
+forward per provider by :func:`culture_neurons.testing.memory.peak_bytes`, the same way for
+every provider: the highest live tensor bytes during the forward above those at its start
+(CUDA: the allocator's max_memory_allocated; CPU: the profiler's allocation events).
+``layer_rows_mib`` is one layer's ``[rows, N]`` fp32 temporary, the yardstick of the targets.
+
+    python bench/bench_record.py [--quick] [--json out.json] [--device cuda] [--repeats 10]
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import importlib.util
 import json
 import platform
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
 import transformers
 
 import culture_neurons as cn
+from culture_neurons.instrument import Totals
+from culture_neurons.instrument import functional as F
+from culture_neurons.models import adapters
+from culture_neurons.testing.memory import peak_bytes
 from culture_neurons.testing.tiny import TINY_FAMILIES, tiny_batch, tiny_model, tiny_processor
 
-# Mid-size decoder: a Qwen2-7B layer shrunk 4x in width (7B: hidden 3584, intermediate 18944,
-# 28 layers) so that a CPU forward takes a fraction of a second.
+# Realistic width: a Qwen2-7B layer shrunk 4x in width (7B: hidden 3584, intermediate 18944,
+# 28 layers) so that a CPU forward takes about a second.
 MID = dict(hidden_size=896, intermediate_size=4736, num_hidden_layers=4, num_attention_heads=14,
            num_key_value_heads=2, vocab_size=4096)  # fmt: skip
-MID_TOKENS = (4, 256)  # batch, sequence
+MID_TOKENS = (4, 256)  # batch, sequence (--quick: 2 x 128)
 CULTURES = [f"c{i}" for i in range(25)]  # CVQA's 25 culture groups
+HAS_NNSIGHT = importlib.util.find_spec("nnsight") is not None
+
+Forward = Callable[[], object]
+
+
+# --- providers: each attach(model, batch, culture) -> (forward, detach) ------------------------
+
+
+def _rows(batch: dict, culture: list[int]) -> torch.Tensor:
+    """int64 [B*T] culture id per token row, -1 on padding (what every provider counts)."""
+    mask = batch["attention_mask"].bool()
+    ids = torch.tensor(culture, device=mask.device)[:, None].expand_as(mask)
+    return torch.where(mask, ids, -1).reshape(-1)
+
+
+class HandTotals:
+    """The by-hand statistics: fp32 per culture per forward, added into int64 / fp64 totals."""
+
+    def __init__(self, model, culture: list[int]):
+        fp = adapters.fingerprint(model)
+        dev = next(model.parameters()).device
+        C, L, N = len(CULTURES), fp.num_layers, fp.num_neurons
+        self.K = torch.zeros(C, L, N, dtype=torch.int64, device=dev)
+        self.S = torch.zeros(C, L, N, dtype=torch.float64, device=dev)
+        self.Q = torch.zeros(C, L, N, dtype=torch.float64, device=dev)
+        self.present = sorted({c for c in culture if c >= 0})
+        self.rows = None
+
+    def add(self, layer: int, a: torch.Tensor) -> None:
+        x = a.detach().float().reshape(-1, a.shape[-1])
+        for c in self.present:
+            xc = x[self.rows == c]
+            self.K[c, layer] += (xc > 0).sum(0)
+            self.S[c, layer] += xc.sum(0)
+            self.Q[c, layer] += (xc * xc).sum(0)
+
+
+def _act_hooks(model, hook_of: Callable[[int], Callable]) -> Callable[[], None]:
+    handles = [mlp.act_fn.register_forward_hook(hook_of(layer))
+               for layer, mlp in enumerate(adapters.decoder_mlps(model))]  # fmt: skip
+    return lambda: [h.remove() for h in handles]
+
+
+def plain(model, batch, culture):
+    return (lambda: model(**batch)), (lambda: None)
+
+
+def hand_hooks(model, batch, culture):
+    hand = HandTotals(model, culture)
+
+    def hook_of(layer):
+        return lambda module, args, a: hand.add(layer, a)
+
+    def forward():
+        hand.rows = _rows(batch, culture)
+        return model(**batch)
+
+    return forward, _act_hooks(model, hook_of)
+
+
+def store(model, batch, culture):
+    hand, cache = HandTotals(model, culture), {}
+
+    def hook_of(layer):
+        def keep(module, args, a):
+            cache[layer] = a.detach()  # run_with_cache keeps the tensor itself
+
+        return keep
+
+    def forward():
+        cache.clear()
+        out = model(**batch)
+        hand.rows = _rows(batch, culture)
+        for layer, a in cache.items():
+            hand.add(layer, a)
+        cache.clear()
+        return out
+
+    return forward, _act_hooks(model, hook_of)
+
+
+def instrument(backend: str):
+    def attach(model, batch, culture):
+        rec = cn.record(model, CULTURES, backend=backend)
+        return (lambda: rec(culture, **batch)), rec.detach
+
+    return attach
+
+
+def _totals(model) -> Totals:
+    """Totals with every layer allocated on its device (as the Instrument's are at attach)."""
+    totals = Totals(CULTURES, adapters.fingerprint(model))
+    for layer, mlp in enumerate(adapters.decoder_mlps(model)):
+        totals.layer(layer, mlp.gate_proj.weight.device)
+    return totals
+
+
+def functional(model, batch, culture):
+    totals, state = _totals(model), {}
+    item = torch.tensor(culture)
+
+    def hook_of(layer):
+        return lambda module, args, a: F.accumulate(totals, layer, a, state["ids"])
+
+    def forward():
+        mask = batch["attention_mask"]
+        state["ids"] = F.row_ids(item, mask.shape, mask, device=mask.device)
+        F.count_tokens(totals, state["ids"])
+        F.count_items(totals, item)
+        return model(**batch)
+
+    return forward, _act_hooks(model, hook_of)
+
+
+def nnsight_trace(record: bool):
+    def attach(wrapped, batch, culture):
+        from culture_neurons.interop import record_in_trace
+
+        lm, model = wrapped
+        totals, item = _totals(model), torch.tensor(culture)
+
+        def forward():
+            with lm.trace(**batch):
+                if record:
+                    record_in_trace(lm, totals, item, batch["attention_mask"])
+
+        return forward, lambda: None
+
+    return attach
+
+
+PROVIDERS = {
+    "plain": plain,
+    "hand_hooks": hand_hooks,
+    "store": store,
+    "hooks": instrument("hooks"),
+    "functional": functional,
+    "nnsight_plain": nnsight_trace(record=False),
+    "nnsight": nnsight_trace(record=True),
+    "fused": instrument("fused"),
+}
+NNSIGHT = ("nnsight_plain", "nnsight")
+
+
+# --- measurement -------------------------------------------------------------------------------
 
 
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)
 
 
-def time_providers(model, batch: dict, device: torch.device, repeats: int) -> dict[str, float]:
-    """Median seconds per forward of each provider, repeats interleaved."""
-    B = batch["input_ids"].shape[0]
-    culture = [i % len(CULTURES) for i in range(B)]
-    recorders = {
-        "hooks": lambda: cn.record(model, CULTURES, backend="hooks"),
-        "fused": lambda: cn.record(model, CULTURES, backend="fused"),
-    }
-    times: dict[str, list[float]] = {"plain": [], "hooks": [], "fused": []}
+def measure(model, batch: dict, culture: list[int], device, repeats: int, names: list[str]):
+    """(median seconds, peak MiB) per provider; rounds interleaved, the first one dropped."""
+    wrapped = None
+    if any(n in NNSIGHT for n in names):
+        import nnsight
+
+        twin = copy.deepcopy(model)  # nnsight patches the modules it wraps: keep them apart
+        wrapped = (nnsight.NNsight(twin), twin)
+    target = {n: wrapped if n in NNSIGHT else model for n in names}
+    times: dict[str, list[float]] = {n: [] for n in names}
+    peaks: dict[str, float] = {}
     with torch.no_grad():
-        for rep in range(repeats + 1):  # the first round warms up and is dropped
-            for name in times:
-                inst = recorders[name]() if name in recorders else None
-                _sync(device)
-                t0 = time.perf_counter()
-                if inst is None:
-                    model(**batch)
-                else:
-                    inst(culture, **batch)
-                _sync(device)
-                dt = time.perf_counter() - t0
-                if inst is not None:
-                    inst.detach()
-                if rep:
-                    times[name].append(dt)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+        for rnd in range(repeats + 2):  # round 0 warms up; the last measures memory
+            for name in names:
+                forward, detach = PROVIDERS[name](target[name], batch, culture)
+                try:
+                    if rnd == repeats + 1:
+                        peaks[name] = peak_bytes(forward, device) / 2**20
+                        continue
+                    _sync(device)
+                    t0 = time.perf_counter()
+                    forward()
+                    _sync(device)
+                    if rnd:
+                        times[name].append(time.perf_counter() - t0)
+                finally:
+                    detach()
+    return {n: statistics.median(ts) for n, ts in times.items()}, peaks
 
 
-def cases(quick: bool, device: torch.device):
-    families = TINY_FAMILIES[:3] if quick else TINY_FAMILIES
-    for family in families:
-        model = tiny_model(family).to(device)
+def cases(quick: bool, device: torch.device, only: str = ""):
+    """(name, model, batch, culture per item) of every case whose name contains ``only``."""
+    for family in TINY_FAMILIES[:3] if quick else TINY_FAMILIES:
+        if only not in f"tiny-{family}":
+            continue
+        model = tiny_model(family).to(device).eval()
         batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v
                  for k, v in tiny_batch(family, tiny_processor(family), n=4).items()}  # fmt: skip
-        yield f"tiny-{family}", model, batch
+        yield f"tiny-{family}", model, batch, [i % len(CULTURES) for i in range(4)]
+    if not quick and only in "toy":
+        from culture_neurons.demo.toy import toy
+        from culture_neurons.scoring.prompting import encode
+
+        t = toy()
+        items = [t.data.items_by_culture[c][i] for i in range(2) for c in t.data.cultures[:4]]
+        model = t.model.to(device).eval()
+        culture = [t.data.cultures.index(it.culture) for it in items]
+        yield f"toy-{len(items)}items", model, encode(model, t.processor, items, device), culture
+    if only not in "mid-qwen2":
+        return
     torch.manual_seed(0)
     config = transformers.Qwen2Config(**MID)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = transformers.Qwen2ForCausalLM(config).to(device, dtype).eval()
     B, T = MID_TOKENS if not quick else (2, 128)
     ids = torch.randint(0, MID["vocab_size"], (B, T), device=device)
-    yield f"mid-qwen2-{B}x{T}", model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    yield f"mid-qwen2-{B}x{T}", model, batch, [i % len(CULTURES) for i in range(B)]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="three tiny families, fewer repeats")
+    ap.add_argument("--quick", action="store_true",
+                    help="three tiny families and a smaller mid batch, no toy, 3 repeats")
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--case", default="", help="run only the cases whose name contains this")
     args = ap.parse_args()
     device = torch.device(args.device)
     repeats = args.repeats or (3 if args.quick else 10)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
-    print(f"# bench_record: {device.type} {name or platform.machine()}, "
-          f"{torch.get_num_threads()} threads, torch {torch.__version__}, "
-          f"transformers {transformers.__version__}; median of {repeats}")  # fmt: skip
-    print(f"{'case':<28}{'plain s':>10}{'hooks s':>10}{'fused s':>10}{'hooks/plain':>13}"
-          f"{'fused/plain':>13}")  # fmt: skip
+    names = [n for n in PROVIDERS if HAS_NNSIGHT or n not in NNSIGHT]
+    machine = torch.cuda.get_device_name(device) if device.type == "cuda" else (
+        platform.processor() or platform.machine())  # fmt: skip
+    versions = {"torch": torch.__version__, "transformers": transformers.__version__,
+                "python": platform.python_version()}  # fmt: skip
+    if HAS_NNSIGHT:
+        import nnsight
+
+        versions["nnsight"] = nnsight.__version__
+    print(f"# bench_record: {device.type} {machine}, {torch.get_num_threads()} threads, "
+          + ", ".join(f"{k} {v}" for k, v in versions.items())
+          + f"; median of {repeats}; peak MiB above the forward's start")  # fmt: skip
+    head = "".join(f"{n:>15}" for n in names)
+    print(f"{'case':<24}{'rows':>6}{head}   fused/hand_hooks")
     rows = []
-    for case, model, batch in cases(args.quick, device):
-        t = time_providers(model, batch, device, repeats)
-        row = {"case": case, "plain_s": t["plain"], "hooks_s": t["hooks"], "fused_s": t["fused"],
-               "hooks_over_plain": t["hooks"] / t["plain"],
-               "fused_over_plain": t["fused"] / t["plain"]}  # fmt: skip
+    for case, model, batch, culture in cases(args.quick, device, args.case):
+        t, peak = measure(model, batch, culture, device, repeats, names)
+        R, N = batch["input_ids"].numel(), adapters.fingerprint(model).num_neurons
+        row = {"case": case, "rows": R, "neurons": N, "layer_rows_mib": R * N * 4 / 2**20}
+        row.update({f"{n}_s": t[n] for n in names})
+        row.update({f"{n}_over_plain": t[n] / t["plain"] for n in names if n != "plain"})
+        row["fused_over_hand_hooks"] = t["fused"] / t["hand_hooks"]
+        if HAS_NNSIGHT:
+            row["nnsight_over_nnsight_plain"] = t["nnsight"] / t["nnsight_plain"]
+        row["peak_mib"] = peak
         rows.append(row)
-        print(f"{case:<28}{t['plain']:>10.4f}{t['hooks']:>10.4f}{t['fused']:>10.4f}"
-              f"{row['hooks_over_plain']:>13.3f}{row['fused_over_plain']:>13.3f}")  # fmt: skip
+        ratios = "".join(f"{t[n] / t['plain']:>14.3f}x" for n in names)
+        mib = "".join(f"{peak[n]:>12.1f}MiB" for n in names)
+        print(f"{case:<24}{R:>6}{ratios}   {row['fused_over_hand_hooks']:.3f}")
+        print(f"{'  (plain ' + format(t['plain'], '.4f') + ' s)':<30}{mib}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"device": f"{device.type}: {name}", "cases": rows}, f, indent=1)
+            json.dump({"device": f"{device.type}: {machine}", "threads": torch.get_num_threads(),
+                       "versions": versions, "repeats": repeats,
+                       "peak": "live tensor bytes above the forward's start (testing.memory)",
+                       "cases": rows}, f, indent=1)  # fmt: skip
 
 
 if __name__ == "__main__":
