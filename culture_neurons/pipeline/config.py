@@ -27,7 +27,8 @@ class RunConfig:
     scoring: str = "logits"
     batch_size: int = 8  # rows per forward
     backend: str = "auto"
-    checkpoint_every: int = 20  # identification batches between statistics checkpoints
+    checkpoint_every: int = 0  # identification batches between checkpoints (0: by time only)
+    checkpoint_minutes: float = 10.0  # wall time between statistics checkpoints (run.Checkpoints)
     reuse_vision: bool = True
     task: str = "mc"  # "mc": multiple choice (accuracy); "lm": sentences (next-token NLL)
 
