@@ -36,6 +36,7 @@ import argparse
 import copy
 import importlib.util
 import json
+import os
 import platform
 import statistics
 import time
@@ -269,6 +270,16 @@ def cases(quick: bool, device: torch.device, only: str = ""):
     yield f"mid-qwen2-{B}x{T}", model, batch, [i % len(CULTURES) for i in range(B)]
 
 
+def _cpu_name() -> str:
+    """The CPU's model name and core count (Linux /proc/cpuinfo), else the platform's."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        name = platform.processor() or platform.machine()
+    return f"{name}, {os.cpu_count()} cores"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true",
@@ -281,8 +292,7 @@ def main() -> None:
     device = torch.device(args.device)
     repeats = args.repeats or (3 if args.quick else 10)
     names = [n for n in PROVIDERS if HAS_NNSIGHT or n not in NNSIGHT]
-    machine = torch.cuda.get_device_name(device) if device.type == "cuda" else (
-        platform.processor() or platform.machine())  # fmt: skip
+    machine = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
     versions = {"torch": torch.__version__, "transformers": transformers.__version__,
                 "python": platform.python_version()}  # fmt: skip
     if HAS_NNSIGHT:

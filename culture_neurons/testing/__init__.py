@@ -1,3 +1,3 @@
 """Models for tests and benchmarks, like ``torch.testing``: tiny random models of every family
-(:mod:`.tiny`) and models with planted culture neurons (:mod:`.planted`). Never imported by the
-core."""
+(:mod:`.tiny`), models with planted culture neurons (:mod:`.planted`) and the peak-memory
+measure the tests and bench_record share (:mod:`.memory`). Never imported by the core."""
