@@ -277,7 +277,8 @@ class Instrument:
 
     def _culture_ids(self, culture, batch_size: int, device: torch.device) -> torch.Tensor:
         """int64 [B] culture ids on ``device`` from names or ids; one value applies to every
-        row. Ids already on a device stay there (checked on the CPU only: no sync)."""
+        row. Values are checked where they are on the CPU; ids given on a device are neither
+        read nor copied back (no sync)."""
         if isinstance(culture, (str, int)):
             culture = [culture] * batch_size
         if isinstance(culture, (list, tuple)):
