@@ -12,16 +12,21 @@ Inputs ``g = gate_proj(x)``, ``u = up_proj(x)`` as ``[R, N]``; ``m[r, j] = 1`` w
     Q[c, j] += sum_{r: culture[r] = c} a[r, j]^2             (fp32 per tile, fp64 total)
 
 Rows with ``culture[r] = -1`` are not counted (the caller folds padding and scope into -1).
-Each program owns a ``[BLOCK_R, BLOCK_N]`` tile: it reduces the tile's rows per culture in
-registers and issues ONE atomic per (culture, column) per tile straight into the int64 / fp64
-totals (no working accumulators to fold after the call), looping over the culture ids present
-in the tile (rows of a batch are grouped by item, so a tile holds one or two cultures).
+Each program owns a ``[BLOCK_R, BLOCK_N]`` tile. It reduces the tile's rows per culture in
+registers (K, S and Q in one three-operand reduction) and issues ONE atomic per (culture,
+column) per tile straight into the int64 / fp64 totals: no working accumulators, nothing to
+fold after the call. Only the cultures the tile holds are visited: one culture (the usual case,
+rows of a batch being grouped by item) takes a loop-free path; several are stepped through in
+increasing order of the ids present, never over the gaps between them. The host may name the
+only culture of the whole call (``one_culture``), which spares the tile its search.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -34,10 +39,30 @@ from .ops import ACT_FNS, check_act_and_record_args
 # Activation ids passed as constexpr (ints compile the same on every triton >= 3.0).
 ACT_IDS = {name: i for i, name in enumerate(ACT_FNS)}  # silu: 0, gelu_tanh: 1
 
-# Tile and warps on GPU: a 64 x 128 fp32 tile is 32 values per thread per tensor at 8 warps,
-# and 64 rows per atomic keep the atomics (C_tile x 128 per tile) far below the tile's loads.
-# Not yet tuned on a card: bench/gpu_check.py measures it.
-BLOCK_R_GPU, BLOCK_N_GPU, NUM_WARPS_GPU = 64, 128, 8
+
+@dataclass(frozen=True)
+class Tile:
+    """A launch configuration: ``BLOCK_R x BLOCK_N`` elements per program, ``num_warps``."""
+
+    block_r: int
+    block_n: int
+    num_warps: int
+
+
+# One tile per GPU architecture (compute capability), each chosen by measurement on the card
+# named beside it (bench/gpu_check.py sweeps the candidates and writes its numbers to
+# bench/RESULTS.md). No card has been lent yet, so both rows hold the compile-time choice:
+# 32 x 128 at 4 warps is 32 fp32 values per thread per tensor, as 64 x 128 at 8 warps, but with
+# half the registers per CTA, so ~2x the CTAs per SM (ptxas numbers per arch and triton version:
+# bench/RESULTS.md "Compile-time numbers"), and the per-tile reductions span 4 warps, not 8.
+TILES = {
+    (8, 0): Tile(32, 128, 4),  # A100 (sm_80): not measured on a card yet
+    (9, 0): Tile(32, 128, 4),  # H100 / H200 (sm_90): not measured on a card yet
+}
+DEFAULT_TILE = Tile(32, 128, 4)  # other architectures
+# The interpreter runs each program in Python (~15 ms): small tiles make tiny test shapes
+# span several tiles with ragged edges.
+INTERPRETER_TILE = Tile(16, 32, 1)
 
 
 def interpreting() -> bool:
@@ -45,9 +70,27 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+@functools.cache
+def _cuda_tile(index: int) -> Tile:
+    return TILES.get(torch.cuda.get_device_capability(index), DEFAULT_TILE)
+
+
+def tile_for(device: torch.device) -> Tile:
+    """The production tile of ``device``: ``TILES`` by compute capability on CUDA."""
+    if device.type != "cuda":
+        return INTERPRETER_TILE
+    return _cuda_tile(device.index if device.index is not None else torch.cuda.current_device())
+
+
 def device_of(t: torch.Tensor):
-    """Context making t's GPU the current one (a no-op for CPU tensors in the interpreter)."""
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+    """Context making t's GPU the current one (a no-op for CPU tensors in the interpreter).
+
+    Triton launches on the *current* CUDA device: with layers spread over GPUs
+    (device_map="auto") that need not be t's. Entered only when it differs (it costs a few us).
+    """
+    if t.is_cuda and t.get_device() != torch.cuda.current_device():
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()
 
 
 @triton.jit
@@ -75,6 +118,48 @@ def _act(g, ACT_FN: tl.constexpr):
 
 
 @triton.jit
+def _tile(gate_ptr, up_ptr, keep_ptr, set_ids_ptr, rows, cols, row_ok, tile_ok, num_sets, factor,
+          stride_gate_r, stride_up_r, stride_keep_s, stride_keep_n,
+          ACT_FN: tl.constexpr, RECORD_POST: tl.constexpr, DO_ABLATE: tl.constexpr,
+          STEER: tl.constexpr):
+    """``(h, a)`` of one tile in fp32: ``h = act(g) * m * u`` and the recorded ``a``."""
+    # Load and cast to fp32 at once: all arithmetic is fp32 whatever the input dtype.
+    g = tl.load(gate_ptr + rows[:, None] * stride_gate_r + cols[None, :], mask=tile_ok, other=0.0)
+    u = tl.load(up_ptr + rows[:, None] * stride_up_r + cols[None, :], mask=tile_ok, other=0.0)
+    act = _act(g.to(tl.float32), ACT_FN)
+    if DO_ABLATE:
+        set_id = tl.load(set_ids_ptr + rows, mask=row_ok, other=-1)
+        ablated_row = (set_id >= 0) & (set_id < num_sets)
+        keep_offs = set_id.to(tl.int64)[:, None] * stride_keep_s + cols[None, :] * stride_keep_n
+        keep = tl.load(keep_ptr + keep_offs, mask=tile_ok & ablated_row[:, None], other=1)
+        if STEER:
+            act = tl.where(keep != 0, act, act * factor)
+        else:
+            act = tl.where(keep != 0, act, 0.0)
+    h = act * u.to(tl.float32)
+    # Masked rows/columns hold a = 0 (loads use other=0), so they add nothing to K, S, Q.
+    if RECORD_POST:
+        return h, h
+    else:
+        return h, act
+
+
+@triton.jit
+def _add_culture(a, in_c, c, K_ptr, S_ptr, Q_ptr, N, cols, col_ok):
+    """K/S/Q[c, cols] += the sums over the tile's rows ``in_c``: one atomic per column each."""
+    a_c = tl.where(in_c[:, None], a, 0.0)
+    k = tl.sum((a_c > 0).to(tl.int32), axis=0)
+    s = tl.sum(a_c, axis=0)
+    q = tl.sum(a_c * a_c, axis=0)
+    offs = c * N + cols  # int32 is enough: the launcher checks C * N < 2^31
+    # Straight into the int64 / fp64 totals (atom.add.u64 / .f64, sm_60+); relaxed: only the
+    # sums matter, not ordering against other memory (no fence).
+    tl.atomic_add(K_ptr + offs, k.to(tl.int64), mask=col_ok, sem="relaxed")
+    tl.atomic_add(S_ptr + offs, s.to(tl.float64), mask=col_ok, sem="relaxed")
+    tl.atomic_add(Q_ptr + offs, q.to(tl.float64), mask=col_ok, sem="relaxed")
+
+
+@triton.jit(do_not_specialize=["one_culture"])  # -1, 0, 1...: one compiled kernel for all
 def _act_record_kernel(
     # inputs
     gate_ptr,  # [R, N] fp32/fp16/bf16, unit column stride
@@ -93,6 +178,7 @@ def _act_record_kernel(
     N,  # neurons
     C,  # cultures (ids >= C are ignored, so a bad id can never write out of bounds)
     num_sets,  # ablation sets (ids >= num_sets mean no ablation)
+    one_culture,  # the call's only culture if the host knows it (every row c or -1), else -1
     factor,  # fp32: what a selected neuron's act is multiplied by (read only if STEER)
     # strides
     stride_gate_r,
@@ -122,48 +208,108 @@ def _act_record_kernel(
     col_ok = cols < N
     tile_ok = row_ok[:, None] & col_ok[None, :]
 
-    # Load and cast to fp32 at once: all arithmetic is fp32 whatever the input dtype.
-    g = tl.load(gate_ptr + rows[:, None] * stride_gate_r + cols[None, :], mask=tile_ok, other=0.0)
-    u = tl.load(up_ptr + rows[:, None] * stride_up_r + cols[None, :], mask=tile_ok, other=0.0)
-    act = _act(g.to(tl.float32), ACT_FN)
-
-    if DO_ABLATE:
-        set_id = tl.load(set_ids_ptr + rows, mask=row_ok, other=-1)
-        ablated_row = (set_id >= 0) & (set_id < num_sets)
-        keep_offs = set_id.to(tl.int64)[:, None] * stride_keep_s + cols[None, :] * stride_keep_n
-        keep = tl.load(keep_ptr + keep_offs, mask=tile_ok & ablated_row[:, None], other=1)
-        if STEER:
-            act = tl.where(keep != 0, act, act * factor)
-        else:
-            act = tl.where(keep != 0, act, 0.0)
-
-    h = act * u.to(tl.float32)
+    h, a = _tile(gate_ptr, up_ptr, keep_ptr, set_ids_ptr, rows, cols, row_ok, tile_ok, num_sets,
+                 factor, stride_gate_r, stride_up_r, stride_keep_s, stride_keep_n,
+                 ACT_FN, RECORD_POST, DO_ABLATE, STEER)
     tl.store(h_ptr + rows[:, None] * stride_h_r + cols[None, :], h.to(h_ptr.dtype.element_ty),
              mask=tile_ok)
 
     if DO_RECORD:
-        if RECORD_POST:
-            a = h
-        else:
-            a = act
-        # Masked rows/columns hold a = 0 (loads use other=0), so they add nothing to K, S, Q.
         culture = tl.load(culture_ptr + rows, mask=row_ok, other=-1)
         culture = tl.where(culture < C, culture, -1)
-        c_lo = tl.min(tl.where(culture >= 0, culture, C), axis=0)
-        c_hi = tl.max(culture, axis=0)  # -1 when no row of the tile is counted: empty loop
-        for c in range(c_lo, c_hi + 1):
-            in_c = culture == c
-            if tl.sum(in_c.to(tl.int32), axis=0) > 0:  # skip ids absent between lo and hi
-                a_c = tl.where(in_c[:, None], a, 0.0)
-                k = tl.sum((a_c > 0).to(tl.int32), axis=0)
-                s = tl.sum(a_c, axis=0)
-                q = tl.sum(a_c * a_c, axis=0)
-                acc_offs = c * N + cols  # int32 is enough: the launcher checks C * N < 2^31
-                # Straight into the int64 / fp64 totals (atom.add.u64 / .f64, sm_60+); relaxed:
-                # only the sums matter, not ordering against other memory (no fence).
-                tl.atomic_add(K_ptr + acc_offs, k.to(tl.int64), mask=col_ok, sem="relaxed")
-                tl.atomic_add(S_ptr + acc_offs, s.to(tl.float64), mask=col_ok, sem="relaxed")
-                tl.atomic_add(Q_ptr + acc_offs, q.to(tl.float64), mask=col_ok, sem="relaxed")
+        if one_culture >= 0:  # the host knows: no search (a tile of padding only adds zeros)
+            c_first = one_culture
+            c_last = one_culture
+        else:  # the smallest and largest id present; (C, -1) when no row of the tile counts
+            c_first = tl.min(tl.where(culture >= 0, culture, C), axis=0)
+            c_last = tl.max(culture, axis=0)
+        if c_first == c_last:  # one culture: loop-free
+            _add_culture(a, culture == c_first, c_first, K_ptr, S_ptr, Q_ptr, N, cols, col_ok)
+        elif c_first < c_last:  # several: each id present once, in increasing order
+            c = c_first
+            while c <= c_last:
+                # a is recomputed (its loads hit L2) instead of kept live across the loop, which
+                # would cost every tile ~50 more registers per thread for the rare mixed ones.
+                _, a_again = _tile(gate_ptr, up_ptr, keep_ptr, set_ids_ptr, rows, cols, row_ok,
+                                   tile_ok, num_sets, factor, stride_gate_r, stride_up_r,
+                                   stride_keep_s, stride_keep_n, ACT_FN, RECORD_POST, DO_ABLATE,
+                                   STEER)
+                _add_culture(a_again, culture == c, c, K_ptr, S_ptr, Q_ptr, N, cols, col_ok)
+                c = tl.min(tl.where(culture > c, culture, C), axis=0)  # the next id present
+
+
+# --- launcher ----------------------------------------------------------------------------------
+
+
+def prepare(gate, up, culture, K, S, Q, keep, set_ids, do_record: bool, do_ablate: bool):
+    """The op's arguments as the kernel reads them: unit column strides, int32 ids, uint8 keep,
+    and ``gate`` standing in for every unused pointer (never dereferenced). Free when they
+    already are (the bound per-layer path of ``ops.LayerOp`` passes them that way)."""
+    if gate.stride(1) != 1:
+        gate = gate.contiguous()
+    if up.stride(1) != 1:
+        up = up.contiguous()
+    if not do_record:
+        culture = K = S = Q = gate
+    elif culture.dtype != torch.int32:
+        culture = culture.to(torch.int32)
+    if not do_ablate:
+        keep = set_ids = gate
+    else:
+        if set_ids.dtype != torch.int32:
+            set_ids = set_ids.to(torch.int32)
+        if keep.dtype == torch.bool:
+            keep = keep.view(torch.uint8)  # same bytes; triton loads uint8 everywhere
+    return gate, up, culture, K, S, Q, keep, set_ids
+
+
+def launch(
+    gate: torch.Tensor,  # [R, N], unit column stride
+    up: torch.Tensor,  # [R, N], unit column stride
+    culture: torch.Tensor,  # [R] int32 (or gate if not do_record)
+    K: torch.Tensor,  # [C, N] int64 contiguous (or gate)
+    S: torch.Tensor,  # [C, N] fp64 contiguous (or gate)
+    Q: torch.Tensor,  # [C, N] fp64 contiguous (or gate)
+    keep: torch.Tensor,  # [num_sets, N] uint8/float (or gate if not do_ablate)
+    set_ids: torch.Tensor,  # [R] int32 (or gate)
+    act_fn: str,
+    activation: str,
+    do_record: bool,
+    do_ablate: bool,
+    factor: float = 0.0,
+    one_culture: int = -1,
+    tile: Tile | None = None,
+) -> torch.Tensor:
+    """Allocate ``h`` and launch, nothing else: arguments as :func:`prepare` returns them,
+    already checked (by :func:`act_and_record_triton` or once per layer by ``ops.LayerOp``)."""
+    R, N = gate.shape
+    h = torch.empty((R, N), dtype=gate.dtype, device=gate.device)
+    if R == 0 or N == 0:
+        return h
+    tile = tile or tile_for(gate.device)
+    C = K.shape[0] if do_record else 0
+    if C * N >= 2**31:
+        raise UsageError(f"act_and_record: accumulators [C={C}, N={N}] pass 2^31 elements; "
+                         "record fewer cultures per call")
+    grid = (triton.cdiv(R, tile.block_r) * triton.cdiv(N, tile.block_n),)
+    with device_of(gate):
+        _act_record_kernel[grid](
+            gate, up, culture, keep, set_ids,
+            h,
+            K, S, Q,
+            R, N, C, keep.shape[0] if do_ablate else 0, one_culture, float(factor),
+            gate.stride(0), up.stride(0), h.stride(0),
+            keep.stride(0) if do_ablate else 0, keep.stride(1) if do_ablate else 0,
+            ACT_FN=ACT_IDS[act_fn],
+            RECORD_POST=activation == "post",
+            DO_RECORD=do_record,
+            DO_ABLATE=do_ablate,
+            STEER=do_ablate and factor != 0.0,
+            BLOCK_R=tile.block_r,
+            BLOCK_N=tile.block_n,
+            num_warps=tile.num_warps,
+        )  # fmt: skip
+    return h
 
 
 def act_and_record_triton(
@@ -181,72 +327,22 @@ def act_and_record_triton(
     do_ablate: bool,
     factor: float = 0.0,
     *,
+    one_culture: int = -1,
     block_r: int | None = None,
     block_n: int | None = None,
     num_warps: int | None = None,
 ) -> torch.Tensor:
-    """Launch the fused kernel; returns ``h [R, N]`` (gate's dtype). See the module docstring.
+    """Check, allocate, launch; returns ``h [R, N]`` (gate's dtype). See the module docstring.
 
     Unused tensors (``K, S, Q, culture`` when ``do_record`` is False, ``keep, set_ids`` when
-    ``do_ablate`` is False) may be empty; they are never read. ``block_r``/``block_n`` override
-    the tile (tests use small tiles to get several tiles and masked edges on tiny shapes).
+    ``do_ablate`` is False) may be empty; they are never read. ``one_culture``: the only culture
+    id of the call's rows, if the caller knows it (-1: the kernel finds each tile's ids).
+    ``block_r``/``block_n``/``num_warps`` override the tile (tests use small tiles to get
+    several tiles and masked edges on tiny shapes; bench/gpu_check.py sweeps them).
     """
-    # check
     check_act_and_record_args(gate, up, culture, K, S, Q, keep, set_ids, act_fn, activation,
                               do_record, do_ablate)
-    if gate.stride(1) != 1:
-        gate = gate.contiguous()
-    if up.stride(1) != 1:
-        up = up.contiguous()
-    R, N = gate.shape
-    if do_record and culture.dtype != torch.int32:
-        culture = culture.to(torch.int32)
-    if do_ablate:
-        if set_ids.dtype != torch.int32:
-            set_ids = set_ids.to(torch.int32)
-        if keep.dtype == torch.bool:
-            keep = keep.view(torch.uint8)  # same bytes; triton loads uint8 everywhere
-    # Unused pointers still need a tensor: gate itself is never dereferenced through them.
-    if not do_record:
-        culture, K, S, Q = gate, gate, gate, gate
-    if not do_ablate:
-        keep, set_ids = gate, gate
-
-    # allocate
-    h = torch.empty((R, N), dtype=gate.dtype, device=gate.device)
-    if R == 0 or N == 0:
-        return h
-
-    # launch
-    if block_r is None:
-        block_r = 16 if interpreting() else BLOCK_R_GPU
-    if block_n is None:
-        block_n = 32 if interpreting() else BLOCK_N_GPU
-    if num_warps is None:
-        num_warps = NUM_WARPS_GPU
-    grid = (triton.cdiv(R, block_r) * triton.cdiv(N, block_n),)
-    C = K.shape[0] if do_record else 0
-    if C * N >= 2**31:
-        raise UsageError(f"act_and_record: accumulators [C={C}, N={N}] pass 2^31 elements; "
-                         "record fewer cultures per call")
-    num_sets = keep.shape[0] if do_ablate else 0
-    # Triton launches on the *current* CUDA device: with layers spread over GPUs
-    # (device_map="auto") that need not be gate's.
-    with device_of(gate):
-        _act_record_kernel[grid](
-            gate, up, culture, keep, set_ids,
-            h,
-            K, S, Q,
-            R, N, C, num_sets, float(factor),
-            gate.stride(0), up.stride(0), h.stride(0),
-            keep.stride(0) if do_ablate else 0, keep.stride(1) if do_ablate else 0,
-            ACT_FN=ACT_IDS[act_fn],
-            RECORD_POST=activation == "post",
-            DO_RECORD=bool(do_record),
-            DO_ABLATE=bool(do_ablate),
-            STEER=bool(do_ablate) and factor != 0.0,
-            BLOCK_R=block_r,
-            BLOCK_N=block_n,
-            num_warps=num_warps,
-        )  # fmt: skip
-    return h
+    tile = tile_for(gate.device)
+    tile = Tile(block_r or tile.block_r, block_n or tile.block_n, num_warps or tile.num_warps)
+    args = prepare(gate, up, culture, K, S, Q, keep, set_ids, do_record, do_ablate)
+    return launch(*args, act_fn, activation, do_record, do_ablate, factor, one_culture, tile)

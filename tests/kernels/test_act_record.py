@@ -5,6 +5,7 @@ import functools
 
 import pytest
 import torch
+from culture_neurons.kernels.reference import act_and_record_reference
 
 from culture_neurons.errors import UsageError
 
@@ -20,9 +21,21 @@ def _on(case, device):
     return case
 
 
-def _kernel(block_r=16, block_n=32):
+def _kernel(block_r=16, block_n=32, **kwargs):
     # Small tiles: 130 x 67 becomes 9 x 3 tiles with masked edges and several cultures per tile.
-    return functools.partial(act_record.act_and_record_triton, block_r=block_r, block_n=block_n)
+    return functools.partial(act_record.act_and_record_triton, block_r=block_r, block_n=block_n,
+                             **kwargs)
+
+
+# Row tiles of 16 (the _kernel tile) with 1, 2 and many cultures, gaps between ids, unsorted
+# ids, skipped rows, a tile with no counted row and a ragged last tile (C = 7).
+TILE_LAYOUTS = {
+    "one culture, skipped rows": [3] * 6 + [-1] * 3 + [3] * 7,
+    "two cultures with a gap": [0] * 5 + [-1] + [4] * 10,
+    "many, unsorted, gaps": [6, 2, 6, 0, 5, -1, 2, 2, 0, 6, 5, 5, -1, 0, 2, 6],
+    "nothing counted": [-1] * 16,
+    "ragged tail": [1, 1, 5, -1, 5],
+}
 
 
 @pytest.mark.parametrize("R,N", SHAPES[:2])
@@ -63,6 +76,49 @@ def test_steering_scales_the_selected_neurons(factor, mlp_case, device, act_and_
     """a := (1 + alpha) a on each row's set (factor = 1 + alpha), statistics of the steered a."""
     case = _on(mlp_case(130, 67, C=7, seed=8), device)
     act_and_record_checker(_kernel(), case, "silu", "post", factor=factor)
+
+
+@pytest.mark.parametrize("record", ["gate", "post"])
+def test_tiles_of_one_two_and_many_cultures(record, mlp_case, device, act_and_record_checker):
+    """The kernel visits each id a tile holds (one: the loop-free path; several: in increasing
+    order, skipping the gaps), and every tile layout adds exactly what the reference adds."""
+    layout = [c for rows in TILE_LAYOUTS.values() for c in rows]
+    case = _on(mlp_case(len(layout), 67, C=7, seed=21), device)
+    case["culture"] = torch.tensor(layout, dtype=torch.int32)
+    act_and_record_checker(_kernel(), case, "silu", record)
+
+
+@pytest.mark.parametrize("name", list(TILE_LAYOUTS))
+def test_each_tile_layout_alone(name, mlp_case, device, act_and_record_checker):
+    rows = TILE_LAYOUTS[name]
+    case = _on(mlp_case(len(rows), 33, C=7, seed=len(name)), device)
+    case["culture"] = torch.tensor(rows, dtype=torch.int32)
+    act_and_record_checker(_kernel(), case, "gelu_tanh", "gate")
+
+
+@pytest.mark.parametrize("c", [0, 4])
+def test_host_known_single_culture(c, mlp_case, device, act_and_record_checker):
+    """one_culture = c (the host knows every counted row is c): no search, same numbers, also
+    for tiles of skipped rows only (they add zeros)."""
+    case = _on(mlp_case(70, 67, C=5, seed=22 + c), device)
+    ids = torch.full((70,), c, dtype=torch.int32)
+    ids[3:9] = -1
+    ids[16:32] = -1  # a whole row tile of skipped rows
+    case["culture"] = ids
+    act_and_record_checker(_kernel(one_culture=c), case, "silu", "post")
+
+
+def test_out_of_range_ids_are_ignored(mlp_case, device, assert_close_stats):
+    """Ids >= C (never produced by the package, which checks them) write nothing anywhere."""
+    case = _on(mlp_case(32, 33, C=3, seed=23), device)
+    culture = torch.tensor([0, 5, 1, 9] * 8, dtype=torch.int32)
+    K = torch.zeros(3, 33, dtype=torch.int64, device=device)
+    S = torch.zeros(3, 33, dtype=torch.float64, device=device)
+    _kernel()(case["gate"], case["up"], culture.to(device), K, S, S.clone(), case["keep"],
+              case["set_ids"], "silu", "gate", True, False)
+    want = torch.where(culture < 3, culture, -1)
+    _, K_ref, _, _ = act_and_record_reference(case["gate"].cpu(), case["up"].cpu(), want, 3)
+    assert_close_stats("K", K, K_ref)
 
 
 def test_one_tile_covers_everything(mlp_case, device, act_and_record_checker):
