@@ -18,7 +18,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from culture_neurons.kernels.act_record import device_of, interpreting
+from culture_neurons.kernels.act_record import device_of
+from culture_neurons.kernels.dispatch import interpreting
 from culture_neurons.kernels.ops import FLOAT_DTYPES
 from culture_neurons.kernels.reference import keep_rows_reference
 

@@ -19,3 +19,7 @@ class DataError(CultureNeuronsError):
 
 class UsageError(CultureNeuronsError):
     """An argument is out of range or inconsistent with another one."""
+
+
+class KernelError(CultureNeuronsError):
+    """The Triton kernel was forced but is unavailable, broken or wrong on this device."""

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import os
 from dataclasses import dataclass
 
 import torch
@@ -63,11 +62,6 @@ DEFAULT_TILE = Tile(32, 128, 4)  # other architectures
 # The interpreter runs each program in Python (~15 ms): small tiles make tiny test shapes
 # span several tiles with ragged edges.
 INTERPRETER_TILE = Tile(16, 32, 1)
-
-
-def interpreting() -> bool:
-    """True when Triton runs in the CPU interpreter (TRITON_INTERPRET=1)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 @functools.cache

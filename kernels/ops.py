@@ -1,29 +1,35 @@
-"""The torch custom op behind the fused MLP backend, and its one face.
+"""The fused op behind the fused MLP backend: its paths, its custom op and its two faces.
 
 Symbols: R rows (flattened tokens), N neurons, C cultures, num_sets ablation sets.
 
-``culture_neurons::act_and_record``: ``h = act(g) * u`` with per-culture ``K, S, Q`` totals
-updated in place and optional per-row ablation (math in ``act_record.py``).
+``act_and_record``: ``h = act(g) * u`` with per-culture ``K, S, Q`` totals updated in place and
+optional per-row ablation or steering (math in ``act_record.py``).
 
-CUDA tensors run the Triton kernel; every other device runs the same math in PyTorch over row
-chunks of bounded size (the production path on CPU), through
-:mod:`culture_neurons.instrument.reduce`, the reduction every non-Triton path shares. Being a
-custom op, both work under ``torch.compile`` and CUDA graphs. triton is imported only when a
-CUDA kernel is launched, so this module imports on machines without triton.
+Two paths compute it: the Triton kernel (CUDA tensors; self-checked once per device, dtype and
+variant, see :mod:`.dispatch`) and PyTorch over row chunks of bounded size (every other device;
+the production path on CPU), through :mod:`culture_neurons.instrument.reduce`, the reduction
+every non-Triton path shares. Two faces call them:
+
+- :func:`act_and_record`: the checked, general face (any leading dims, optional everything);
+- :class:`LayerOp`: one layer's op with its totals, mask and options checked once (per attach),
+  so that a forward pays only for what changes per call (the fused backend uses it).
+
+Eagerly both call the chosen path directly; under ``torch.compile`` they go through the custom
+op ``culture_neurons::act_and_record`` (opaque to the compiler, CUDA-graph safe), which runs the
+same function. triton is imported only when a CUDA kernel is first launched, so this module
+imports on machines without triton.
 """
 
 from __future__ import annotations
 
-import functools
-import importlib
-import warnings
-
 import torch
 import torch.nn.functional as F
 
-from culture_neurons.errors import UsageError
+from culture_neurons.errors import CultureNeuronsError, UsageError
 from culture_neurons.instrument import reduce
 from culture_neurons.stats import ACTIVATIONS
+
+from . import dispatch
 
 ACT_FNS = ("silu", "gelu_tanh")
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -167,7 +173,87 @@ def act_and_record_torch(
     return h
 
 
-# --- the op ------------------------------------------------------------------------------------
+# --- the chosen path --------------------------------------------------------------------------
+
+
+def _run(gate, up, culture, K, S, Q, keep, set_ids, act_fn: str, activation: str,
+         do_record: bool, do_ablate: bool, factor: float, one_culture: int = -1) -> torch.Tensor:
+    """The op's body on every device: the Triton kernel where :mod:`.dispatch` says so (a
+    launch that raises is reported there and this call redone in PyTorch), else PyTorch.
+    Arguments already checked; unused ones may be None (Triton) or anything (PyTorch)."""
+    variant = (act_fn, activation, do_record, do_ablate, do_ablate and factor != 0.0)
+    if dispatch.use_kernel(gate.device, gate.dtype, variant, self_check):
+        kernel = dispatch.triton_kernels()
+        try:
+            args = kernel.prepare(gate, up, culture, K, S, Q, keep, set_ids, do_record, do_ablate)
+            return kernel.launch(*args, act_fn, activation, do_record, do_ablate, factor,
+                                 one_culture)  # fmt: skip
+        except CultureNeuronsError:
+            raise
+        except Exception as exc:  # compile or launch error: loud, and this call in PyTorch
+            dispatch.kernel_failed(gate.device, gate.dtype, variant, exc)
+    return act_and_record_torch(gate, up, culture, K, S, Q, keep, set_ids, act_fn, activation,
+                                do_record, do_ablate, factor)
+
+
+def self_check(device: torch.device, dtype: torch.dtype, variant: tuple) -> str | None:
+    """Run a small case through the Triton kernel and the PyTorch path on ``device``: None when
+    they agree, else the first difference in words (see :mod:`.dispatch`).
+
+    The case spans 3 x 2 production tiles with ragged edges: a first row tile of one culture
+    with skipped rows, then runs of 5 rows with ids -1..C-1 and gaps between them, per-row
+    ablation sets (or steering), and gate / up as column slices of one ``[R, 2N]`` buffer (the
+    row stride of a fused gate_up projection). Gate lies in [-4.5, 4.5], clear of the band
+    where fp32 GELU-tanh rounds to 0 and two correct exp implementations may split one ulp.
+    """
+    act_fn, activation, do_record, do_ablate, steer = variant
+    kernel = dispatch.triton_kernels()
+    tile = kernel.tile_for(device)
+    R, N, C, num_sets = 2 * tile.block_r + 5, tile.block_n + 7, 5, 3
+    gen = torch.Generator().manual_seed(0)
+    gate_up = (torch.rand(R, 2 * N, generator=gen) * 9 - 4.5).to(dtype).to(device)
+    gate, up = gate_up[:, :N], gate_up[:, N:]
+    rows = torch.arange(R)
+    culture = (rows // 5 * 3) % (C + 1) - 1
+    first = culture[: tile.block_r]
+    culture[: tile.block_r] = torch.where(first >= 0, 2, -1)
+    culture = culture.to(torch.int32).to(device)
+    set_ids = ((rows // 3) % (num_sets + 1) - 1).to(torch.int32).to(device)
+    keep = (torch.rand(num_sets, N, generator=gen) > 0.3).to(torch.uint8).to(device)
+    factor = 1.5 if steer else 0.0
+    results = []
+    for path in ("kernel", "torch"):
+        K = torch.zeros(C, N, dtype=torch.int64, device=device)
+        S = torch.zeros(C, N, dtype=torch.float64, device=device)
+        Q = torch.zeros(C, N, dtype=torch.float64, device=device)
+        args = (gate, up, culture, K, S, Q, keep, set_ids, act_fn, activation, do_record,
+                do_ablate, factor)  # fmt: skip
+        if path == "kernel":
+            h = kernel.launch(*kernel.prepare(*args[:8], do_record, do_ablate), *args[8:])
+        else:
+            h = act_and_record_torch(*args)
+        results.append([t.cpu().double() for t in (h, K, S, Q)])
+    (h_k, K_k, S_k, Q_k), (h_t, K_t, S_t, Q_t) = results
+    # Counts exactly; fp32 sums of <= R terms in another order (and a fast exp): 1e-4 of the
+    # largest sum; h rounded to its dtype from nearly equal fp32 values: one ulp, two at most.
+    eps = {torch.float32: 2.0**-23, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}[dtype]
+    checks = [("h", h_k, h_t, 2 * eps, 1e-6)]
+    if do_record:
+        checks += [("K", K_k, K_t, 0.0, 0.0),
+                   ("S", S_k, S_t, 1e-4, 1e-4 * float(S_t.abs().max()) + 1e-6),
+                   ("Q", Q_k, Q_t, 1e-4, 1e-4 * float(Q_t.abs().max()) + 1e-6)]  # fmt: skip
+    for name, got, want, rtol, atol in checks:
+        bad = (got - want).abs() > atol + rtol * want.abs()
+        if bool(bad.any()):
+            i, j = (int(x) for x in bad.nonzero()[0])
+            where = f"(row {i}, neuron {j})" if name == "h" else f"(culture {i}, neuron {j})"
+            return (f"{name} differs in {int(bad.sum())} of {bad.numel()} values; first at "
+                    f"{where}: kernel {got[i, j].item():.9g}, PyTorch {want[i, j].item():.9g} "
+                    f"(rtol {rtol:g}, atol {atol:.3g})")  # fmt: skip
+    return None
+
+
+# --- the custom op (torch.compile) -------------------------------------------------------------
 
 
 @torch.library.custom_op("culture_neurons::act_and_record", mutates_args=("K", "S", "Q"))
@@ -186,34 +272,33 @@ def _act_and_record_op(
     do_ablate: bool,
     factor: float,
 ) -> torch.Tensor:
-    return act_and_record_torch(gate, up, culture, K, S, Q, keep, set_ids, act_fn, activation,
-                                do_record, do_ablate, factor)
-
-
-@functools.cache
-def _triton_module(name: str):
-    """``culture_neurons.kernels.<name>`` (imports triton), or None with one warning saying why."""
-    try:
-        return importlib.import_module(f"{__package__}.{name}")
-    except ImportError as exc:
-        warnings.warn(f"culture_neurons.kernels: triton unavailable ({exc}); CUDA tensors take "
-                      "the chunked PyTorch path (slower, same numbers)", stacklevel=3)
-        return None
-
-
-@_act_and_record_op.register_kernel("cuda")
-def _act_and_record_cuda(gate, up, culture, K, S, Q, keep, set_ids, act_fn, activation,
-                         do_record, do_ablate, factor):
-    kernel = _triton_module("act_record")  # lazy: triton only where CUDA runs
-    run = kernel.act_and_record_triton if kernel else act_and_record_torch
-    return run(gate, up, culture, K, S, Q, keep, set_ids, act_fn, activation, do_record,
-               do_ablate, factor)
+    return _run(gate, up, culture, K, S, Q, keep, set_ids, act_fn, activation, do_record,
+                do_ablate, factor)
 
 
 @_act_and_record_op.register_fake
 def _act_and_record_fake(gate, up, culture, K, S, Q, keep, set_ids, act_fn, activation,
                          do_record, do_ablate, factor):
     return torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
+
+
+def _via_op(gate, up, culture, K, S, Q, keep, set_ids, act_fn, activation, do_record, do_ablate,
+            factor) -> torch.Tensor:  # fmt: skip
+    """The custom op, with an empty tensor for each unused argument (its schema wants them)."""
+    dev, N = gate.device, gate.shape[1]
+    if not do_record:
+        culture = torch.empty(0, dtype=torch.int32, device=dev)
+        K = torch.empty(0, N, dtype=torch.int64, device=dev)
+        S = torch.empty(0, N, dtype=torch.float64, device=dev)
+        Q = torch.empty(0, N, dtype=torch.float64, device=dev)
+    if not do_ablate:
+        keep = torch.empty(0, N, dtype=torch.uint8, device=dev)
+        set_ids = torch.empty(0, dtype=torch.int32, device=dev)
+    return _act_and_record_op(gate, up, culture, K, S, Q, keep, set_ids, act_fn, activation,
+                              do_record, do_ablate, float(factor))
+
+
+# --- the faces ---------------------------------------------------------------------------------
 
 
 def act_and_record(
@@ -248,9 +333,10 @@ def act_and_record(
             0, SPEC's ``a := 0``), ``1 + alpha`` steers (SPEC's ``a := (1 + alpha) a``).
 
     Ablated neurons have ``a = 0`` and ``h = 0``; the statistics see the ablated (or steered)
-    value. Math in
-    fp32 whatever the input dtype (sums are fp32 within a tile or chunk, then added to the fp64
-    totals); ``h`` is returned in gate's dtype and shape.
+    value. Math in fp32 whatever the input dtype (sums are fp32 within a tile or chunk, then
+    added to the fp64 totals); ``h`` is returned in gate's dtype and shape. Every argument is
+    checked on every call: a caller that calls once per layer per forward with the same totals
+    and mask binds them once in a :class:`LayerOp` instead.
 
     Returns:
         ``h`` ``[..., N]``, the input of down_proj.
@@ -259,6 +345,8 @@ def act_and_record(
         UsageError: inconsistent shapes, dtypes, devices, layouts or (CPU tensors) ids >= C or
             >= num_sets. On CUDA and under torch.compile such ids are not checked (that would
             read the data: a device sync per call) and the op ignores them.
+        KernelError: the Triton kernel is forced (``CULTURE_NEURONS_KERNEL=triton``) and
+            unavailable or wrong here (see :mod:`.dispatch`).
     """
     shape = gate.shape
     N = shape[-1]
@@ -278,26 +366,86 @@ def act_and_record(
     if do_ablate and set_ids.shape != shape[:-1]:
         raise UsageError(f"act_and_record: set_ids must be gate's leading dims "
                          f"{tuple(shape[:-1])}, given {tuple(set_ids.shape)}")
-    dev = gate.device
-    empty_i = torch.empty(0, dtype=torch.int32, device=dev)
-    rc = culture.reshape(R) if do_record else empty_i
-    rs = set_ids.reshape(R) if do_ablate else empty_i
-    if do_record:
-        K_, S_, Q_ = K, S, Q
-    else:
-        K_ = torch.empty(0, N, dtype=torch.int64, device=dev)
-        S_ = Q_ = torch.empty(0, N, dtype=torch.float64, device=dev)
-    keep_ = keep if do_ablate else torch.empty(0, N, dtype=torch.uint8, device=dev)
-    check_act_and_record_args(gate2, up2, rc, K_, S_, Q_, keep_, rs, act_fn, activation,
-                              do_record, do_ablate)
+    rc = culture.reshape(R) if do_record else None
+    rs = set_ids.reshape(R) if do_ablate else None
+    check_act_and_record_args(gate2, up2, rc, K, S, Q, keep, rs, act_fn, activation, do_record,
+                              do_ablate)  # fmt: skip
     # Value checks read the data: only on CPU (no device sync) and outside torch.compile.
-    check_values = dev.type == "cpu" and R > 0 and not torch.compiler.is_compiling()
+    compiling = torch.compiler.is_compiling()
+    check_values = gate.device.type == "cpu" and R > 0 and not compiling
     if do_record and check_values and int(rc.max()) >= K.shape[0]:
         raise UsageError(f"act_and_record: culture id {int(rc.max())} >= C = {K.shape[0]}; "
                          "allocate K, S, Q with one row per culture")
     if do_ablate and check_values and int(rs.max()) >= keep.shape[0]:
         raise UsageError(f"act_and_record: set id {int(rs.max())} >= num_sets = "
                          f"{keep.shape[0]}; pass one keep row per set")
-    h = _act_and_record_op(gate2, up2, rc, K_, S_, Q_, keep_, rs, act_fn, activation,
-                           do_record, do_ablate, float(factor))
+    run = _via_op if compiling else _run
+    h = run(gate2, up2, rc, K, S, Q, keep, rs, act_fn, activation, do_record, do_ablate,
+            float(factor))  # fmt: skip
     return h.reshape(shape)
+
+
+class LayerOp:
+    """:func:`act_and_record` bound to one layer: its totals, keep mask and options are checked
+    once, here, so that a call checks only what changes per forward (gate, up, the row ids).
+
+    Args:
+        N: the layer's neurons.
+        device: where its tensors live.
+        act_fn, activation, factor: as in :func:`act_and_record`.
+        K, S, Q: ``[C, N]`` int64 / float64 / float64 contiguous totals on ``device``, updated
+            in place by every recording call (None: this op never records).
+        keep: ``[num_sets, N]`` keep mask on ``device`` (None: this op never ablates).
+
+    Call: ``op(gate, up, culture=None, set_ids=None, one_culture=-1) -> h``, gate and up
+    ``[..., N]``; culture and set_ids one id per row (any shape with R elements, int32 spares a
+    conversion), None = no recording / no ablation for this call; ``one_culture``: the only
+    culture id among the rows when the caller knows it (-1: unknown), which spares the kernel
+    its search. Ids are not range-checked here (the caller builds them checked, as
+    ``instrument.rows`` does); the kernels ignore out-of-range ids.
+    """
+
+    def __init__(self, N: int, device: torch.device | str, *, act_fn: str, activation: str = "gate",
+                 factor: float = 0.0, K: torch.Tensor | None = None, S: torch.Tensor | None = None,
+                 Q: torch.Tensor | None = None, keep: torch.Tensor | None = None):  # fmt: skip
+        device = torch.device(device)
+        can_record, can_ablate = K is not None, keep is not None
+        if keep is not None and keep.dtype == torch.bool:
+            keep = keep.view(torch.uint8)  # same bytes, read as the kernel reads them
+        probe = torch.empty(0, N, device=device)
+        ids = torch.empty(0, dtype=torch.int32, device=device)
+        check_act_and_record_args(probe, probe, ids, K, S, Q, keep, ids, act_fn, activation,
+                                  can_record, can_ablate)  # fmt: skip
+        self.N, self.device = N, device
+        self.act_fn, self.activation, self.factor = act_fn, activation, float(factor)
+        self.K, self.S, self.Q, self.keep = K, S, Q, keep
+
+    def __call__(self, gate: torch.Tensor, up: torch.Tensor, culture: torch.Tensor | None = None,
+                 set_ids: torch.Tensor | None = None, one_culture: int = -1) -> torch.Tensor:  # fmt: skip
+        N = self.N
+        if (gate.shape != up.shape or gate.shape[-1] != N or gate.dtype != up.dtype
+                or gate.dtype not in FLOAT_DTYPES or gate.device != self.device):
+            _fail("gate and up must be [..., N] of one float dtype on the layer's device",
+                  f"{tuple(gate.shape)} {gate.dtype} {gate.device} and {tuple(up.shape)} "
+                  f"{up.dtype}; N={N} on {self.device}", "pass this layer's gate_proj/up_proj")
+        gate2, up2 = gate.reshape(-1, N), up.reshape(-1, N)
+        R = gate2.shape[0]
+        do_record = culture is not None
+        do_ablate = set_ids is not None
+        if do_record and (self.K is None or culture.numel() != R):
+            _fail("culture must give one id per row of a recording op",
+                  f"{None if culture is None else culture.numel()} ids for R={R}, "
+                  f"recording={self.K is not None}", "pass culture only to a recording op")
+        if do_ablate and (self.keep is None or set_ids.numel() != R):
+            _fail("set_ids must give one id per row of an ablating op",
+                  f"{set_ids.numel()} ids for R={R}, ablating={self.keep is not None}",
+                  "pass set_ids only to an op bound to a keep mask")
+        culture = culture.reshape(R) if do_record else None
+        set_ids = set_ids.reshape(R) if do_ablate else None
+        args = (gate2, up2, culture, self.K, self.S, self.Q, self.keep, set_ids, self.act_fn,
+                self.activation, do_record, do_ablate, self.factor)  # fmt: skip
+        if torch.compiler.is_compiling():
+            h = _via_op(*args)
+        else:
+            h = _run(*args, one_culture=one_culture if do_record else -1)
+        return h.view(gate.shape)

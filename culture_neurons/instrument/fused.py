@@ -6,7 +6,10 @@
 On CUDA the op is one Triton kernel (the activations are never written out for the
 statistics) that adds straight into the layer's int64 / fp64 totals; elsewhere the same math
 runs in PyTorch over token chunks (:mod:`culture_neurons.instrument.reduce`). No per-forward
-work besides the op: nothing to fold, zero or synchronise.
+work besides the op: nothing to fold, zero or synchronise. Each layer's op is bound once, at
+attach (:class:`culture_neurons.kernels.ops.LayerOp`: totals, keep mask, activation and factor
+checked there), so a forward checks only its inputs and launches (no custom-op dispatch outside
+``torch.compile``, no placeholder tensors).
 
 gate_proj, up_proj and down_proj are still called as modules, so hooks on them keep firing.
 A hook on ``act_fn`` could not fire inside the fused op: such a layer takes the eager path
@@ -22,7 +25,7 @@ import warnings
 import torch
 
 from culture_neurons.instrument import hooks
-from culture_neurons.kernels.ops import act_and_record
+from culture_neurons.kernels.ops import LayerOp
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +48,9 @@ class FusedHandle:
 
     def _forward(self, site):
         inst, mlp = self.inst, site.mlp
+        op = LayerOp(inst.fingerprint.num_neurons, site.device, act_fn=inst.act_fn,
+                     activation=inst.activation, factor=inst.factor, K=site.K, S=site.S,
+                     Q=site.Q, keep=site.keep)  # fmt: skip
 
         def forward(x: torch.Tensor) -> torch.Tensor:
             if not self.attached:  # detached while a wrapper (e.g. nnsight) still calls us
@@ -53,21 +59,8 @@ class FusedHandle:
             g, u = mlp.gate_proj(x), mlp.up_proj(x)
             if _has_hooks(mlp.act_fn):
                 return mlp.down_proj(self._eager(site, g, u, culture, set_ids))
-            lead = g.shape[:-1]
-            recording = culture is not None
-            h = act_and_record(
-                g, u,
-                act_fn=inst.act_fn,
-                activation=inst.activation,
-                culture=culture.view(lead) if recording else None,
-                K=site.K if recording else None,
-                S=site.S if recording else None,
-                Q=site.Q if recording else None,
-                keep=site.keep if set_ids is not None else None,
-                set_ids=set_ids.view(lead) if set_ids is not None else None,
-                factor=inst.factor,
-            )  # fmt: skip
-            return mlp.down_proj(h)
+            one_culture = inst._batch.one_culture if culture is not None else -1
+            return mlp.down_proj(op(g, u, culture, set_ids, one_culture))
 
         return forward
 

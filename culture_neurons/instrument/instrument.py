@@ -57,6 +57,9 @@ class Batch:
     set_ids: torch.Tensor | None  # int32 [B], -1 = no ablation; None = none
     serial: int
     items: torch.Tensor | None  # int64 [C]: items per culture, on the culture ids' device
+    # The only culture id among the rows when the ids given on the CPU show it (then the kernel
+    # skips its per-tile search); -1: several, none, or ids given on a device (never read).
+    one_culture: int = -1
     _cache: dict = field(default_factory=dict)
 
     def on(self, device: torch.device, tokens_per_row: int):
@@ -208,7 +211,8 @@ class Instrument:
         return self._impl is not None
 
     def reset_stats(self) -> None:
-        """Zero the totals (the attached model is unchanged)."""
+        """Zero the totals in place (the attached model is unchanged; the backends' per-layer
+        ops, bound to them at attach, stay valid)."""
         if self.recording:
             self.totals.reset()
 
@@ -239,11 +243,12 @@ class Instrument:
             raise UsageError("set_batch needs input_ids or attention_mask to know the rows")
         shape = (input_ids if input_ids is not None else attention_mask).shape
         rows = items = None
+        one_culture = -1
         if culture is not None:
             if not self.recording:
                 raise UsageError("this instrument was built without cultures; it cannot record")
             weights = token_weights(attention_mask, input_ids, self.scope, self.image_token_ids)
-            ids = self._culture_ids(culture, shape[0], weights.device)
+            ids, one_culture = self._culture_ids(culture, shape[0], weights.device)
             rows = row_ids(ids, weights.shape, weights).reshape(-1).int()
             items = count_per_culture(ids, len(self.cultures))
         ablation = None
@@ -252,7 +257,8 @@ class Instrument:
                 raise UsageError("this instrument was built without masks; it cannot ablate")
             ablation = self._set_ids(set_ids, shape[0])
         self._serial += 1
-        self._batch = Batch(shape[0], shape[0] * shape[1], rows, ablation, self._serial, items)
+        self._batch = Batch(shape[0], shape[0] * shape[1], rows, ablation, self._serial, items,
+                            one_culture)
 
     def clear_batch(self) -> None:
         """Forget the rows set by set_batch (the next forward must set its own)."""
@@ -275,10 +281,12 @@ class Instrument:
         finally:
             self.clear_batch()
 
-    def _culture_ids(self, culture, batch_size: int, device: torch.device) -> torch.Tensor:
-        """int64 [B] culture ids on ``device`` from names or ids; one value applies to every
-        row. Values are checked where they are on the CPU; ids given on a device are neither
-        read nor copied back (no sync)."""
+    def _culture_ids(self, culture, batch_size: int,
+                     device: torch.device) -> tuple[torch.Tensor, int]:  # fmt: skip
+        """int64 [B] culture ids on ``device`` from names or ids (one value applies to every
+        row), and the only id among them (-1: several or none). Values are checked where they
+        are on the CPU; ids given on a device are neither read nor copied back (no sync), and
+        their only id is then unknown (-1)."""
         if isinstance(culture, (str, int)):
             culture = [culture] * batch_size
         if isinstance(culture, (list, tuple)):
@@ -288,7 +296,11 @@ class Instrument:
             raise UsageError(f"got {ids.numel()} culture ids for a batch of {batch_size} rows; "
                              "give one id per row (-1 = not counted)")  # fmt: skip
         check_ids(ids, len(self.cultures), "culture", "not counted")
-        return on_device(ids, device).long()
+        one = -1
+        if ids.device.type == "cpu":
+            present = ids[ids >= 0].unique()
+            one = int(present[0]) if present.numel() == 1 else -1
+        return on_device(ids, device).long(), one
 
     def _culture_id(self, c) -> int:
         if isinstance(c, str):

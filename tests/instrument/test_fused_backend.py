@@ -6,6 +6,8 @@ import copy
 
 import pytest
 import torch
+from conftest import short_batch
+from culture_neurons.kernels import dispatch
 from stats_reference import assert_stats_equal, capture_mlp_inputs
 
 import culture_neurons as cn
@@ -140,3 +142,45 @@ def test_masks_of_another_model_are_refused():
     masks = random_masks(tiny_model("llama"))
     with pytest.raises(StatsMismatchError, match="another model"):
         cn.ablate(tiny_model("mistral"), masks)
+
+
+@pytest.fixture
+def forced_kernel(monkeypatch):
+    """The Triton kernel forced on every device (the interpreter on this CPU), decisions fresh
+    before and forgotten after, whatever the test does."""
+    pytest.importorskip("triton")
+    monkeypatch.setenv(dispatch.MODE_ENV, "triton")
+    dispatch.reset()
+    yield
+    dispatch.reset()
+
+
+@pytest.mark.parametrize("culture", [(0, 2, 0), (1, 1, -1)])
+def test_fused_through_the_triton_kernel_equals_hooks(culture, forced_kernel):
+    """The fused backend on the Triton kernel (forced; the interpreter here) records what hooks
+    record, under per-row ablation: batches of several cultures, and of one (whose id the
+    batch passes to the kernel, which then skips its search)."""
+    model = tiny_model("llama")
+    inputs = short_batch()
+    masks = random_masks(model, sizes=(5, 9))
+    args = dict(culture=culture, masks=masks, set_ids=[0, -1, 1])
+    hooks, hooks_logits = run(model, inputs, "hooks", **args)
+    fused, fused_logits = run(model, inputs, "fused", **args)
+    assert dispatch.status()["checked"], "the kernel path did not run"
+    assert_stats_equal(fused, as_ref(hooks), rtol=1e-5)
+    # The kernel's exp and fp32 products round a few ulp from torch's: logits agree closely.
+    torch.testing.assert_close(fused_logits, hooks_logits, rtol=1e-4, atol=1e-5)
+
+
+def test_reset_stats_keeps_the_bound_totals():
+    """reset_stats zeroes in place: the fused backend's per-layer ops (bound at attach) keep
+    adding into the totals that stats() reads."""
+    model = tiny_model("llama")
+    inputs = short_batch()
+    with cn.record(model, CULTURES, backend="fused") as rec, torch.no_grad():
+        rec([0, 1, 2], **inputs)
+        rec.reset_stats()
+        rec([0, 1, 2], **inputs)
+        twice_reset = rec.stats()
+    once, _ = run(model, inputs, "fused", culture=(0, 1, 2))
+    assert_stats_equal(twice_reset, as_ref(once), rtol=0)

@@ -5,8 +5,8 @@ import functools
 
 import pytest
 import torch
-from culture_neurons.kernels import act_and_record
-from culture_neurons.kernels.ops import act_and_record_torch
+from culture_neurons.kernels import act_and_record, ops
+from culture_neurons.kernels.ops import LayerOp, act_and_record_torch
 from culture_neurons.kernels.reference import act_and_record_reference
 
 from culture_neurons.errors import UsageError
@@ -42,6 +42,88 @@ def test_cpu_steering(factor, record, mlp_case, act_and_record_checker):
 @pytest.mark.parametrize("do_record,do_ablate", [(False, True), (True, False), (False, False)])
 def test_cpu_switches_off(do_record, do_ablate, mlp_case, act_and_record_checker):
     act_and_record_checker(OP, mlp_case(7, 33), "gelu_tanh", "gate", do_record, do_ablate)
+
+
+def _through_layer_op(gate, up, culture, K, S, Q, keep, set_ids, act_fn, activation, do_record,
+                      do_ablate, factor=0.0):
+    """The 2D op contract through a LayerOp bound to K, S, Q and keep (one per call here)."""
+    op = LayerOp(gate.shape[1], gate.device, act_fn=act_fn, activation=activation, factor=factor,
+                 K=K if do_record else None, S=S if do_record else None,
+                 Q=Q if do_record else None, keep=keep if do_ablate else None)
+    return op(gate, up, culture if do_record else None, set_ids if do_ablate else None)
+
+
+@pytest.mark.parametrize("R,N", [(1, 1), (130, 67)])
+@pytest.mark.parametrize("record", ["gate", "post"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_layer_op_against_reference(R, N, record, dtype, mlp_case, act_and_record_checker):
+    case = mlp_case(R, N, C=7, dtype=dtype, seed=R + 2 * N)
+    act_and_record_checker(_through_layer_op, case, "gelu_tanh", record)
+
+
+@pytest.mark.parametrize("do_record,do_ablate,factor",
+                         [(False, True, 0.0), (True, False, 0.0), (False, False, 0.0),
+                          (True, True, 1.5)])
+def test_layer_op_switches(do_record, do_ablate, factor, mlp_case, act_and_record_checker):
+    act_and_record_checker(_through_layer_op, mlp_case(130, 67, C=7, seed=17), "silu", "post",
+                           do_record, do_ablate, factor)
+
+
+def test_layer_op_leading_dims_and_one_culture(mlp_case, assert_close_stats):
+    """[B, T, N] inputs with flat per-row ids (as Batch gives them) and a known single culture."""
+    case = mlp_case(130, 67, C=7, seed=18)
+    culture = torch.where(case["culture"] >= 0, 3, -1).int()
+    K, S, Q = _accumulators(7, 67)
+    op = LayerOp(67, "cpu", act_fn="silu", activation="post", K=K, S=S, Q=Q, keep=case["keep"])
+    h = op(case["gate"].reshape(2, 65, 67), case["up"].reshape(2, 65, 67), culture,
+           case["set_ids"], one_culture=3)
+    h_ref, K_ref, S_ref, _ = act_and_record_reference(case["gate"], case["up"], culture, 7,
+                                                      "silu", "post", case["keep"],
+                                                      case["set_ids"])
+    assert h.shape == (2, 65, 67)
+    assert_close_stats("h", h.reshape(130, 67), h_ref, atol=1e-6, rtol=1e-5)
+    assert_close_stats("K", K, K_ref)
+    assert_close_stats("S", S, S_ref, atol=1e-4, rtol=1e-5)  # fp32 sums of <= 130 terms
+
+
+@pytest.mark.parametrize(
+    "bind,call,match",
+    [
+        (dict(K=torch.zeros(33, 5, dtype=torch.int64).T), {}, "contiguous"),
+        (dict(S=torch.zeros(5, 33, dtype=torch.float32)), {}, "float64"),
+        (dict(act_fn="relu"), {}, "act_fn"),
+        (dict(keep=torch.ones(3, 32, dtype=torch.bool)), {}, "num_sets, N"),
+        ({}, dict(gate=torch.randn(7, 34), up=torch.randn(7, 34)), r"\[\.\.\., N\]"),
+        ({}, dict(up=torch.randn(7, 33, dtype=torch.float64)), "one float dtype"),
+        ({}, dict(culture=torch.zeros(6, dtype=torch.int32)), "one id per row"),
+        (dict(K=None, S=None, Q=None), {}, "recording op"),
+        (dict(keep=None), {}, "bound to a keep mask"),
+    ],
+)
+def test_layer_op_errors_name_the_problem(bind, call, match, mlp_case):
+    """Bind-time checks (totals, mask, options) once; call-time checks (inputs, ids) cheap."""
+    case = mlp_case(7, 33, C=5)
+    K, S, Q = _accumulators(5, 33)
+    bound = dict(act_fn="silu", K=K, S=S, Q=Q, keep=case["keep"])
+    bound.update(bind)
+    args = dict(gate=case["gate"], up=case["up"], culture=case["culture"],
+                set_ids=case["set_ids"])
+    args.update(call)
+    with pytest.raises(UsageError, match=match):
+        LayerOp(33, "cpu", **bound)(**args)
+
+
+def test_eager_faces_skip_the_custom_op(monkeypatch, mlp_case, act_and_record_checker):
+    """Outside torch.compile neither face goes through the op's dispatcher (its per-call cost)."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the custom op was called eagerly")
+
+    monkeypatch.setattr(ops, "_act_and_record_op", refuse)
+    case = mlp_case(7, 33, C=5)
+    act_and_record_checker(_through_layer_op, case, "silu", "gate")
+    K, S, Q = _accumulators(5, 33)
+    act_and_record(case["gate"], case["up"], culture=case["culture"], K=K, S=S, Q=Q)
 
 
 def _accumulators(C, N):
@@ -106,6 +188,25 @@ def test_opcheck(mlp_case):
     args = (case["gate"], case["up"], case["culture"], K, S, Q, case["keep"].to(torch.uint8),
             case["set_ids"], "silu", "post", True, True, 1.5)
     torch.library.opcheck(OP, args)
+
+
+def test_layer_op_under_torch_compile(mlp_case, assert_close_stats):
+    """The bound op goes through the custom op when compiling: same numbers as eagerly."""
+    case = mlp_case(7, 33, C=5, seed=3)
+    weight = torch.randn(4, 33)
+    eager_acc, compiled_acc = _accumulators(5, 33), _accumulators(5, 33)
+    outs = []
+    for acc, compile_it in ((eager_acc, False), (compiled_acc, True)):
+        op = LayerOp(33, "cpu", act_fn="silu", K=acc[0], S=acc[1], Q=acc[2], keep=case["keep"])
+
+        def mlp_tail(gate, up, culture, set_ids, op=op):
+            return torch.nn.functional.linear(op(gate, up, culture, set_ids), weight)
+
+        run = torch.compile(mlp_tail, fullgraph=True, backend="aot_eager") if compile_it else mlp_tail
+        outs.append(run(case["gate"], case["up"], case["culture"], case["set_ids"]))
+    assert_close_stats("out", outs[1], outs[0], atol=1e-6, rtol=1e-6)
+    for name, a, b in zip("KSQ", compiled_acc, eager_acc, strict=True):
+        assert_close_stats(name, a, b, atol=1e-6, rtol=1e-6)  # same PyTorch path, same order
 
 
 def test_torch_compile_fullgraph(mlp_case, assert_close_stats):
