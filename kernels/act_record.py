@@ -282,10 +282,11 @@ def launch(
         return h
     tile = tile or tile_for(gate.device)
     C = K.shape[0] if do_record else 0
-    if C * N >= 2**31:
+    if do_record and C * N >= 2**31:
         raise UsageError(f"act_and_record: accumulators [C={C}, N={N}] pass 2^31 elements; "
                          "record fewer cultures per call")
-    grid = (triton.cdiv(R, tile.block_r) * triton.cdiv(N, tile.block_n),)
+    # Python ceil-divisions: triton.cdiv is a JIT function, ~10 us per host call.
+    grid = (-(-R // tile.block_r) * -(-N // tile.block_n),)
     with device_of(gate):
         _act_record_kernel[grid](
             gate, up, culture, keep, set_ids,

@@ -90,9 +90,9 @@ def test_kernel_device_runs_the_checked_kernel(cpu_is_a_kernel_device, launches,
                                                assert_close_stats):
     case = mlp_case(40, 67, seed=1)
     out = _record(case)
-    assert launches.calls == 2  # the self-check, then the call
+    assert launches.calls == 3  # the self-check (an aligned and a ragged shape), then the call
     _record(case)
-    assert launches.calls == 3  # checked once per (device, dtype, variant)
+    assert launches.calls == 4  # checked once per (device, dtype, variant)
     status = dispatch.status()
     assert status["fallbacks"] == {} and len(status["checked"]) == 1
     assert "cpu, torch.float32, silu/gate record ablate" in status["checked"][0]
@@ -111,12 +111,12 @@ def test_wrong_count_is_caught(forced, cpu_is_a_kernel_device, monkeypatch, laun
     launches.wrong = _wrong_count
     if forced:
         monkeypatch.setenv(dispatch.MODE_ENV, "triton")
-        with pytest.raises(KernelError, match=r"K differs in 1 of .*culture 0, neuron 0"):
+        with pytest.raises(KernelError, match=r"29 x 64: K differs in 1 of .*culture 0, neuron 0"):
             _record(case)
         return
     with pytest.warns(KernelFallbackWarning, match=r"NOT used on cpu, .*K differs in 1 of"):
         out = _record(case)
-    assert launches.calls == 1  # the self-check only: the call itself ran in PyTorch
+    assert launches.calls == 1  # the self-check's first shape only: the call ran in PyTorch
     _assert_reference(case, out, assert_close_stats)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # one warning, not one per call
@@ -124,7 +124,7 @@ def test_wrong_count_is_caught(forced, cpu_is_a_kernel_device, monkeypatch, laun
     assert launches.calls == 1
     _assert_reference(case, out, assert_close_stats)
     (reason,) = dispatch.status()["fallbacks"].values()
-    assert reason.startswith("the self-check found the kernel wrong: K differs in 1 of")
+    assert reason.startswith("the self-check found the kernel wrong: 29 x 64: K differs in 1 of")
 
 
 def test_sum_outside_tolerance_is_caught(cpu_is_a_kernel_device, launches, mlp_case):
@@ -172,7 +172,7 @@ def test_forced_kernel_on_the_interpreter(monkeypatch, launches, mlp_case, asser
     monkeypatch.setenv(dispatch.MODE_ENV, "triton")
     case = mlp_case(40, 67, seed=6)
     out = _record(case)
-    assert launches.calls == 2
+    assert launches.calls == 3
     _assert_reference(case, out, assert_close_stats)
 
 
