@@ -147,30 +147,34 @@ def act_and_record_torch(
     Per chunk: one fp32 ``act`` (in place on the fp32 copy of a half-precision gate), the
     ablated neurons zeroed, ``h`` written in place when the input is fp32, and K/S/Q added by
     :func:`culture_neurons.instrument.reduce.accumulate` (one chunk at a time, so its
-    temporaries stay bounded too).
+    temporaries stay bounded too). A call of one chunk (decode steps, most prompts) slices
+    nothing and allocates only what it returns.
     """
+    args = (K, S, Q, keep, act_fn, activation, do_record, do_ablate, factor, chunk_rows)
     R, N = gate.shape
+    if R <= chunk_rows:
+        return _chunk(gate, up, culture, set_ids, None, *args)
     h = torch.empty((R, N), dtype=gate.dtype, device=gate.device)
-    if R == 0 or N == 0:
-        return h
-    fp32_in = gate.dtype == torch.float32
     for start in range(0, R, chunk_rows):
         rows = slice(start, min(R, start + chunk_rows))
-        if fp32_in:
-            a = act(gate[rows], act_fn)  # fresh fp32 tensor
-        else:
-            a = _act_(gate[rows].float(), act_fn)  # in place on the fp32 copy
-        if do_ablate:
-            reduce.ablate_(a, keep, set_ids[rows], factor, chunk_rows)
-        if fp32_in:
-            h_c = torch.mul(a, up[rows], out=h[rows])
-        else:
-            h_c = a * up[rows]  # bf16/fp16 * fp32 promotes to fp32
-            h[rows].copy_(h_c)
-        if do_record:
-            recorded = h_c if activation == "post" else a
-            reduce.accumulate(K, S, Q, recorded, culture[rows], chunk_rows)
+        _chunk(gate[rows], up[rows], culture[rows] if do_record else None,
+               set_ids[rows] if do_ablate else None, h[rows], *args)  # fmt: skip
     return h
+
+
+def _chunk(gate, up, culture, set_ids, out, K, S, Q, keep, act_fn, activation, do_record,
+           do_ablate, factor, chunk_rows) -> torch.Tensor:  # fmt: skip
+    """One chunk of :func:`act_and_record_torch`; ``h`` into ``out`` (a new tensor if None)."""
+    fp32_in = gate.dtype == torch.float32
+    a = act(gate, act_fn) if fp32_in else _act_(gate.float(), act_fn)  # a fresh fp32 tensor
+    if do_ablate:
+        reduce.ablate_(a, keep, set_ids, factor, chunk_rows)
+    h = torch.mul(a, up, out=out) if fp32_in else a * up  # bf16/fp16 * fp32 promotes to fp32
+    if do_record:
+        reduce.accumulate(K, S, Q, h if activation == "post" else a, culture, chunk_rows)
+    if fp32_in:
+        return h
+    return h.to(gate.dtype) if out is None else out.copy_(h)
 
 
 # --- the chosen path --------------------------------------------------------------------------
