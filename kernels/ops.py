@@ -140,7 +140,7 @@ def act_and_record_torch(
     do_record: bool,
     do_ablate: bool,
     factor: float = 0.0,
-    chunk_rows: int = reduce.CHUNK_ROWS,
+    chunk_rows: int | None = None,  # None: reduce.chunk_rows_for(gate)
 ) -> torch.Tensor:
     """The op's math in PyTorch over row chunks; fp32 arithmetic, ``h`` in gate's dtype.
 
@@ -150,6 +150,7 @@ def act_and_record_torch(
     temporaries stay bounded too). A call of one chunk (decode steps, most prompts) slices
     nothing and allocates only what it returns.
     """
+    chunk_rows = chunk_rows or reduce.chunk_rows_for(gate)
     args = (K, S, Q, keep, act_fn, activation, do_record, do_ablate, factor, chunk_rows)
     R, N = gate.shape
     if R <= chunk_rows:
