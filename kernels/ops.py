@@ -426,6 +426,8 @@ class LayerOp:
                  factor: float = 0.0, K: torch.Tensor | None = None, S: torch.Tensor | None = None,
                  Q: torch.Tensor | None = None, keep: torch.Tensor | None = None):  # fmt: skip
         device = torch.device(device)
+        if device.type == "cuda" and device.index is None:  # as tensors report it: "cuda:0"
+            device = torch.device("cuda", torch.cuda.current_device())
         can_record, can_ablate = K is not None, keep is not None
         if keep is not None and keep.dtype == torch.bool:
             keep = keep.view(torch.uint8)  # same bytes, read as the kernel reads them
