@@ -19,3 +19,9 @@ class DataError(CultureNeuronsError):
 
 class UsageError(CultureNeuronsError):
     """An argument is out of range or inconsistent with another one."""
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (its type's name if it has none): what a
+    one-line error quotes of a library's multi-line one."""
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
