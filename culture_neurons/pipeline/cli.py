@@ -77,10 +77,15 @@ def _run_config(o: Options, meta: dict | None = None):
 
 
 def _inputs(o: Options) -> dict:
-    """What run.json records of how model and data were loaded."""
+    """What run.json records of how model and data were loaded (local paths made absolute,
+    so that a later step finds them from any working dir; hub ids as given)."""
     names = ("model", "data", "cultures", "grouping", "min_items", "language", "max_items",
              "on_error")  # fmt: skip
-    return {k: list(o[k]) if isinstance(o[k], tuple) else o[k] for k in names}
+    out = {k: list(o[k]) if isinstance(o[k], tuple) else o[k] for k in names}
+    for k in ("model", "data"):
+        if out[k] is not None and out[k] != FAKER_DATA and Path(out[k]).exists():
+            out[k] = str(Path(out[k]).resolve())
+    return out
 
 
 # -- model and data -------------------------------------------------------------------------

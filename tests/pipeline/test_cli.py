@@ -238,7 +238,8 @@ def test_every_command_has_help(capsys):
 def test_default_identify_on_correct_end_to_end(tmp_path, monkeypatch):
     """The default path (the items the full model answers correctly) through the command
     line, interrupted after the full model's pass: the resume reads its predictions back, and
-    every culture's statistics count exactly the items an independent pass gets right."""
+    every culture's statistics count exactly the items an independent pass gets right.
+    (That a resumed run ends with the uninterrupted numbers is tested above.)"""
     from culture_neurons.data import load_cvqa
     from culture_neurons.models.loading import load_model
     from culture_neurons.pipeline import run as run_module
@@ -247,16 +248,17 @@ def test_default_identify_on_correct_end_to_end(tmp_path, monkeypatch):
 
     # 12 items per culture, data seed 1: the random tiny model gets some of every culture right
     a = save_cli_assets(tmp_path / "assets", "qwen2_5_vl", items=12, seed=1)
-    common = ["--model", a["model"], "--data", a["data"], "--min-items", "4", "--batch-size",
-              "4", *SELECT, "--quiet"]  # fmt: skip
-    out, whole = tmp_path / "out", tmp_path / "whole"
+    argv = ["run", "--model", a["model"], "--data", a["data"], "--min-items", "4",
+            "--batch-size", "4", "--ratio", "0.05", "--methods", "cas", "--rnd-draws", "1",
+            "--quiet", "--out", str(tmp_path / "out")]  # fmt: skip
+    out = tmp_path / "out"
     encode = tasks.encode
 
     def stop(*args, **kw):  # the first batch of recording: after the full model's pass
         raise KeyboardInterrupt
 
     monkeypatch.setattr(tasks, "encode", stop)
-    assert cli.main(["run", *common, "--out", str(out)]) == 130
+    assert cli.main(argv) == 130
     monkeypatch.setattr(tasks, "encode", encode)
     cached = json.loads((out / "progress" / "ident_full.json").read_text())
     data = load_cvqa(a["data"], min_items=4)
@@ -272,7 +274,7 @@ def test_default_identify_on_correct_end_to_end(tmp_path, monkeypatch):
         return predict(*args, **kw)
 
     monkeypatch.setattr(run_module, "predict", counted)
-    main_ok(["run", *common, "--out", str(out), "--resume"])
+    main_ok([*argv, "--resume"])
     assert calls["n"] == 0, "the resumed run predicted the identification half again"
     stats = load_stats(out)
     correct = [sum(p == it.label for it, p in zip(items, ref, strict=True) if it.culture == c)
@@ -280,12 +282,9 @@ def test_default_identify_on_correct_end_to_end(tmp_path, monkeypatch):
     assert stats.items.tolist() == correct and all(correct)
     assert stats.options["items"] == "correct"
     assert json.loads((out / "run.json").read_text())["config"]["identify_on"] == "correct"
-    main_ok(["run", *common, "--out", str(whole)])  # never interrupted
-    assert torch.equal(load_stats(whole).K, stats.K)
-    for method in ("cas", "lap", "rnd"):
+    for method in ("cas", "rnd"):
         ev = eval_json(out, method)
-        assert ev == eval_json(whole, method), method
-        assert ev["labels_available"] and len(ev["accuracy_full"]) == 3
+        assert ev["labels_available"] and len(ev["accuracy_full"]) == 3, method
 
 
 @pytest.mark.slow

@@ -74,6 +74,7 @@ def test_two_gloo_ranks_equal_one_process(assets, tmp_path):
     assert (multi / "report.md").exists()
 
 
+@pytest.mark.slow
 def test_ranks_record_the_correct_items_of_one_process(saved, tmp_path):
     """identify_on="correct" (the default): ranks predict their share of the items, share the
     predictions, and record the correct items in the batches one process would use."""

@@ -179,6 +179,7 @@ def test_5_merge_refuses_the_same_statistics_twice(finished, tmp_path, capsys):
 
 
 # -- 6: a step that fails on its inputs writes nothing -----------------------------------------
+@pytest.mark.slow
 def test_6_evaluate_without_masks_writes_nothing(assets, tmp_path, capsys):
     empty = tmp_path / "empty"
     assert_refused(["evaluate", "--out", str(empty)], capsys, "does not exist", watch=[empty])
