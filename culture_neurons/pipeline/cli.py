@@ -134,16 +134,12 @@ def _prepare(o: Options, meta: dict | None, resume: bool, command: str):
     config = _run_config(o, meta)
     _check_device(o)
     part = partition(o["shard"])
-    if _is_toy(o):
-        from culture_neurons.demo.toy import toy
-        from culture_neurons.models.loading import place
+    toy = None
+    if _is_toy(o):  # the embedded toy brings its data (built on first use, then loaded)
+        from culture_neurons.demo.toy import toy as build_or_load
 
-        t = toy(seed=o["seed"])
-        data = _load_data(o, t.data_path)
-        model, processor, description = place(t.model, o["dtype"], o["device"]), t.processor, \
-            t.description  # fmt: skip
-    else:
-        data = _load_data(o)
+        toy = build_or_load(seed=o["seed"])
+    data = _load_data(o, toy.data_path if toy else None)
     identify_on = identify_on_for(o["identify_on"], data.labels_available, config.task)
     if o["identify_on"] is None and identify_on == "all" and config.task == "mc":
         log.info("the labels of this data are hidden (Label = -1): identifying on all items "
@@ -154,9 +150,12 @@ def _prepare(o: Options, meta: dict | None, resume: bool, command: str):
                               data_hash=rundir.data_hash(data))  # fmt: skip
         rundir.refuse(Path(o["out"]), rundir.conflicts(meta["config"], config.settings(),
                                                        command, steps()), o.given, steps())  # fmt: skip
-    if not _is_toy(o):
-        from culture_neurons.models.loading import load_model
+    from culture_neurons.models.loading import load_model, place
 
+    if toy is not None:
+        model, processor = place(toy.model, o["dtype"], o["device"]), toy.processor
+        description = toy.description
+    else:
         model, processor = load_model(o["model"], o["dtype"], o["device"])
         description = f"{o['model']} on {data.source}"
     return Run(model, processor, data, o["out"], config, resume=resume, overwrite=o["overwrite"],
@@ -196,7 +195,7 @@ def cmd_record(o: Options) -> None:
 
 def _run_of_stats(o: Options, then: str) -> dict:
     """run.json of the statistics in --out (for statistics saved without one, e.g. from
-    Python, what stats.json says), checked against the given options."""
+    Python, the settings stats.json records)."""
     out = Path(o["out"])
     rundir.require(out, ["stats.json", "stats.safetensors"], then)
     meta = rundir.read_run(out)

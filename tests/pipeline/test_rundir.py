@@ -141,6 +141,20 @@ def test_3_a_setting_that_contradicts_the_run_is_refused(run_dir, tmp_path, caps
                    watch=[run_dir])  # fmt: skip
 
 
+def test_3_other_items_are_refused_before_the_model_loads(run_dir, tmp_path, capsys,
+                                                         monkeypatch):  # fmt: skip
+    from culture_neurons.data import write_synthetic_cvqa
+    from culture_neurons.models import loading
+
+    monkeypatch.setattr(loading, "load_model", lambda *a, **k: pytest.fail("model loaded"))
+    other = write_synthetic_cvqa(tmp_path / "other", cultures=3, items_per_culture=8, seed=5)
+    assert_refused(["evaluate", "--out", str(run_dir), "--data", str(other)], capsys,
+                   "other items", "pass the run's --data", watch=[run_dir])  # fmt: skip
+    fewer = write_synthetic_cvqa(tmp_path / "fewer", cultures=2, items_per_culture=8)
+    assert_refused(["evaluate", "--out", str(run_dir), "--data", str(fewer)], capsys,
+                   "cultures", watch=[run_dir])  # fmt: skip
+
+
 def model_data_of(out) -> list[str]:
     inputs = json.loads((out / "run.json").read_text())["inputs"]
     return ["--model", inputs["model"], "--data", inputs["data"]]
