@@ -247,7 +247,7 @@ def add_options(parser: argparse.ArgumentParser, command: str) -> None:
         else:
             if opt.choices and opt.type is not list:
                 kw["choices"] = list(opt.choices)
-            kw["metavar"] = "A,B,..." if opt.type is list else None
+            kw["metavar"] = {list: "A,B,...", int: "N", float: "X"}.get(opt.type)
             kw = {k: v for k, v in kw.items() if v is not None}
             g.add_argument(opt.flag, type=opt.type if opt.type in (int, float) else str, **kw)
 
