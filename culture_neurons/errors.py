@@ -23,3 +23,9 @@ class UsageError(CultureNeuronsError):
 
 class KernelError(CultureNeuronsError):
     """The Triton kernel was forced but is unavailable, broken or wrong on this device."""
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (its type's name if it has none): what a
+    one-line error quotes of a library's multi-line one."""
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]

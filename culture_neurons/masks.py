@@ -17,6 +17,7 @@ sets of a list over layers of int64 tensors of neuron indices.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass, field
@@ -27,11 +28,11 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from culture_neurons.errors import DataError, StatsMismatchError, UsageError
+from culture_neurons.errors import DataError, StatsMismatchError, UsageError, first_line
 from culture_neurons.stats import Fingerprint
 
 FORMAT = "culture-neurons-masks"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the fingerprint identifies the weights
 
 
 @dataclass
@@ -203,6 +204,15 @@ class Masks:
                 "statistics of this model"
             )
 
+    def content_hash(self) -> str:
+        """sha256 of the sets themselves (names, model, indices; not method or options): what
+        cached predictions under these masks are keyed on, never their sizes alone."""
+        h = hashlib.sha256()
+        h.update(json.dumps([self.names, asdict(self.fingerprint)], sort_keys=True).encode())
+        h.update(self.indptr.contiguous().numpy())
+        h.update(self.flat.contiguous().numpy())
+        return h.hexdigest()
+
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Masks):
             return NotImplemented
@@ -340,14 +350,15 @@ def load_masks(path: str | os.PathLike, fingerprint: Fingerprint | None = None) 
         meta = json.loads(header["meta"])
         masks = Masks(
             names=list(meta["names"]),
-            fingerprint=Fingerprint.from_dict(meta["fingerprint"]),
+            fingerprint=Fingerprint.from_dict(meta["fingerprint"], f"masks {path}"),
             indptr=tensors["indptr"],
             flat=tensors["flat"],
             method=meta.get("method", ""),
             options=meta.get("options", {}),
         )
-    except (KeyError, TypeError, json.JSONDecodeError, SafetensorError) as e:
-        raise DataError(f"{path} does not hold culture-neurons masks ({e!r})") from e
+    except (OSError, KeyError, TypeError, json.JSONDecodeError, SafetensorError) as e:
+        raise DataError(f"cannot read masks {path} ({first_line(e)}): damaged, truncated or "
+                        "not ours; run `select` again") from e  # fmt: skip
     if fingerprint is not None:
         masks.require_model(fingerprint, f"masks {path}")
     return masks

@@ -16,26 +16,29 @@ Nothing per token is stored.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from culture_neurons.errors import DataError, StatsMismatchError, UsageError
+from culture_neurons.errors import DataError, StatsMismatchError, UsageError, first_line
 
 ACTIVATIONS = ("gate", "post")
 SCOPES = ("all", "text", "image", "last")
 STATS_FILE = "stats.safetensors"
 META_FILE = "stats.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the fingerprint identifies the weights (weights_hash)
 
 
 @dataclass(frozen=True)
 class Fingerprint:
-    """What identifies a model's MLP neurons: two stats merge only if these agree."""
+    """What identifies a model: its architecture and its weights. Stats merge, masks apply and
+    cached predictions are reused only where these agree (see ``models.fingerprint``)."""
 
     family: str
     model_type: str
@@ -44,14 +47,28 @@ class Fingerprint:
     hidden_size: int
     act_fn: str  # "silu" | "gelu_tanh"
     config_hash: str  # sha256 of the text config, volatile keys removed
+    weights_hash: str = ""  # sha256 of sampled weights ("": not computed, a hand-built one)
 
     def differences(self, other: Fingerprint) -> list[str]:
         """Fields that differ, each as ``"name: mine vs theirs"``."""
         mine, theirs = asdict(self), asdict(other)
-        return [f"{k}: {mine[k]!r} vs {theirs[k]!r}" for k in mine if mine[k] != theirs[k]]
+        out = []
+        for k in mine:
+            if mine[k] != theirs[k]:
+                name = "weights" if k == "weights_hash" else k
+                out.append(f"{name}: {mine[k]!r} vs {theirs[k]!r}")
+        return out
 
     @classmethod
-    def from_dict(cls, d: dict) -> Fingerprint:
+    def from_dict(cls, d: dict, where: str = "this file") -> Fingerprint:
+        """From a saved dict; one written before fingerprints covered the weights is refused
+        (it could not tell a fine-tune from its base model)."""
+        if isinstance(d, dict) and "config_hash" in d and "weights_hash" not in d:
+            raise DataError(
+                f"{where} was written by an older culture-neurons whose model fingerprint did "
+                "not cover the weights (a fine-tune would pass for its base model); record the "
+                "statistics again with this version"
+            )
         return cls(**{k: d[k] for k in cls.__dataclass_fields__})
 
 
@@ -195,6 +212,17 @@ class Stats:
 
     __add__ = merge
 
+    def content_hash(self) -> str:
+        """sha256 of everything these stats hold (identical copies share it: ``merge`` refuses
+        the same statistics twice by it)."""
+        h = hashlib.sha256()
+        meta = [self.cultures, asdict(self.fingerprint), self.activation, self.scope,
+                self.options, self.shard]  # fmt: skip
+        h.update(json.dumps(meta, sort_keys=True, default=list).encode())
+        for name in ("T", "K", "S", "Q", "items"):
+            h.update(getattr(self, name).detach().cpu().contiguous().numpy())
+        return h.hexdigest()
+
     def clone(self) -> Stats:
         return self.to(self.K.device, copy=True)
 
@@ -239,20 +267,47 @@ class Stats:
         return out
 
 
-def load_stats(path: str | os.PathLike, device: torch.device | str = "cpu") -> Stats:
-    """Read stats saved by :meth:`Stats.save`. ``path`` is the output dir or either file."""
+def stats_folder(path: str | os.PathLike) -> Path:
+    """The folder of the statistics ``path`` names (an output dir, or either of its files).
+
+    Raises:
+        DataError: ``path`` does not exist, or is a file other than ours.
+    """
     p = Path(path)
-    folder = p if p.is_dir() else p.parent
+    if not p.exists():
+        raise DataError(f"{p} does not exist; give the output dir of a run that recorded "
+                        f"statistics (or its {META_FILE})")  # fmt: skip
+    if p.is_dir():
+        return p
+    if p.name not in (STATS_FILE, META_FILE):
+        raise DataError(f"{p} is not a statistics file; give an output dir or its {META_FILE}")
+    return p.parent
+
+
+def load_stats(path: str | os.PathLike, device: torch.device | str = "cpu") -> Stats:
+    """Read stats saved by :meth:`Stats.save`. ``path`` is the output dir or either file.
+
+    Raises:
+        DataError: the path or a file is missing, unreadable, damaged or not ours (one line
+            naming the file and what to do).
+    """
+    folder = stats_folder(path)
     st_path, js_path = folder / STATS_FILE, folder / META_FILE
     for f in (st_path, js_path):
         if not f.is_file():
-            raise DataError(f"no statistics at {folder}: {f.name} is missing; run `record` first")
+            raise DataError(f"no statistics in {folder}: {f.name} is missing; run `record "
+                            f"--out {folder}` first")  # fmt: skip
     try:
         meta = json.loads(js_path.read_text(encoding="utf-8"))
         tensors = load_file(st_path, device=str(device))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, SafetensorError) as e:
+        bad = js_path if isinstance(e, (UnicodeDecodeError, json.JSONDecodeError)) else st_path
+        raise DataError(f"cannot read {bad} ({first_line(e)}): the file is damaged or "
+                        "truncated; record the statistics again") from e  # fmt: skip
+    try:
         return Stats(
             cultures=meta["cultures"],
-            fingerprint=Fingerprint.from_dict(meta["fingerprint"]),
+            fingerprint=Fingerprint.from_dict(meta["fingerprint"], str(js_path)),
             activation=meta["activation"],
             scope=meta["scope"],
             T=tensors["T"], K=tensors["K"], S=tensors["S"], Q=tensors["Q"],
@@ -260,8 +315,9 @@ def load_stats(path: str | os.PathLike, device: torch.device | str = "cpu") -> S
             options=meta.get("options", {}),
             shard=tuple(meta["shard"]) if meta.get("shard") else None,
         )  # fmt: skip
-    except (KeyError, json.JSONDecodeError, TypeError) as e:
-        raise DataError(f"{folder} does not hold culture-neurons statistics ({e!r})") from e
+    except (KeyError, TypeError, AttributeError) as e:
+        raise DataError(f"{folder} does not hold culture-neurons statistics ({e!r}); record "
+                        "them again") from e  # fmt: skip
 
 
 def merge_shards(parts: list[Stats]) -> Stats:

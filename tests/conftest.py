@@ -219,3 +219,44 @@ def short_batch() -> dict:
     texts = ["What is shown?", "Which traditional dish is shown in this picture? A. rice B. tea",
              "the festival"]  # fmt: skip
     return dict(tok(texts, return_tensors="pt", padding=True))
+
+
+def snapshot(root) -> dict:
+    """Every file and folder under ``root``: relative path -> (mtime_ns, sha256) for files,
+    "dir" for folders. "Nothing written or changed" is an equal snapshot before and after."""
+    import hashlib
+    from pathlib import Path
+
+    root = Path(root)
+    if not root.exists():
+        return {}
+    out = {}
+    for p in sorted(root.rglob("*")):
+        rel = str(p.relative_to(root))
+        out[rel] = "dir" if p.is_dir() else (p.stat().st_mtime_ns,
+                                             hashlib.sha256(p.read_bytes()).hexdigest())
+    return out
+
+
+def assert_refused(argv: list[str], capsys, *needles: str, watch=(), alone: bool = True) -> str:
+    """Run the CLI on ``argv`` in this process and check a refusal: exit code 2, one
+    ``error:`` line on stderr (the only line when ``alone``; else the last, after warnings)
+    holding every needle, no traceback, nothing on stdout, nothing written or changed under
+    the ``watch`` paths. Returns the error line."""
+    from culture_neurons.pipeline import cli
+
+    before = [snapshot(w) for w in watch]
+    capsys.readouterr()  # what earlier commands printed
+    code = cli.main(argv)
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert code == 2, (argv, captured.err)
+    assert "Traceback" not in captured.err and captured.out == "", captured
+    assert lines and lines[-1].startswith("error: "), captured.err
+    assert sum(line.startswith("error:") for line in lines) == 1, captured.err
+    if alone:
+        assert len(lines) == 1, captured.err
+    for needle in needles:
+        assert needle in lines[-1], (needle, lines[-1])
+    assert [snapshot(w) for w in watch] == before, "a refused command wrote or changed files"
+    return lines[-1]

@@ -154,3 +154,16 @@ def test_from_lape_never_unpickles_objects(tmp_path):
         Masks.from_lape(tmp_path / "evil.pth", FP, ["en"])
     with pytest.raises(DataError, match="no LAPE neuron file"):
         Masks.from_lape(tmp_path / "missing.pth", FP, ["en"])
+
+
+def test_content_hash_is_the_sets_not_their_sizes(masks):
+    same = Masks.from_sets(masks.names, [masks.flat_of(s) for s in range(len(masks))], FP,
+                           method="other", options={"x": 1})  # fmt: skip
+    assert same.content_hash() == masks.content_hash()  # method and options are not content
+    moved = [masks.flat_of(s).clone() for s in range(len(masks))]
+    moved[0][0] = (int(moved[0][0]) + 1) % (FP.num_layers * FP.num_neurons)
+    while len(set(moved[0].tolist())) < moved[0].numel():  # keep it a set
+        moved[0][0] = (int(moved[0][0]) + 1) % (FP.num_layers * FP.num_neurons)
+    other = Masks.from_sets(masks.names, moved, FP)
+    assert other.sizes().tolist() == masks.sizes().tolist()
+    assert other.content_hash() != masks.content_hash()

@@ -83,3 +83,33 @@ def test_wrong_shapes_are_refused():
         Stats(["a"], FP, "gate", "all", T=torch.zeros(1, dtype=torch.int64),
               K=torch.zeros(1, 3, 4, dtype=torch.int64), S=torch.zeros(1, 3, 5, dtype=torch.float64),
               Q=torch.zeros(1, 3, 5, dtype=torch.float64), items=torch.zeros(1, dtype=torch.int64))  # fmt: skip
+
+
+def test_unreadable_files_are_one_line_naming_them(tmp_path):
+    with pytest.raises(DataError, match=f"{tmp_path / 'nope'} does not exist"):
+        load_stats(tmp_path / "nope")
+    s = random_stats(6)
+    s.save(tmp_path)
+    data = (tmp_path / "stats.safetensors").read_bytes()
+    (tmp_path / "stats.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(DataError, match="cannot read .*stats.safetensors .*truncated") as e:
+        load_stats(tmp_path / "stats.json")
+    assert "\n" not in str(e.value)
+
+
+def test_files_from_before_weight_fingerprints_are_refused(tmp_path):
+    random_stats(7).save(tmp_path)
+    meta = json.loads((tmp_path / "stats.json").read_text())
+    del meta["fingerprint"]["weights_hash"]
+    (tmp_path / "stats.json").write_text(json.dumps(meta))
+    with pytest.raises(DataError, match="did not cover the weights.*record the statistics again"):
+        load_stats(tmp_path)
+
+
+def test_content_hash_identifies_the_statistics():
+    a = random_stats(8)
+    assert a.content_hash() == a.clone().content_hash() == random_stats(8).content_hash()
+    b = a.clone()
+    b.K[0, 0, 0] += 1  # one count more
+    assert b.content_hash() != a.content_hash()
+    assert random_stats(8, options={"items": "all"}).content_hash() != a.content_hash()

@@ -140,6 +140,9 @@ def toy(
     config = config or ToyConfig()
     target = Path(cache_dir) if cache_dir is not None else default_cache_dir(seed)
     if force or not (target / "toy.json").is_file():
+        # Said before the silence of training: the first use builds, later ones load.
+        log.info("building the embedded toy VLM of seed %d (about two minutes on 2 CPU cores; "
+                 "cached in %s and loaded in seconds afterwards)", seed, target)  # fmt: skip
         build_toy(seed, target, force=force, config=config)
     _check_cache(target, seed, config)
     return load_toy(target)

@@ -17,6 +17,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from culture_neurons.errors import UnsupportedModelError
@@ -167,7 +168,9 @@ def image_token_ids(model_or_config) -> tuple[int, ...]:
 
 
 def fingerprint(model: nn.Module) -> Fingerprint:
-    """What identifies this model's neurons: family, L, N, activation, hidden size, config hash."""
+    """What identifies this model: family, L, N, activation, hidden size, config hash, and the
+    weights (:func:`weights_hash`), so that a fine-tune or another seed of the same
+    architecture is another model."""
     adapter = get_adapter(model)
     mlps = decoder_mlps(model)
     tc = text_config(model)
@@ -181,7 +184,46 @@ def fingerprint(model: nn.Module) -> Fingerprint:
         hidden_size=mlps[0].gate_proj.in_features,
         act_fn=activation_fn(model),
         config_hash=digest[:16],
+        weights_hash=weights_hash(model),
     )
+
+
+# Values hashed per tensor: every one of a small tensor, an evenly strided sample of a large
+# one. Fine-tuning or another seed moves (nearly) every weight, so 4096 samples per tensor see
+# it; ~730 tensors of a 7B VLM give 3M bf16 values (6 MB) to hash, milliseconds.
+WEIGHT_SAMPLES = 4096
+
+
+def weights_hash(model: nn.Module) -> str:
+    """sha256 (16 hex digits) of the model's weights: for every state-dict tensor in name
+    order, its name, shape and a fixed strided sample of its values rounded to bfloat16.
+
+    The sample is gathered on the tensor's own device and copied to the host once per device
+    (never the weights themselves). Rounding to bf16 makes one checkpoint hash the same loaded
+    in float32 or bfloat16 (bf16 of a float32 value is what loading in bf16 keeps); float16
+    may differ (its narrower exponent range changes the smallest weights). A tensor left on
+    the ``meta`` device (offloaded by accelerate) counts by name and shape only.
+    """
+    state = sorted(model.state_dict().items())
+    samples: dict[torch.device, list[torch.Tensor]] = {}
+    for _, t in state:
+        if t.device.type == "meta" or t.numel() == 0:
+            continue
+        flat = t.detach().reshape(-1)
+        if flat.numel() > WEIGHT_SAMPLES:
+            idx = torch.arange(WEIGHT_SAMPLES, device=flat.device) * flat.numel() // WEIGHT_SAMPLES
+            flat = flat[idx]
+        samples.setdefault(flat.device, []).append(flat.to(torch.bfloat16))
+    # One host copy per device, then back into name order: the same hash however the model
+    # is spread over devices.
+    host = {dev: iter(torch.cat(ts).view(torch.int16).cpu().split([x.numel() for x in ts]))
+            for dev, ts in samples.items()}  # fmt: skip
+    h = hashlib.sha256()
+    for name, t in state:
+        h.update(f"{name}{list(t.shape)};".encode())
+        if t.device.type != "meta" and t.numel():
+            h.update(next(host[t.device]).numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 # Keys that change with how a model was saved or loaded, not with which neurons it has.

@@ -32,6 +32,16 @@ def resolve_device(device: str = "auto") -> torch.device:
         raise UsageError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from e
 
 
+def place(model, dtype: str = "auto", device: str = "auto"):
+    """An in-memory model (e.g. the embedded toy) where :func:`load_model` would put a loaded
+    one: on ``device`` (``map``: the first GPU, or the CPU), in ``dtype`` (``auto``: as it
+    is)."""
+    if dtype not in DTYPES:
+        raise UsageError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+    model = model.to(resolve_device("auto" if device == "map" else device))
+    return model if DTYPES[dtype] == "auto" else model.to(DTYPES[dtype])
+
+
 def load_model(name: str, dtype: str = "auto", device: str = "auto"):
     """(model, processor) in eval mode. VLM families get their processor, text-only families
     their tokenizer. The family is checked from the config before any weight is read.

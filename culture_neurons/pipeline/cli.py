@@ -6,259 +6,186 @@
     culture-neurons record|select|evaluate|report ... --out DIR
     culture-neurons merge A B C --out DIR     # add statistics of separate jobs
 
-Options can also come from ``--config FILE.toml`` (keys = option names with underscores);
-the command line wins. Every user mistake ends in one line on stderr and a non-zero exit.
+The options, their defaults and the ``--config FILE.toml`` file come from one table
+(:mod:`culture_neurons.pipeline.options`). Every step reads the run's settings from
+``OUT/run.json``: an option not given takes the run's value, a differing one is refused or,
+where the step may change it, recorded (:mod:`culture_neurons.pipeline.rundir`). Everything
+that needs no model (the output dir's state, options, data, masks) is checked before the model
+is loaded and before anything is written. Every user mistake ends in one line on stderr and
+exit code 2.
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
-from dataclasses import fields
+from dataclasses import replace
 from pathlib import Path
 
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10
-    import tomli as tomllib
-
 from culture_neurons.errors import CultureNeuronsError, UsageError
+from culture_neurons.pipeline import rundir
+from culture_neurons.pipeline.options import (
+    FAKER_DATA,
+    FAKER_SENTENCES,
+    Options,
+    build_parser,
+    read,
+    steps,
+)
 
-log = logging.getLogger("culture_neurons")
-FAKER_DATA = "faker"  # --data value of the lm task's generated sentences
-FAKER_SENTENCES = 16  # lm task: sentences per culture unless --max-items says otherwise
-
-DEFAULTS = {
-    "model": None, "dtype": "auto", "device": "auto",
-    "data": None, "cultures": None, "grouping": "pair", "min_items": 10, "language": "en",
-    "max_items": None, "on_error": "raise",
-    "methods": "cas,lap,lape,mad", "ratio": 0.005, "per_layer": False, "scope": "all",
-    "activation": "gate", "identify_on": None, "split_ratio": 0.5, "seed": 0, "task": "mc",
-    "rnd_draws": 3, "rnd_like": "cas", "scoring": "logits", "batch_size": 8, "backend": "auto",
-    "checkpoint_every": 0, "checkpoint_minutes": 10.0, "reuse_vision": True,
-    "out": "culture-neurons-out", "resume": False, "overwrite": False, "quiet": False,
-    "shard": None,
-}  # fmt: skip
+log = logging.getLogger(__name__)
 
 
-# -- the parser --------------------------------------------------------------------------------
-def _model_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("model")
-    g.add_argument("--model", help="hub id or local folder (default: the embedded toy VLM)")
-    g.add_argument("--dtype", help="auto | bfloat16 | float16 | float32 (default auto: bf16 "
-                   "on GPU as saved, fp32 on CPU)")  # fmt: skip
-    g.add_argument("--device", help="auto | cpu | cuda | cuda:N | map (map: spread a model "
-                   "larger than one GPU over all GPUs; default auto)")  # fmt: skip
-    g.add_argument("--backend", choices=["auto", "fused", "hooks"],
-                   help="instrumentation backend (default auto = fused)")  # fmt: skip
-    g.add_argument("--batch-size", type=int, help="rows per forward (default 8)")
+# -- options against the run ------------------------------------------------------------------
+def _recorded(meta: dict) -> dict:
+    """The option values a run recorded in its run.json."""
+    return {**meta.get("inputs", {}), **meta["config"]}
 
 
-def _data_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("data")
-    g.add_argument("--task", choices=["mc", "lm"],
-                   help="mc (default): multiple-choice questions, accuracy; lm: sentences, "
-                   "next-token NLL (needs a text-only --model and --data faker)")  # fmt: skip
-    g.add_argument("--data", help="mc: CVQA, a parquet file/folder or a datasets save_to_disk "
-                   "folder (default: the toy's synthetic CVQA); lm: 'faker' (Faker locales' "
-                   "sentences; --cultures picks locales, --max-items sentences per culture, "
-                   f"default {FAKER_SENTENCES})")  # fmt: skip
-    g.add_argument("--cultures", help="comma-separated culture names (default: every group "
-                   "with at least --min-items items)")  # fmt: skip
-    g.add_argument("--grouping", choices=["pair", "country"],
-                   help="culture = (language, country) pair (CVQA's own) or country")
-    g.add_argument("--min-items", type=int, help="drop smaller cultures (default 10)")
-    g.add_argument("--language", choices=["en", "local"], help="question language")
-    g.add_argument("--max-items", type=int, help="at most this many items per culture")
-    g.add_argument("--on-error", choices=["raise", "skip"],
-                   help="malformed items: stop (default) or skip them, counted")
-    g.add_argument("--split-ratio", type=float, help="identification share (default 0.5)")
-    g.add_argument("--seed", type=int, help="split and RND seed (default 0)")
+def _with_run(o: Options, meta: dict | None) -> Options:
+    """Options not given take the run's values; a given one that differs is refused unless
+    this command may change it (then run.json records the change)."""
+    if meta is None:
+        return o
+    recorded = _recorded(meta)
+    given = {k: o[k] for k in o.given if k in recorded}
+    rundir.refuse(Path(o["out"]), rundir.conflicts(recorded, given, o.command, steps()), o.given,
+                  steps())  # fmt: skip
+    values = dict(o.values)
+    for name, value in recorded.items():
+        if name in values and name not in o.given:
+            values[name] = tuple(value) if isinstance(value, list) else value
+    return replace(o, values=values)
 
 
-def _method_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("statistics and selection")
-    g.add_argument("--scope", choices=["all", "text", "image", "last"], help="counted tokens")
-    g.add_argument("--activation", choices=["gate", "post"], help="recorded activation")
-    g.add_argument("--identify-on", choices=["correct", "all"],
-                   help="identification items: answered correctly (default) or all; "
-                   "task lm always uses all (a sentence has no right answer)")  # fmt: skip
-    g.add_argument("--methods", help="comma-separated: cas,lap,lape,mad (default all four)")
-    g.add_argument("--ratio", type=float, help="share of neurons per culture (default 0.005; "
-                   "0.05 on the embedded toy)")  # fmt: skip
-    g.add_argument("--per-layer", action="store_true", default=None,
-                   help="select the top ratio of every layer instead of across layers")
-    g.add_argument("--rnd-draws", type=int, help="random control draws (default 3)")
-    g.add_argument("--scoring", choices=["logits", "generate"],
-                   help="letter logits (default) or greedy generation + parsing")
+def _is_toy(o: Options) -> bool:
+    return o["task"] == "mc" and o["model"] is None and o["data"] is None
 
 
-def _out_args(p: argparse.ArgumentParser, create: bool = True) -> None:
-    g = p.add_argument_group("output")
-    g.add_argument("--out", help="output dir (default ./culture-neurons-out)")
-    g.add_argument("--config", help="TOML file with any of these options")
-    g.add_argument("--quiet", action="store_true", default=None, help="no progress bars")
-    if create:
-        g.add_argument("--resume", action="store_true", default=None,
-                       help="continue an interrupted run in --out")
-        g.add_argument("--overwrite", action="store_true", default=None,
-                       help="replace the results already in --out")
-        g.add_argument("--checkpoint-minutes", type=float,
-                       help="wall time between statistics checkpoints (default 10; each "
-                       "writes C x L x N x 24 bytes, 318 MB at paper scale)")  # fmt: skip
-        g.add_argument("--checkpoint-every", type=int,
-                       help="also checkpoint every this many batches (default 0: by time only)")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="culture-neurons", argument_default=argparse.SUPPRESS,
-        description="Find culture-sensitive neurons in vision-language models and test them "
-                    "by ablation. With no --model and --data, runs on the embedded toy.")  # fmt: skip
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    spec = {
-        "run": ("the whole experiment: record, select, evaluate, report", "mdso"),
-        "record": ("identification statistics only (OUT/stats.*)", "mdso"),
-        "select": ("masks of every method from OUT/stats (no model needed)", "so"),
-        "evaluate": ("the ablation matrices of the masks in OUT (OUT/eval)", "mdso"),
-        "report": ("report.md and figures from OUT", "o"),
-    }
-    for name, (help_, groups) in spec.items():
-        p = sub.add_parser(name, help=help_, description=help_, argument_default=argparse.SUPPRESS)
-        if "m" in groups:
-            _model_args(p)
-        if "d" in groups:
-            _data_args(p)
-        if "s" in groups:
-            _method_args(p)
-        _out_args(p, create=name in ("run", "record", "evaluate"))
-        if name == "record":
-            p.add_argument("--shard", help="i/n: record only shard i of n of the items (a job "
-                           "array's task; add the shards with `merge`)")  # fmt: skip
-    p = sub.add_parser("merge", help="add statistics of separate jobs into --out",
-                       description="Add statistics (OUT dirs or stats files) of separate jobs; "
-                                   "refuses another model, cultures or options.")  # fmt: skip
-    p.add_argument("inputs", nargs="+", help="output dirs (or stats.json files) to add; "
-                   "shards of `record --shard` must all be there, each once")  # fmt: skip
-    p.add_argument("--out", required=True, help="where the merged stats are written")
-    return parser
-
-
-def options(args: argparse.Namespace) -> dict:
-    """DEFAULTS < --config file < command line."""
-    opts = dict(DEFAULTS)
-    cli = vars(args)
-    loaded: dict = {}
-    if cli.get("config"):
-        path = Path(cli["config"])
-        try:
-            loaded = tomllib.loads(path.read_text(encoding="utf-8"))
-        except (OSError, tomllib.TOMLDecodeError) as e:
-            raise UsageError(f"cannot read config file {path}: {e}") from e
-        unknown = sorted(set(loaded) - set(DEFAULTS))
-        if unknown:
-            raise UsageError(f"config file {path} has unknown keys {', '.join(unknown)}; "
-                             f"known: {', '.join(DEFAULTS)}")  # fmt: skip
-        opts.update(loaded)
-    opts.update({k: v for k, v in cli.items() if v is not None})
-    given = set(loaded) | {k for k, v in cli.items() if v is not None}
-    toy = cli.get("command") in ("run", "record", "evaluate") and not {"model", "data"} & given
-    if toy and "ratio" not in given:
-        from culture_neurons.demo.toy import TOY_RATIO
-
-        opts["ratio"] = TOY_RATIO  # the toy has 1152 neurons: 0.5 % would be 6 per culture
-    return opts
-
-
-# -- commands ------------------------------------------------------------------------------------
-def _run_config(o: dict):
+def _run_config(o: Options, meta: dict | None = None):
+    """RunConfig from the options (identify_on still "correct" by default: the data decides
+    later, :func:`culture_neurons.pipeline.config.identify_on_for`). A new run of the toy
+    (``meta`` None) selects :data:`~culture_neurons.demo.toy.TOY_RATIO` by default."""
     from culture_neurons.pipeline.config import RunConfig
 
-    names = {f.name for f in fields(RunConfig)}
-    kw = {k: o[k] for k in names if k in o and o[k] is not None}
-    if o.get("task") == "lm" and o.get("identify_on") == "correct":
-        raise UsageError("--identify-on correct does not apply to --task lm: a sentence has no "
-                         "right answer, so every identification sentence is recorded; drop "
-                         "--identify-on")  # fmt: skip
-    kw["methods"] = tuple(m.strip() for m in str(o["methods"]).split(",") if m.strip())
+    kw = {k: o[k] for k in RunConfig().settings() if o[k] is not None}
+    if meta is None and _is_toy(o) and "ratio" not in o.given:
+        from culture_neurons.demo.toy import TOY_RATIO
+
+        kw["ratio"] = TOY_RATIO  # the toy has 1152 neurons: 0.5 % would be 6 per culture
     return RunConfig(**kw)
 
 
-def _model_and_data(o: dict):
-    """(model, processor, data, description) from the options, or the embedded toy."""
-    if o["task"] == "lm":
-        return _lm_model_and_data(o)
-    if o["model"] is None and o["data"] is None:
-        from culture_neurons.demo.toy import toy
+def _inputs(o: Options) -> dict:
+    """What run.json records of how model and data were loaded (local paths made absolute,
+    so that a later step finds them from any working dir; hub ids as given)."""
+    names = ("model", "data", "cultures", "grouping", "min_items", "language", "max_items",
+             "on_error")  # fmt: skip
+    out = {k: list(o[k]) if isinstance(o[k], tuple) else o[k] for k in names}
+    for k in ("model", "data"):
+        if out[k] is not None and out[k] != FAKER_DATA and Path(out[k]).exists():
+            out[k] = str(Path(out[k]).resolve())
+    return out
 
-        t = toy(seed=o["seed"])
-        data = _load_data(t.data_path, o)
-        return t.model, t.processor, data, t.description
-    if o["model"] is None or o["data"] is None:
+
+# -- model and data -------------------------------------------------------------------------
+def _check_device(o: Options) -> None:
+    """A device that cannot be used fails now, not after the data and the model are read."""
+    from culture_neurons.models.loading import resolve_device
+
+    resolve_device("auto" if o["device"] == "map" else o["device"])
+
+
+def _load_data(o: Options, path=None):
+    """The items: CVQA (the toy's synthetic CVQA at ``path``) or, for ``--task lm``, Faker's."""
+    cultures = list(o["cultures"]) if o["cultures"] else None
+    if o["task"] == "lm":
+        if o["model"] is None:
+            raise UsageError("--task lm needs --model (a text-only causal LM folder or hub id, "
+                             "e.g. Gemma 3 270M; see bench/real_lm.py)")  # fmt: skip
+        if o["data"] not in (None, FAKER_DATA):
+            raise UsageError(f"--task lm reads --data {FAKER_DATA} (generated sentences), got "
+                             f"{o['data']!r}")  # fmt: skip
+        from culture_neurons.data.faker_text import make_faker_data
+
+        per_culture = o["max_items"] if o["max_items"] is not None else FAKER_SENTENCES
+        return make_faker_data(cultures, per_culture=per_culture, seed=o["seed"])
+    if (o["model"] is None) != (o["data"] is None) and path is None:
         missing = "--data" if o["data"] is None else "--model"
         raise UsageError(f"give both --model and --data (or neither, for the toy); {missing} "
                          "is missing")  # fmt: skip
-    from culture_neurons.models.loading import load_model
-
-    _run_config(o)  # fail on bad options before the slow loads
-    data = _load_data(o["data"], o)
-    model, processor = load_model(o["model"], o["dtype"], o["device"])
-    return model, processor, data, f"{o['model']} on {o['data']}"
-
-
-def _lm_model_and_data(o: dict):
-    """The lm task: a text-only causal LM and Faker sentences (no embedded toy)."""
-    if o["model"] is None:
-        raise UsageError("--task lm needs --model (a text-only causal LM folder or hub id, e.g. "
-                         "Gemma 3 270M; see bench/real_lm.py)")  # fmt: skip
-    if o["data"] not in (None, FAKER_DATA):
-        raise UsageError(f"--task lm reads --data {FAKER_DATA} (generated sentences), got "
-                         f"{o['data']!r}")  # fmt: skip
-    from culture_neurons.data.faker_text import make_faker_data
-    from culture_neurons.models.loading import load_model
-
-    _run_config(o)  # fail on bad options before the slow loads
-    locales = [c.strip() for c in o["cultures"].split(",")] if o["cultures"] else None
-    per_culture = o["max_items"] if o["max_items"] is not None else FAKER_SENTENCES
-    data = make_faker_data(locales, per_culture=per_culture, seed=o["seed"])
-    model, processor = load_model(o["model"], o["dtype"], o["device"])
-    return model, processor, data, f"{o['model']} on {data.source}"
-
-
-def _load_data(path, o: dict):
     from culture_neurons.data import load_cvqa
 
+    path = path or o["data"]
     if not Path(path).exists():
-        raise UsageError(f"data path {path} does not exist; give a CVQA parquet file or folder "
+        raise UsageError(f"--data {path} does not exist; give a CVQA parquet file or folder "
                          "or a datasets save_to_disk folder")  # fmt: skip
-    cultures = [c.strip() for c in o["cultures"].split(",")] if o["cultures"] else None
     return load_cvqa(path, grouping=o["grouping"], min_items=o["min_items"], cultures=cultures,
                      language=o["language"], on_error=o["on_error"],
                      max_items_per_culture=o["max_items"])  # fmt: skip
 
 
-def _run(o: dict, *, resume: bool | None = None):
+def _prepare(o: Options, meta: dict | None, resume: bool, command: str):
+    """Check everything that needs no model, then load model and data: a :class:`Run`."""
+    from culture_neurons.pipeline.config import identify_on_for
     from culture_neurons.pipeline.distributed import partition
     from culture_neurons.pipeline.run import Run
 
-    config = _run_config(o)
+    config = _run_config(o, meta)
+    _check_device(o)
     part = partition(o["shard"])
-    model, processor, data, description = _model_and_data(o)
-    return Run(model, processor, data, o["out"], config,
-               resume=o["resume"] if resume is None else resume, overwrite=o["overwrite"],
-               progress=not o["quiet"], description=description, part=part)  # fmt: skip
+    toy = None
+    if _is_toy(o):  # the embedded toy brings its data (built on first use, then loaded)
+        from culture_neurons.demo.toy import toy as build_or_load
+
+        toy = build_or_load(seed=o["seed"])
+    data = _load_data(o, toy.data_path if toy else None)
+    identify_on = identify_on_for(o["identify_on"], data.labels_available, config.task)
+    if o["identify_on"] is None and identify_on == "all" and config.task == "mc":
+        log.info("the labels of this data are hidden (Label = -1): identifying on all items "
+                 "(--identify-on all), and reporting flip rates, never an accuracy")  # fmt: skip
+    config = replace(config, identify_on=identify_on)
+    if meta is not None:  # the same run: its cultures and items (the model once loaded)
+        rundir.check_same_run(Path(o["out"]), meta, cultures=data.cultures,
+                              data_hash=rundir.data_hash(data))  # fmt: skip
+        rundir.refuse(Path(o["out"]), rundir.conflicts(meta["config"], config.settings(),
+                                                       command, steps()), o.given, steps())  # fmt: skip
+    from culture_neurons.models.loading import load_model, place
+
+    if toy is not None:
+        model, processor = place(toy.model, o["dtype"], o["device"]), toy.processor
+        description = toy.description
+    else:
+        model, processor = load_model(o["model"], o["dtype"], o["device"])
+        description = f"{o['model']} on {data.source}"
+    return Run(model, processor, data, o["out"], config, resume=resume, overwrite=o["overwrite"],
+               progress=not o["quiet"], description=description, part=part,
+               inputs=_inputs(o), command=command)  # fmt: skip
 
 
-def cmd_run(o: dict) -> None:
-    run = _run(o)
+def _start(o: Options):
+    """``run`` / ``record``: a new run in --out, or (--resume) the run already there."""
+    out = Path(o["out"])
+    rundir.check_start(out, o["resume"], o["overwrite"])
+    meta = None
+    if o["resume"]:
+        meta = rundir.read_run(out)
+        if meta is None:
+            log.info("--resume: %s holds no run yet; starting fresh", out)
+        o = _with_run(o, meta)
+    return _prepare(o, meta, resume=o["resume"], command=o.command)
+
+
+# -- commands ------------------------------------------------------------------------------------
+def cmd_run(o: Options) -> None:
+    run = _start(o)
     results = run.run()
     if run.part.main:
         _print_summary(results, o["out"])
 
 
-def cmd_record(o: dict) -> None:
-    run = _run(o)
+def cmd_record(o: Options) -> None:
+    run = _start(o)
     stats = run.identify()
     if not run.part.main:
         return
@@ -266,36 +193,146 @@ def cmd_record(o: dict) -> None:
           f"-> {Path(o['out']) / 'stats.safetensors'}")  # fmt: skip
 
 
-def cmd_select(o: dict) -> None:
+def _run_of_stats(o: Options, then: str) -> dict:
+    """run.json of the statistics in --out (for statistics saved without one, e.g. from
+    Python, the settings stats.json records)."""
+    out = Path(o["out"])
+    rundir.require(out, ["stats.json", "stats.safetensors"], then)
+    meta = rundir.read_run(out)
+    if meta is None:
+        stats_meta = rundir.read_json(out / "stats.json", "record the statistics again") or {}
+        meta = {"config": rundir.settings_from_stats(stats_meta), "inputs": {},
+                "cultures": stats_meta.get("cultures"),
+                "fingerprint": stats_meta.get("fingerprint"), "changes": []}  # fmt: skip
+    return meta
+
+
+def cmd_select(o: Options) -> None:
     from culture_neurons.pipeline.run import select_all
     from culture_neurons.stats import load_stats
 
-    stats = load_stats(o["out"])
-    masks = select_all(stats, _run_config(o), Path(o["out"]))
+    out = Path(o["out"])
+    meta = _run_of_stats(o, f"record statistics first: culture-neurons record --out {out}")
+    o = _with_run(o, meta)
+    config = _run_config(o, meta)
+    old = sorted(p.name for p in (out / "masks").glob("*.safetensors"))
+    if old and not o["overwrite"]:
+        raise UsageError(f"{out} already holds masks ({', '.join(old)}); pass --overwrite to "
+                         "replace them (and the results evaluated with them)")  # fmt: skip
+    stats = load_stats(out)
+    masks = select_all(stats, config)  # fails before anything is replaced
+    if old:
+        stale = [n for n in rundir.DERIVED["masks"] if (out / n).exists()]
+        rundir.remove(out, stale)
+        log.info("--overwrite: replaced %s", ", ".join(stale))
+    for name, m in masks.items():
+        m.save(out / "masks" / f"{name}.safetensors")
+    new = config.settings("select")  # what select decides (the rest was checked to agree)
+    meta["changes"] = meta.get("changes", []) + rundir.changes(meta["config"], new, "select")
+    meta["config"] = {**meta["config"], **new}
+    rundir.write_json(out / rundir.RUN_FILE, meta)
     for name, m in masks.items():
         print(f"{name}: {m.sizes().tolist()} neurons per culture -> masks/{name}.safetensors")
 
 
-def cmd_evaluate(o: dict) -> None:
-    run = _run(o, resume=True)  # the dir already holds stats and masks of this run
+def cmd_evaluate(o: Options) -> None:
+    from culture_neurons.masks import load_masks
+
+    out = Path(o["out"])
+    then = f"select neurons first: culture-neurons select --out {out} (or `run`)"
+    meta = rundir.read_run(out) if out.is_dir() else None
+    rundir.require(out, ["stats.json", "masks"], then)
+    if meta is None:
+        raise UsageError(f"{out} holds no run.json (its masks were not made by `select`); "
+                         f"select again: culture-neurons select --out {out} --overwrite")  # fmt: skip
+    o = _with_run(o, meta)
+    config = _run_config(o, meta)
+    names = list(config.methods) + [f"rnd{i}" for i in range(config.rnd_draws)]
+    rundir.require(out, [f"masks/{n}.safetensors" for n in names], then)
+    for n in names:  # readable and selected with the run's settings, before the model loads
+        rundir.check_masks(out, n, load_masks(out / "masks" / f"{n}.safetensors"), config)
+    run = _prepare(o, meta, resume=True, command="evaluate")
     results = run.evaluate()
     if run.part.main:
         _print_summary(results, o["out"])
 
 
-def cmd_report(o: dict) -> None:
+def cmd_report(o: Options) -> None:
+    from culture_neurons.masks import load_masks
+    from culture_neurons.pipeline.config import RunConfig
     from culture_neurons.report import write_report
 
-    print(f"report -> {write_report(o['out'])}")
+    out = Path(o["out"])
+    rundir.require(out, ["eval"], f"evaluate first: culture-neurons evaluate --out {out}")
+    meta = rundir.read_run(out)
+    _with_run(o, meta)  # a config file contradicting the run is refused
+    if meta is not None:
+        config = RunConfig(**{k: v for k, v in meta["config"].items()
+                              if k in RunConfig().settings()})  # fmt: skip
+        for path in sorted((out / "masks").glob("*.safetensors")):
+            rundir.check_masks(out, path.stem, load_masks(path), config)
+    rundir.check_evals(out)
+    print(f"report -> {write_report(out)}")
 
 
-def cmd_merge(args: argparse.Namespace) -> None:
-    from culture_neurons.stats import load_stats, merge_shards
+def cmd_merge(o: Options) -> None:
+    from culture_neurons.stats import load_stats, merge_shards, stats_folder
 
-    parts = [load_stats(p) for p in args.inputs]
+    out = Path(o["out"])
+    folders = []
+    for given in o.inputs:
+        if not Path(given).exists():
+            raise UsageError(f"merge input {given} does not exist")
+        folder = stats_folder(given)
+        for seen, name in zip(folders, o.inputs, strict=False):
+            if seen.resolve() == folder.resolve():
+                raise UsageError(f"merge inputs {name} and {given} are the same statistics "
+                                 f"({folder}); give each once")  # fmt: skip
+        folders.append(folder)
+    rundir.check_writable_out(out)
+    found = rundir.present(out)
+    if found and not o["overwrite"]:
+        raise UsageError(f"{out} already holds results ({', '.join(found)}); pass --overwrite "
+                         "to replace them, or merge into a new --out")  # fmt: skip
+    parts = [load_stats(f) for f in folders]
+    hashes = [p.content_hash() for p in parts]
+    for i, h in enumerate(hashes):
+        if h in hashes[:i]:
+            raise UsageError(f"merge inputs {o.inputs[hashes.index(h)]} and {o.inputs[i]} hold "
+                             "identical statistics: adding them would count every item twice; "
+                             "give each once")  # fmt: skip
+    metas = [rundir.read_run(f) for f in folders]
+    meta = _merged_run(metas, o.inputs, folders)
     merged = merge_shards(parts)
-    merged.save(args.out)
-    print(f"merged {len(parts)} statistics ({int(merged.items.sum())} items) -> {args.out}")
+    if found:
+        rundir.remove(out, found)
+        log.info("--overwrite: replaced %s", ", ".join(found))
+    merged.save(out)
+    if meta is not None:
+        rundir.write_json(out / rundir.RUN_FILE, meta)
+    print(f"merged {len(parts)} statistics ({int(merged.items.sum())} items) -> {out}")
+
+
+def _merged_run(metas: list, names: list[str], folders: list[Path]) -> dict | None:
+    """run.json of the merged statistics: the inputs' (whose settings must agree), with
+    ``merged_from``; None if no input has one."""
+    known = [(n, m) for n, m in zip(names, metas, strict=True) if m is not None]
+    if not known:
+        return None
+    first_name, first = known[0]
+    for name, meta in known[1:]:
+        found = rundir.conflicts(_recorded(first), _recorded(meta), "merge", steps())
+        if found:
+            key, a, b = found[0]
+            raise UsageError(f"merge inputs {first_name} and {name} were recorded with other "
+                             f"{key.replace('_', '-')} ({rundir.show(a)} vs {rundir.show(b)}); "
+                             "merge statistics of one setting")  # fmt: skip
+    merged = dict(first, merged_from=[str(f) for f in folders], changes=[])
+    hashes = {m.get("data_hash") for _, m in known}
+    if len(hashes) > 1 or len(known) < len(metas):  # several datasets: no one data hash
+        merged["data_hash"] = None
+        merged["data"] = "; ".join(sorted({str(m.get("data")) for _, m in known}))
+    return merged
 
 
 def _print_summary(results: dict, out) -> None:
@@ -308,32 +345,45 @@ def _print_summary(results: dict, out) -> None:
                   " (accuracy points)")  # fmt: skip
         else:
             print(f"{name:>5}: flip self {r['flip_self']:.3f}  cross {r['flip_cross']:.3f}")
-    figures = ", figures/" if (Path(out) / "figures").is_dir() else ""  # lm runs draw none
-    print(f"results in {out} (report.md, eval/{figures})")
+    made = [n for n in ("report.md", "eval/", "figures/") if (Path(out) / n).exists()]
+    later = "" if "report.md" in made else f"; report: culture-neurons report --out {out}"
+    print(f"results in {out} ({', '.join(made)}){later}")
 
 
 COMMANDS = {"run": cmd_run, "record": cmd_record, "select": cmd_select,
-            "evaluate": cmd_evaluate, "report": cmd_report}  # fmt: skip
+            "evaluate": cmd_evaluate, "report": cmd_report, "merge": cmd_merge}  # fmt: skip
+# How a stopped command continues.
+CONTINUE = {"run": "the same command with --resume", "record": "the same command with --resume",
+            "evaluate": "the same command (it continues where it stopped)"}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    from culture_neurons.pipeline.progress import console
+
     try:
-        if args.command == "merge":
-            cmd_merge(args)
-        else:
-            COMMANDS[args.command](options(args))
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help, --version (0) or a parse error (2, one line printed)
+        return e.code if isinstance(e.code, int) else 2
+    try:
+        o = read(args)
     except CultureNeuronsError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except _oom_errors() as e:
-        print(f"error: out of memory ({str(e).splitlines()[0]}); pass a smaller --batch-size",
-              file=sys.stderr)  # fmt: skip
-        return 3
-    except KeyboardInterrupt:
-        print("interrupted; run the same command with --resume to continue", file=sys.stderr)
-        return 130
+    with console(quiet=o["quiet"]):
+        try:
+            COMMANDS[o.command](o)
+        except CultureNeuronsError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        except _oom_errors() as e:
+            again = CONTINUE.get(o.command, "the same command")
+            print(f"error: out of memory ({str(e).splitlines()[0]}); pass a smaller --batch-size "
+                  f"to {again}", file=sys.stderr)  # fmt: skip
+            return 3
+        except KeyboardInterrupt:
+            again = CONTINUE.get(o.command, "the same command")
+            print(f"interrupted; run {again} to continue", file=sys.stderr)
+            return 130
     return 0
 
 

@@ -6,6 +6,12 @@ every item sees the same batch companions as in a single process and the predict
 identical. Ranks then sum their statistics with an all-reduce and gather predictions, and
 only rank 0 writes; shards write their own statistics, which ``merge`` adds (see
 :func:`culture_neurons.stats.merge_shards`).
+
+With ``identify_on="correct"`` the recorded items are those the full model answers right:
+ranks share their predictions first, so the correct items are batched exactly as in one
+process (identical statistics); a shard cannot see the others' predictions and batches its
+own correct items among themselves (the same items, other batch companions: counts and sums
+agree with one process up to the rounding of activations within float error of 0).
 """
 
 from __future__ import annotations

@@ -14,7 +14,10 @@ Every step leaves its result in ``OUT`` (``stats.*``, ``masks/``, ``eval/``) and
 in ``OUT/progress``: identification statistics are checkpointed atomically by wall time (every
 ``checkpoint_minutes``, see :class:`Checkpoints`) and evaluation groups are appended as they
 finish, so a run stopped anywhere (Ctrl-C, kill -9) continues with ``resume=True`` and ends with
-the same numbers as an uninterrupted one.
+the same numbers as an uninterrupted one. Progress is keyed on the model (fingerprint and dtype), the items and the masks' content
+(:func:`culture_neurons.pipeline.rundir.digest`): what was computed under another key is
+computed again, never mixed in. ``OUT/run.json`` holds the run's settings; see
+:mod:`culture_neurons.pipeline.rundir` for how later steps agree with it.
 """
 
 from __future__ import annotations
@@ -22,29 +25,28 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
-from culture_neurons.errors import StatsMismatchError, UsageError
+from culture_neurons.errors import DataError, StatsMismatchError, UsageError
 from culture_neurons.instrument import Instrument
 from culture_neurons.masks import Masks, load_masks
 from culture_neurons.models import adapters
-from culture_neurons.pipeline.config import RunConfig
+from culture_neurons.pipeline import progress, rundir
+from culture_neurons.pipeline.config import RunConfig, identify_on_for
 from culture_neurons.pipeline.distributed import Partition
+from culture_neurons.pipeline.rundir import RUN_FILE, write_json
 from culture_neurons.pipeline.tasks import TASKS
 from culture_neurons.scoring.metrics import nan_to_none
 from culture_neurons.scoring.multiple_choice import predict
 from culture_neurons.selection import select
-from culture_neurons.stats import Fingerprint, Stats, load_stats
+from culture_neurons.stats import Stats, load_stats
 
 log = logging.getLogger(__name__)
-RUN_FILE = "run.json"
 
 
 class Checkpoints:
@@ -87,11 +89,17 @@ class Run:
     progress: bool = True
     description: str = ""  # what model and data these are, for the report
     part: Partition = field(default_factory=Partition)  # this process's share of the items
+    inputs: dict = field(default_factory=dict)  # how the command line loaded model and data
+    command: str = "run"  # the step run.json's ``changes`` name
 
     def __post_init__(self) -> None:
         self.out = Path(self.out)
         self.cultures = list(self.data.cultures)
+        identify_on_for(self.config.identify_on, self.data.labels_available, self.config.task)
         self.fingerprint = adapters.fingerprint(self.model)
+        # Not part of the fingerprint (one model in fp32 or bf16), but of every cached result.
+        self.dtype = str(next(self.model.parameters()).dtype).removeprefix("torch.")
+        self.data_hash = rundir.data_hash(self.data)
         self.ident, self.evaluation = self.data.split(self.config.split_ratio, self.config.seed)
         self.task = TASKS[self.config.task](self.model, self.processor, self.config)
         if self.part.main:
@@ -100,90 +108,116 @@ class Run:
 
     # -- output dir ----------------------------------------------------------------------
     def _prepare_dir(self) -> None:
+        """Check ``OUT`` against this run (refusing before anything is written), then write
+        run.json: settings changed since the run began are recorded in its ``changes``."""
         meta = {
-            "config": asdict(self.config),
+            "config": self.config.settings(),
+            "inputs": dict(self.inputs),
             "cultures": self.cultures,
             "fingerprint": asdict(self.fingerprint),
             "data": getattr(self.data, "source", ""),
+            "data_hash": self.data_hash,
+            "changes": [],
         }
-        meta["config"]["methods"] = list(self.config.methods)
-        if self.config.task == "mc":  # run.json of MC runs as before tasks existed: resumable
-            del meta["config"]["task"]
-        path = self.out / RUN_FILE
-        if path.exists():
-            if self.overwrite:
-                for sub in ("progress", "masks", "eval", "figures"):
-                    shutil.rmtree(self.out / sub, ignore_errors=True)
-                for f in ("stats.safetensors", "stats.json", "report.md"):
-                    (self.out / f).unlink(missing_ok=True)
-            elif self.resume:
-                old = json.loads(path.read_text())
-                if old.get("fingerprint") != meta["fingerprint"]:
-                    theirs = Fingerprint.from_dict(old["fingerprint"])
-                    raise StatsMismatchError(
-                        f"{self.out} holds the results of another model ("
-                        + "; ".join(theirs.differences(self.fingerprint))
-                        + "); use a new --out for this model"
-                    )
-                diff = [k for k in meta if old.get(k) != meta[k]]
-                if diff:
-                    raise UsageError(
-                        f"{self.out} holds a run with other {', '.join(diff)}; resume it with "
-                        "the same settings, or pass overwrite to start again"
-                    )
-            else:
-                raise UsageError(
-                    f"{self.out} already holds a run; pass --resume to continue it or "
-                    "--overwrite to replace it"
-                )
+        rundir.check_start(self.out, self.resume, self.overwrite)
+        if self.overwrite:
+            rundir.remove(self.out, rundir.RESULTS)
+        elif self.resume and rundir.present(self.out):
+            old = rundir.read_run(self.out)
+            if old is None:  # results without run.json (statistics saved from Python, merged)
+                old = {"config": rundir.settings_from_stats(
+                    rundir.read_json(self.out / "stats.json") or {})}  # fmt: skip
+            rundir.check_same_run(self.out, old, cultures=self.cultures,
+                                  data_hash=self.data_hash, fingerprint=self.fingerprint)  # fmt: skip
+            rundir.refuse(self.out, rundir.conflicts(old["config"], meta["config"], "run"), {})
+            meta["changes"] = old.get("changes", []) + rundir.changes(
+                old["config"], meta["config"], self.command)  # fmt: skip
+            meta["inputs"] = {**old.get("inputs", {}), **self.inputs}
         try:
             (self.out / "progress").mkdir(parents=True, exist_ok=True)
-            _write_json(path, meta)
+            write_json(self.out / RUN_FILE, meta)
         except OSError as e:
             raise UsageError(f"cannot write to output dir {self.out} ({e.strerror}); "
                              "choose a writable --out") from e  # fmt: skip
 
     def _bar(self, total: int, desc: str):
-        return tqdm(total=total, desc=desc, unit="item", dynamic_ncols=True, leave=False,
-                    disable=not self.progress or not self.part.main)  # fmt: skip
+        return progress.bar(total, desc, enabled=self.progress and self.part.main)
+
+    def _key(self, *parts) -> str:
+        """The key of a cached result: this model (weights and dtype) and ``parts``."""
+        return rundir.digest(asdict(self.fingerprint), self.dtype, *parts)
+
+    def _cached(self, path: Path, key: str) -> dict | None:
+        """The JSON progress file ``path`` if it was written under ``key`` (and resuming)."""
+        if not self.resume or not path.exists():
+            return None
+        try:
+            cached = rundir.read_json(path)
+        except DataError:
+            cached = None
+        if isinstance(cached, dict) and cached.get("key") == key:
+            return cached
+        log.info("%s was computed for another model, other items or settings: computing it "
+                 "again", path.relative_to(self.out))  # fmt: skip
+        return None
 
     # -- step 1: full model on the identification half -------------------------------------
     def identification_items(self) -> list:
-        """This part's items whose statistics are recorded (correct ones, or all)."""
-        items = [it for c in self.cultures for it in self.ident.items_by_culture[c]]
-        items = self.part.mine(items, self.config.batch_size)
+        """This part's items whose statistics are recorded (the correct ones, or all).
+
+        With ``identify_on="correct"``, ranks share their predictions, so that the correct
+        items are batched exactly as in one process; a ``--shard`` job cannot see the other
+        shards' predictions and batches its own correct items among themselves.
+        """
+        bs = self.config.batch_size
+        everything = [it for c in self.cultures for it in self.ident.items_by_culture[c]]
+        mine = self.part.mine(everything, bs)
         if self.config.identify_on == "all":
-            return items
-        if not self.data.labels_available:
-            raise UsageError(
-                "labels are hidden in this data, so 'correct items only' is undefined; "
-                "use identify_on='all'"
-            )
+            return mine
+        preds = self._full_predictions(mine)
+        if self.part.sharded and not self.part.ranks:
+            return [it for it in mine if preds[it.id] == it.label]
+        for other in self.part.gather(preds):  # ranks: everyone's ([preds] in one process)
+            preds.update(other)
+        correct = [it for it in everything if preds[it.id] == it.label]
+        if not correct:
+            raise UsageError("no identification item is left: the full model answers none of "
+                             "them correctly; start again with --identify-on all "
+                             "--overwrite")  # fmt: skip
+        return self.part.mine(correct, bs)
+
+    def _full_predictions(self, items: list) -> dict[str, int]:
+        """``{item id: predicted letter}`` of the full model (cached in progress/)."""
         path = self.out / "progress" / f"ident_full{self.part.tag}.json"
-        if self.resume and path.exists():
-            preds = json.loads(path.read_text())
-        else:
-            with self._bar(len(items), "full model (identification half)") as bar:
-                pred = predict(self.model, self.processor, items, batch_size=self.config.batch_size,
-                               scoring=self.config.scoring, progress=bar.update)  # fmt: skip
-            preds = {it.id: int(p) for it, p in zip(items, pred.tolist(), strict=True)}
-            _write_json(path, preds)
-        return [it for it in items if preds[it.id] == it.label]
+        key = self._key("identification predictions", self.config.scoring,
+                        self.config.batch_size, [it.id for it in items])  # fmt: skip
+        cached = self._cached(path, key)
+        if cached is not None:
+            return dict(cached["preds"])
+        with self._bar(len(items), "full model (identification half)") as bar:
+            pred = predict(self.model, self.processor, items, batch_size=self.config.batch_size,
+                           scoring=self.config.scoring, progress=bar.update)  # fmt: skip
+        preds = {it.id: int(p) for it, p in zip(items, pred.tolist(), strict=True)}
+        write_json(path, {"key": key, "preds": preds})
+        return preds
 
     # -- step 2: statistics ------------------------------------------------------------------
     def identify(self) -> Stats:
         """Record statistics on the identification items; checkpointed, resumable."""
         items = self.identification_items()
-        if not items:
-            raise UsageError("no identification item is left (the full model answers none "
-                             "correctly); use identify_on='all'")  # fmt: skip
         options = {"items": self.config.identify_on, "split_ratio": self.config.split_ratio,
                    "seed": self.config.seed}  # fmt: skip
         ckpt_dir = self.out / "progress" / f"stats{self.part.tag}"
+        key = self._key("identification statistics", self.config.batch_size,
+                        [it.id for it in items])  # fmt: skip
         done, prior = 0, None
-        if self.resume and (ckpt_dir / "stats.json").exists():
-            prior = load_stats(ckpt_dir)
-            done = json.loads((ckpt_dir / "stats.json").read_text())["batches_done"]
+        if self._cached(ckpt_dir / "stats.json", key) is not None:
+            try:
+                prior = load_stats(ckpt_dir)
+                done = rundir.read_json(ckpt_dir / "stats.json")["batches_done"]
+            except DataError as e:
+                log.info("the statistics checkpoint is unreadable (%s): recording again", e)
+                prior, done = None, 0
         bs = self.config.batch_size
         batches = [items[i : i + bs] for i in range(0, len(items), bs)]
         device = next(self.model.parameters()).device
@@ -200,7 +234,7 @@ class Run:
                 rec([self.cultures.index(it.culture) for it in batches[i]], **batch)
                 bar.update(len(batches[i]))
                 if i + 1 < len(batches) and checkpoints.due(i + 1):
-                    rec.stats().save(ckpt_dir, extra={"batches_done": i + 1})
+                    rec.stats().save(ckpt_dir, extra={"batches_done": i + 1, "key": key})
                     checkpoints.saved()
             stats = rec.stats()
         if self.part.ranks:
@@ -219,9 +253,13 @@ class Run:
         return select_all(stats, self.config, self.out if self.part.main else None)
 
     def load_masks(self) -> dict[str, Masks]:
+        """The run's masks from ``OUT/masks``; refused if selected with other settings."""
         names = list(self.config.methods) + [f"rnd{i}" for i in range(self.config.rnd_draws)]
-        return {n: load_masks(self.out / "masks" / f"{n}.safetensors", self.fingerprint)
-                for n in names}  # fmt: skip
+        masks = {}
+        for n in names:
+            masks[n] = load_masks(self.out / "masks" / f"{n}.safetensors", self.fingerprint)
+            rundir.check_masks(self.out, n, masks[n], self.config)
+        return masks
 
     # -- step 4: the ablation matrices ------------------------------------------------------
     def evaluate(self, masks: dict[str, Masks] | None = None) -> dict[str, dict]:
@@ -243,12 +281,16 @@ class Run:
         per_method = {name: preds[1 + i * C : 1 + (i + 1) * C] for i, name in enumerate(names)}
         full_record, results = self.task.results(masks, per_method, preds[0], items, culture,
                                                  self.cultures, self.data)  # fmt: skip
-        _write_json(self.out / "eval" / "full.json", full_record)
+        write_json(self.out / "eval" / "full.json", full_record)
         if self.config.rnd_draws and any(n.startswith("rnd") for n in masks):
             results["rnd"] = _rnd_summary([results.pop(n) for n in list(results)
                                            if n.startswith("rnd")])  # fmt: skip
+        hashes = {n: m.content_hash() for n, m in masks.items()}
         for name, res in results.items():
-            _write_json(self.out / "eval" / f"{name}.json", res)
+            # Which masks these numbers belong to (``report`` refuses them under others).
+            used = [n for n in masks if n == name or (name == "rnd" and n.startswith("rnd"))]
+            res["masks_hash"] = {n: hashes[n] for n in used}
+            write_json(self.out / "eval" / f"{name}.json", res)
         return results
 
     def _matrix_predictions(self, items: list, combined: Masks) -> torch.Tensor:
@@ -260,12 +302,16 @@ class Run:
         group_size = max(1, self.config.batch_size // 4)
         per_forward = max(1, self.config.batch_size // group_size)
         log_path = self.out / "progress" / f"matrix{self.part.tag}.jsonl"
-        done = _read_groups(log_path, combined) if self.resume else {}
-        if not self.resume:
-            log_path.unlink(missing_ok=True)
+        key = self._key("ablation matrix", combined.content_hash(), self.config.task,
+                        self.config.scoring, self.config.reuse_vision, group_size, per_forward,
+                        self.config.settings("evaluate"))  # fmt: skip
+        done = _read_groups(log_path, key) if self.resume else {}
+        _rewrite_log(log_path, done)  # the log never mixes results of two keys
         conditions = [-1] + list(range(S))
+        starts = [s for g, s in enumerate(range(0, n, group_size)) if self.part.owns(g)]
+        total = sum(len(items[s : s + group_size]) for s in starts) * len(conditions)
         with Instrument(self.model, masks=combined, backend=self.config.backend) as ablator, \
-                self._bar(n * len(conditions), "ablation matrix") as bar, \
+                self._bar(total, "ablation matrix") as bar, \
                 open(log_path, "a", encoding="utf-8") as log_file:  # fmt: skip
             for g, start in enumerate(range(0, n, group_size)):
                 chunk = items[start : start + group_size]
@@ -284,7 +330,8 @@ class Run:
                     bar.update(len(chunk) * len(part))
                 block = torch.cat(out)  # [1 + S, len(chunk)]
                 preds[:, start : start + len(chunk)] = block
-                record = {"group": g, "items": [it.id for it in chunk], "preds": block.tolist()}
+                record = {"key": key, "group": g, "items": [it.id for it in chunk],
+                          "preds": block.tolist()}  # fmt: skip
                 log_file.write(json.dumps(record) + "\n")
                 log_file.flush()
                 os.fsync(log_file.fileno())
@@ -314,21 +361,53 @@ class Run:
 
 def select_all(stats: Stats, config: RunConfig, out: Path | None = None) -> dict[str, Masks]:
     """Masks of every configured method, then ``rnd_draws`` random sets size-matched to
-    ``rnd_like`` (named ``rnd0, rnd1, ...``); saved to ``out/masks`` when ``out`` is given."""
+    ``rnd_like`` (named ``rnd0, rnd1, ...``); saved to ``out/masks`` when ``out`` is given.
+    Each carries the run's selection settings (``options["selection"]``).
+
+    Raises:
+        UsageError: a method selects no neuron at all (e.g. a ratio below one neuron); a
+            culture left without neurons is one warning.
+    """
     if stats.shard is not None:
         raise UsageError(f"these statistics are shard {stats.shard[0]}/{stats.shard[1]} only; "
                          "add all shards with `merge` first")  # fmt: skip
     masks = {m: select(stats, m, ratio=config.ratio, per_layer=config.per_layer)
              for m in config.methods}  # fmt: skip
+    _check_sizes(masks, config)
     if config.rnd_draws:
         draws = select(stats, "rnd", like=masks[config.rnd_like], per_layer=config.per_layer,
                        seed=config.seed, draws=config.rnd_draws)  # fmt: skip
         for i, draw in enumerate(draws if isinstance(draws, list) else [draws]):
             masks[f"rnd{i}"] = draw
+    for m in masks.values():
+        m.options["selection"] = config.settings("select")
     if out is not None:
         for name, m in masks.items():
             m.save(Path(out) / "masks" / f"{name}.safetensors")
     return masks
+
+
+def _check_sizes(masks: dict[str, Masks], config: RunConfig) -> None:
+    """An empty selection is an error (it would measure nothing); an empty set, a warning."""
+    for name, m in masks.items():
+        sizes = m.sizes()
+        if int(sizes.sum()) == 0:
+            L, N = m.num_layers, m.num_neurons
+            size = N if config.per_layer else L * N
+            if round(size * config.ratio) == 0:
+                where = " in each layer" if config.per_layer else ""
+                raise UsageError(
+                    f"--ratio {config.ratio:g} selects no neuron: round({size} x "
+                    f"{config.ratio:g}) = 0 per culture{where} ({L} layers x {N} neurons); "
+                    f"pass a --ratio above {0.5 / size:.2g}"
+                )
+            raise UsageError(f"{name} selected no neuron for any culture at --ratio "
+                             f"{config.ratio:g}; raise --ratio or drop {name} from "
+                             "--methods")  # fmt: skip
+        empty = [m.names[s] for s in range(len(m)) if int(sizes[s]) == 0]
+        if empty:
+            log.warning("%s selected no neuron for %s: ablating their set changes nothing",
+                        name, ", ".join(empty))  # fmt: skip
 
 
 def _combine(masks: dict[str, Masks]) -> tuple[Masks, list[str]]:
@@ -342,9 +421,10 @@ def _combine(masks: dict[str, Masks]) -> tuple[Masks, list[str]]:
     return Masks.from_sets(names, sets, first.fingerprint, method="combined"), list(masks)
 
 
-def _read_groups(path: Path, combined: Masks) -> dict[int, dict]:
-    """Finished groups from the progress log; a torn last line (kill -9) is ignored."""
-    done = {}
+def _read_groups(path: Path, key: str) -> dict[int, dict]:
+    """Finished groups of the progress log computed under ``key``; a torn last line (kill -9)
+    is ignored, groups of another key (model, masks, settings) are counted and dropped."""
+    done, other = {}, 0
     if not path.exists():
         return done
     for line in path.read_text(encoding="utf-8").splitlines():
@@ -352,9 +432,22 @@ def _read_groups(path: Path, combined: Masks) -> dict[int, dict]:
             rec = json.loads(line)
         except json.JSONDecodeError:
             continue
-        if len(rec["preds"]) == 1 + len(combined):
+        if isinstance(rec, dict) and rec.get("key") == key:
             done[rec["group"]] = rec
+        else:
+            other += 1
+    if other:
+        log.info("%s: %d group(s) were computed for another model, other masks or settings: "
+                 "computing them again", path.name, other)  # fmt: skip
     return done
+
+
+def _rewrite_log(path: Path, done: dict[int, dict]) -> None:
+    """The progress log holding exactly ``done`` (atomically)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(rec) + "\n" for rec in done.values()), encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def _rnd_summary(draws: list[dict]) -> dict:
@@ -377,14 +470,4 @@ def _rnd_summary(draws: list[dict]) -> dict:
     out["set_sizes"] = draws[0]["set_sizes"]
     out["layer_counts"] = torch.tensor([d["layer_counts"] for d in draws]).double().mean(0).tolist()
     return out
-
-
-
-
-def _write_json(path: Path, obj) -> None:
-    """Atomic: a temporary file renamed over the target."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, ensure_ascii=False), encoding="utf-8")
-    os.replace(tmp, path)
 

@@ -1,4 +1,5 @@
-"""Data parallel (2 gloo ranks on CPU) and ``record --shard`` + ``merge`` against one process."""
+"""Data parallel (2 gloo ranks on CPU) and ``record --shard`` + ``merge`` against one process,
+with every identification item and with the default, the items answered correctly."""
 
 from __future__ import annotations
 
@@ -15,14 +16,19 @@ from culture_neurons.errors import StatsMismatchError
 from culture_neurons.pipeline import cli
 from culture_neurons.stats import load_stats, merge_shards
 
-SMALL = ["--min-items", "4", "--ratio", "0.05", "--rnd-draws", "1", "--batch-size", "2",
-         "--identify-on", "all", "--methods", "cas,lap", "--quiet"]  # fmt: skip
+RECORD = ["--min-items", "4", "--batch-size", "2", "--quiet"]
+SELECT = ["--ratio", "0.05", "--rnd-draws", "1", "--methods", "cas,lap"]
 
 
 @pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    a = save_cli_assets(tmp_path_factory.mktemp("dist"), "llava", seed=1)
-    return ["--model", a["model"], "--data", a["data"], *SMALL]
+def saved(tmp_path_factory):
+    return save_cli_assets(tmp_path_factory.mktemp("dist"), "llava", seed=1)
+
+
+@pytest.fixture(scope="module")
+def assets(saved):
+    """`record` arguments, every identification item."""
+    return ["--model", saved["model"], "--data", saved["data"], *RECORD, "--identify-on", "all"]
 
 
 def assert_same_stats(a, b) -> None:
@@ -50,19 +56,40 @@ def _rank(rank: int, world: int, port: int, argv: list[str], codes) -> None:
         dist.destroy_process_group()
 
 
+def _two_ranks(argv: list[str]) -> None:
+    codes = mp.Manager().dict()
+    mp.spawn(_rank, args=(2, _free_port(), argv, codes), nprocs=2, join=True)
+    assert dict(codes) == {0: 0, 1: 0}
+
+
 def test_two_gloo_ranks_equal_one_process(assets, tmp_path):
     single, multi = tmp_path / "single", tmp_path / "multi"
-    assert cli.main(["run", *assets, "--out", str(single)]) == 0
-    codes = mp.Manager().dict()
-    mp.spawn(_rank, args=(2, _free_port(), ["run", *assets, "--out", str(multi)], codes),
-             nprocs=2, join=True)  # fmt: skip
-    assert dict(codes) == {0: 0, 1: 0}
+    assert cli.main(["run", *assets, *SELECT, "--out", str(single)]) == 0
+    _two_ranks(["run", *assets, *SELECT, "--out", str(multi)])
     assert_same_stats(load_stats(single), load_stats(multi))
     for method in ("cas", "lap", "rnd", "full"):
         a = json.loads((single / "eval" / f"{method}.json").read_text())
         b = json.loads((multi / "eval" / f"{method}.json").read_text())
         assert a == b, method
     assert (multi / "report.md").exists()
+
+
+@pytest.mark.slow
+def test_ranks_record_the_correct_items_of_one_process(saved, tmp_path):
+    """identify_on="correct" (the default): ranks predict their share of the items, share the
+    predictions, and record the correct items in the batches one process would use."""
+    argv = ["record", "--model", saved["model"], "--data", saved["data"], *RECORD]
+    single, multi = tmp_path / "single", tmp_path / "multi"
+    assert cli.main([*argv, "--out", str(single)]) == 0
+    _two_ranks([*argv, "--out", str(multi)])
+    a, b = load_stats(single), load_stats(multi)
+    assert a.options["items"] == "correct" and 0 < int(a.items.sum()) < 3 * 4  # some, not all
+    assert_same_stats(a, b)
+    # Each rank predicted its own half of the identification items, the union is everything.
+    preds = [json.loads((multi / "progress" / f"ident_full-{r}of2.json").read_text())["preds"]
+             for r in range(2)]  # fmt: skip
+    whole = json.loads((single / "progress" / "ident_full.json").read_text())["preds"]
+    assert not set(preds[0]) & set(preds[1]) and {**preds[0], **preds[1]} == whole
 
 
 def test_shards_merge_to_the_unsharded_stats(assets, tmp_path):
@@ -87,7 +114,7 @@ def test_shards_merge_to_the_unsharded_stats(assets, tmp_path):
 def test_a_shard_alone_is_not_selected_from(assets, tmp_path, capsys):
     out = tmp_path / "s0"
     assert cli.main(["record", *assets, "--out", str(out), "--shard", "0/2"]) == 0
-    assert cli.main(["select", "--out", str(out)]) != 0
-    assert cli.main(["record", *assets, "--out", str(tmp_path / "x"), "--shard", "2/2"]) != 0
+    assert cli.main(["select", "--out", str(out)]) == 2
+    assert cli.main(["record", *assets, "--out", str(tmp_path / "x"), "--shard", "2/2"]) == 2
     err = capsys.readouterr().err
     assert "shard" in err

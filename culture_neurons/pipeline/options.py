@@ -1,0 +1,347 @@
+"""The command line's options: ONE table (:data:`OPTIONS`) from which the argparse flags, the
+``--config FILE.toml`` validation and the defaults are all derived.
+
+An entry names an option (the config key; its flag is ``--`` + the name with dashes), its type,
+its default (for a :class:`~culture_neurons.pipeline.config.RunConfig` field, RunConfig's own:
+the API and the command line share it), its choices and what each means, its help, which
+commands show it and, for options that are not RunConfig fields, the step that fixes it (see
+:mod:`culture_neurons.pipeline.rundir`). Adding an option is one entry here (and, for a setting
+of the run, its RunConfig field). ``--help`` states every default and every choice's meaning.
+
+Values come from, in increasing precedence: the defaults, the ``--config`` file (any option
+of any command; types and choices checked as for the flags; keys a command does not use are
+ignored, unless they contradict the run), the command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import MISSING, dataclass, field, fields
+from pathlib import Path
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
+from culture_neurons.errors import UsageError
+from culture_neurons.pipeline.config import RunConfig, flag, step_of
+
+COMMANDS = {
+    "run": "the whole experiment: record, select, evaluate, report",
+    "record": "identification statistics only (OUT/stats.*)",
+    "select": "masks of every method from OUT/stats (no model needed)",
+    "evaluate": "the ablation matrices of the masks in OUT (OUT/eval)",
+    "report": "report.md and figures from OUT (no model needed)",
+    "merge": "add statistics of separate jobs (record --shard) into --out",
+}
+LATER = ("With --resume, and for select, evaluate and report, an option not given takes the "
+         "run's value (OUT/run.json); a differing one is refused, or recorded where the step "
+         "may change it.")  # fmt: skip
+MODEL = ("run", "record", "evaluate")  # the commands that load the model
+RECORD = ("run", "record")  # the commands that read the data and record statistics
+FROM_CONFIG = object()  # default: the RunConfig field's
+FAKER_DATA = "faker"  # --data value of the lm task's generated sentences
+FAKER_SENTENCES = 16  # lm task: sentences per culture unless --max-items says otherwise
+SELECTORS = {"cas": "ConAct margin of the top culture's firing probability over the runner-up",
+             "lap": "firing probability", "lape": "low entropy of the probability across "
+             "cultures (Tang et al. 2024)", "mad": "mean activation minus the other cultures' "
+             "mean"}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Option:
+    """One option of the command line (see the module docstring)."""
+
+    name: str
+    help: str
+    commands: tuple[str, ...]
+    group: str
+    type: type = str  # str, int, float, bool (--x / --no-x), list (comma-separated strings)
+    default: object = FROM_CONFIG
+    choices: dict[str, str] = field(default_factory=dict)  # value -> what it means
+    minimum: float | None = None
+    default_text: str = ""  # how --help states the default where the value alone misleads
+    switch: bool = False  # a bare flag (--resume), never a setting of the run
+    step: str = "exec"  # for options that are not RunConfig fields
+
+    @property
+    def flag(self) -> str:
+        return flag(self.name)
+
+    @property
+    def default_value(self):
+        if self.default is not FROM_CONFIG:
+            return self.default
+        f = {f.name: f for f in fields(RunConfig)}[self.name]
+        value = f.default if f.default is not MISSING else f.default_factory()
+        return tuple(value) if isinstance(value, (list, tuple)) else value
+
+    @property
+    def run_step(self) -> str:
+        """The step that fixes this option (RunConfig's for its fields)."""
+        return step_of(self.name) or self.step
+
+
+OPTIONS: tuple[Option, ...] = (
+    # -- model ------------------------------------------------------------------------------
+    Option("model", "hub id or local folder of a supported VLM (a text-only LM with --task lm)",
+           MODEL, "model", default=None,
+           default_text="the embedded toy VLM when --data is not given either; evaluate: the "
+           "run's"),
+    Option("dtype", "weights' dtype", MODEL, "model", default="auto",
+           choices={"auto": "the checkpoint's own on GPU, float32 on CPU", "bfloat16": "",
+                    "float16": "", "float32": ""}),
+    Option("device", "where the model runs: auto (a GPU if there is one, the local rank's "
+           "under torchrun), cpu, cuda, cuda:N, or map (spread a model larger than one GPU "
+           "over all of them)", MODEL, "model", default="auto"),
+    Option("backend", "how the decoder MLPs are instrumented (same numbers)", MODEL, "model",
+           choices={"auto": "fused", "fused": "the MLP's forward replaced by one op (a Triton "
+                    "kernel on GPU)", "hooks": "plain PyTorch forward hooks (the reference)"}),
+    Option("batch_size", "rows per forward", MODEL, "model", type=int, minimum=1),
+    # -- data -------------------------------------------------------------------------------
+    Option("task", "what the items are", RECORD, "data",
+           choices={"mc": "multiple-choice questions about images, scored by accuracy",
+                    "lm": "sentences, scored by next-token NLL (a text-only --model and --data "
+                    f"{FAKER_DATA})"}),
+    Option("data", "mc: CVQA as a parquet file or folder or a datasets save_to_disk folder; lm: "
+           f"'{FAKER_DATA}' (Faker locales' sentences; --cultures picks locales, --max-items "
+           f"sentences per culture, default {FAKER_SENTENCES})", MODEL, "data", default=None,
+           default_text="the embedded toy's synthetic CVQA; evaluate: the run's"),
+    Option("cultures", "comma-separated culture names", RECORD, "data", type=list, default=None,
+           step="identify", default_text="every culture with at least --min-items items"),
+    Option("grouping", "what a culture is", RECORD, "data", default="pair", step="identify",
+           choices={"pair": "a (language, country) pair, CVQA's own",
+                    "country": "a country, its languages together"}),
+    Option("min_items", "drop cultures with fewer items", RECORD, "data", type=int, default=10,
+           minimum=1, step="identify"),
+    Option("language", "the language of questions and options", RECORD, "data", default="en",
+           step="identify", choices={"en": "CVQA's English translations",
+                                     "local": "the original language"}),
+    Option("max_items", "at most this many items per culture (chosen by a hash of their ids)",
+           RECORD, "data", type=int, default=None, minimum=1, step="identify",
+           default_text="all"),
+    Option("on_error", "malformed items", RECORD, "data", default="raise", step="identify",
+           choices={"raise": "stop at the first, naming it",
+                    "skip": "skip them, counted in one warning"}),
+    Option("split_ratio", "identification share of each culture's items (the rest is "
+           "evaluated)", RECORD, "data", type=float),
+    Option("seed", "seed of the identification/evaluation split and of the RND draws", RECORD,
+           "data", type=int),
+    # -- statistics -------------------------------------------------------------------------
+    Option("scope", "the tokens counted", RECORD, "statistics",
+           choices={"all": "every non-pad prompt token, image tokens included",
+                    "text": "text tokens only", "image": "image tokens only",
+                    "last": "the answer position only"}),
+    Option("activation", "the activation recorded (and ablated)", RECORD, "statistics",
+           choices={"gate": "act(gate_proj(x)), as LAPE",
+                    "post": "act(gate_proj(x)) * up_proj(x), the input of down_proj"}),
+    Option("identify_on", "the identification items whose statistics are recorded", RECORD,
+           "statistics", default=None,
+           choices={"correct": "those the full model answers correctly",
+                    "all": "every one"},
+           default_text="correct; all when the data's labels are hidden (said in a notice) "
+           "and for --task lm"),
+    Option("scoring", "how an answer is read (also for --identify-on correct)", RECORD,
+           "statistics", choices={"logits": "argmax of the option letters' next-token logits "
+                                  "(one prefill, deterministic)",
+                                  "generate": "greedy generation, the first letter parsed"}),
+    Option("checkpoint_minutes", "wall time between statistics checkpoints (each writes C x "
+           "L x N x 24 bytes, 318 MB at paper scale)", RECORD, "statistics", type=float,
+           minimum=0),
+    Option("checkpoint_every", "also checkpoint every this many identification batches (0: by "
+           "time only)", RECORD, "statistics", type=int, minimum=0),
+    # -- selection --------------------------------------------------------------------------
+    Option("methods", "comma-separated selectors", ("run", "select"), "selection", type=list,
+           choices=SELECTORS),
+    Option("ratio", "share of all L x N neurons selected per culture (lape: its top_rate)",
+           ("run", "select"), "selection", type=float,
+           default_text="0.005 = 0.5 %; 0.05 on the embedded toy, whose 1152 neurons would "
+           "leave 6"),
+    Option("per_layer", "select the top ratio of every layer instead of across layers",
+           ("run", "select"), "selection", type=bool),
+    Option("rnd_draws", "random control sets, each size-matched to --rnd-like's", ("run",
+           "select"), "selection", type=int, minimum=0),
+    Option("rnd_like", "the method whose set sizes the random control matches",
+           ("run", "select"), "selection", choices=dict.fromkeys(SELECTORS, "")),
+    # -- evaluation -------------------------------------------------------------------------
+    Option("reuse_vision", "run the vision tower once per item group and reuse its output "
+           "under every ablation (same numbers, fewer passes)", ("run", "evaluate"),
+           "evaluation", type=bool),
+    # -- output -----------------------------------------------------------------------------
+    Option("out", "output dir", tuple(COMMANDS), "output", default="culture-neurons-out"),
+    Option("config", "TOML file with any of these options (keys with underscores); the "
+           "command line wins", tuple(c for c in COMMANDS if c != "merge"), "output",
+           default=None),
+    Option("quiet", "no progress bars or notices (warnings and errors still)", tuple(COMMANDS),
+           "output", type=bool, default=False, switch=True),
+    Option("resume", "continue the run in --out with its settings (an interrupted one, or "
+           "after an error)", RECORD, "output", type=bool, default=False, switch=True),
+    Option("overwrite", "replace the results already in --out (select: the masks and what "
+           "was evaluated with them; merge: the statistics and everything made from them)",
+           ("run", "record", "select", "merge"), "output", type=bool, default=False,
+           switch=True),
+    Option("shard", "i/n: record only shard i of n of the items (a job array's task; add the "
+           "shards with `merge`)", ("record",), "output", default=None),
+)  # fmt: skip
+GROUPS = ("model", "data", "statistics", "selection", "evaluation", "output")
+
+
+def by_name() -> dict[str, Option]:
+    return {o.name: o for o in OPTIONS}
+
+
+def steps() -> dict[str, str]:
+    """The step that fixes each option (see :mod:`culture_neurons.pipeline.rundir`)."""
+    return {o.name: o.run_step for o in OPTIONS}
+
+
+# -- the parser ---------------------------------------------------------------------------------
+class Parser(argparse.ArgumentParser):
+    """argparse with the package's one-line errors (exit 2)."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+    def parse_args(self, args=None, namespace=None):
+        ns, extras = self.parse_known_args(args, namespace)
+        if extras:  # name the command whose options these are not
+            command = getattr(ns, "command", None)
+            prog = f"{self.prog} {command}" if command else self.prog
+            self.exit(2, f"error: {command or self.prog} takes no {' '.join(extras)} (see "
+                         f"{prog} --help)\n")  # fmt: skip
+        return ns
+
+
+def _help(opt: Option) -> str:
+    text = opt.help
+    if any(opt.choices.values()):  # what each choice means (bare names are in the usage)
+        text += ": " + "; ".join(f"{k} = {v}" if v else k for k, v in opt.choices.items())
+    if not opt.switch:
+        default = opt.default_text or _show(opt.default_value)
+        text += f" (default: {default})"
+    return text.replace("%", "%%")
+
+
+def _show(value) -> str:
+    if isinstance(value, (list, tuple)):
+        return ",".join(map(str, value))
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return "none" if value is None else str(value)
+
+
+def add_options(parser: argparse.ArgumentParser, command: str) -> None:
+    """The flags of ``command``, grouped, each from its table entry."""
+    groups = {g: parser.add_argument_group(g) for g in GROUPS}
+    for opt in OPTIONS:
+        if command not in opt.commands:
+            continue
+        g, kw = groups[opt.group], {"help": _help(opt)}
+        if command == "merge" and opt.name == "out":
+            kw["required"] = True
+        if opt.switch:
+            g.add_argument(opt.flag, action="store_true", default=None, **kw)
+        elif opt.type is bool:
+            g.add_argument(opt.flag, action=argparse.BooleanOptionalAction, default=None, **kw)
+        else:
+            if opt.choices and opt.type is not list:
+                kw["choices"] = list(opt.choices)
+            kw["metavar"] = {list: "A,B,...", int: "N", float: "X"}.get(opt.type)
+            kw = {k: v for k, v in kw.items() if v is not None}
+            g.add_argument(opt.flag, type=opt.type if opt.type in (int, float) else str, **kw)
+
+
+def build_parser() -> Parser:
+    from culture_neurons import __version__
+
+    parser = Parser(prog="culture-neurons", argument_default=argparse.SUPPRESS,
+                    description="Find culture-sensitive neurons in vision-language models and "
+                    "test them by ablation. With no --model and --data, runs on the embedded "
+                    "toy.")  # fmt: skip
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                parser_class=Parser)  # fmt: skip
+    for name, help_ in COMMANDS.items():
+        p = sub.add_parser(name, help=help_, description=f"{help_}. {LATER}",
+                           argument_default=argparse.SUPPRESS)  # fmt: skip
+        if name == "merge":
+            p.add_argument("inputs", nargs="+", help="output dirs (or their stats.json) to add, "
+                           "each once; shards of `record --shard` all of them")  # fmt: skip
+        add_options(p, name)
+    return parser
+
+
+# -- values -------------------------------------------------------------------------------------
+@dataclass
+class Options:
+    """The options of one command: ``values`` of every table option, and ``given``: how each
+    option that the user gave was given (``"--ratio"`` or ``"ratio in run.toml"``)."""
+
+    command: str
+    values: dict
+    given: dict[str, str]
+    inputs: list[str] = field(default_factory=list)  # merge's
+
+    def __getitem__(self, name: str):
+        return self.values[name]
+
+
+def check(opt: Option, value, where: str):
+    """``value`` of ``opt`` in its type (a list from a comma-separated string), or a one-line
+    UsageError naming ``where`` it came from."""
+    kinds = {int: "an integer", float: "a number", bool: "true or false", str: "a string",
+             list: "comma-separated names (or a list of strings)"}  # fmt: skip
+    ok = {
+        int: isinstance(value, int) and not isinstance(value, bool),
+        float: isinstance(value, (int, float)) and not isinstance(value, bool),
+        bool: isinstance(value, bool),
+        str: isinstance(value, str),
+        list: isinstance(value, str)
+        or (isinstance(value, list) and all(isinstance(v, str) for v in value)),
+    }[opt.type]
+    if value is None and opt.default_value is None:
+        return None
+    if not ok:
+        raise UsageError(f"{where} must be {kinds[opt.type]}, got {value!r}")
+    if opt.type is float:
+        value = float(value)
+    if opt.type is list:
+        items = value.split(",") if isinstance(value, str) else value
+        value = tuple(v.strip() for v in items if v.strip())
+        bad = [v for v in value if opt.choices and v not in opt.choices]
+        if bad:
+            raise UsageError(f"{where}: unknown {', '.join(bad)}; choose from "
+                             f"{', '.join(opt.choices)}")  # fmt: skip
+    elif opt.choices and value not in opt.choices:
+        raise UsageError(f"{where} {value!r} is not one of {', '.join(opt.choices)}")
+    if opt.minimum is not None and value < opt.minimum:
+        raise UsageError(f"{where} must be >= {opt.minimum:g}, got {value}")
+    return value
+
+
+def read(args: argparse.Namespace) -> Options:
+    """Defaults < the --config file < the command line, every value checked by its entry."""
+    cli = {k: v for k, v in vars(args).items() if v is not None}
+    command = cli.pop("command")
+    inputs = cli.pop("inputs", [])
+    table = by_name()
+    values = {o.name: o.default_value for o in OPTIONS}
+    given: dict[str, str] = {}
+    if cli.get("config"):
+        path = Path(cli["config"])
+        try:
+            loaded = tomllib.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+            raise UsageError(f"cannot read config file {path}: {e}") from e
+        unknown = sorted(set(loaded) - set(table) | {"config"} & set(loaded))
+        if unknown:
+            raise UsageError(f"config file {path} has unknown keys {', '.join(unknown)}; "
+                             f"known: {', '.join(n for n in table if n != 'config')}")  # fmt: skip
+        for name, value in loaded.items():
+            values[name] = check(table[name], value, f"{name} in {path}")
+            given[name] = f"{name} in {path}"
+    for name, value in cli.items():
+        values[name] = check(table[name], value, table[name].flag)
+        given[name] = table[name].flag
+    return Options(command, values, given, inputs)
