@@ -189,7 +189,7 @@ OPTIONS: tuple[Option, ...] = (
            "give another its own --out)", MODEL, "evaluation",
            choices={"ablate": "a := 0", "steer": "a := (1 + alpha) a"}),
     Option("alpha", "steering factor of --intervention steer (negative damps; -1 equals "
-           "ablation)", MODEL, "evaluation", type=float, default=None,
+           "ablation)", MODEL, "evaluation", type=float,
            default_text="0.5 with --intervention steer (the authors' follow-up work); -1 "
            "with ablate"),
     Option("reuse_vision", "run the vision tower once per item group and reuse its output "

@@ -284,9 +284,9 @@ def test_default_identify_on_correct_end_to_end(tmp_path, monkeypatch):
     assert stats.items.tolist() == correct and all(correct)
     assert stats.options["items"] == "correct"
     assert json.loads((out / "run.json").read_text())["config"]["identify_on"] == "correct"
-    for method in ("cas", "rnd"):
-        ev = eval_json(out, method)
-        assert ev["labels_available"] and len(ev["accuracy_full"]) == 3, method
+    ev = eval_json(out, "cas")
+    assert ev["labels_available"] and len(ev["accuracy_full"]) == 3
+    assert ev["rnd"]["set_sizes"] == ev["set_sizes"] and ev["gap_ci"] is not None
 
 
 @pytest.mark.slow
@@ -303,16 +303,18 @@ def test_hidden_labels_end_to_end(assets, tmp_path, capsys):
     captured = capsys.readouterr()
     notices = [line for line in captured.err.splitlines() if "--identify-on all" in line]
     assert len(notices) == 1 and "hidden" in notices[0]
-    assert "flip self" in captured.out and "accuracy" not in captured.out
+    assert "flip_gap" in captured.out and "accuracy" not in captured.out
     assert json.loads((out / "run.json").read_text())["config"]["identify_on"] == "all"
-    for method in ("cas", "lap", "rnd"):
+    for method in ("cas", "lap"):
         ev = eval_json(out, method)
         assert ev["labels_available"] is False
-        for key in ("accuracy_full", "accuracy", "delta", "self", "cross", "gap"):
+        for key in ("accuracy_full", "accuracy", "delta", "self", "cross", "gap", "gap_ci",
+                    "specificity", "p_gap_vs_rnd"):  # fmt: skip
             assert ev[key] is None, (method, key)
+        assert ev["flip_gap_ci"] is not None and ev["p_flip_gap_vs_rnd"] is not None
         assert all(0 <= f <= 1 for row in ev["flip"] for f in row if f is not None)
         assert ev["flip_self"] is not None
     report = (out / "report.md").read_text()
     assert "Labels are hidden in this data: accuracy is unavailable" in report
-    assert "accuracy (%)" not in report and "(pts)" not in report and "flip self" in report
+    assert "accuracy (%)" not in report and "(points)" not in report and "flip self" in report
     assert not list((out / "figures").glob("*_delta.png"))
