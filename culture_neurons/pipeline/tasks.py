@@ -167,8 +167,7 @@ def _bootstrap_seed(config: RunConfig) -> int:
 def _method(name: str, masks: dict[str, Masks], culture: torch.Tensor, cultures: list[str],
             nulls: dict[str, list[str]], config: RunConfig) -> dict:  # fmt: skip
     """The fields every task's ``eval/<method>.json`` starts with: what was ablated or steered,
-    and which RND draws are its null (``shared_with``: methods of the same set sizes, whose
-    null is the same draws)."""
+    and which methods share its RND draws (``rnd_shared_with``: those of the same set sizes)."""
     own = masks[name]
     return {
         "method": name,

@@ -249,6 +249,10 @@ def _summary(run: RunFiles) -> list[str]:
         lines += table(["method", "self", "cross", "gap", "RND gap", f"beats RND (p < {LEVEL})"],
                        rows) + [""]  # fmt: skip
         lines += _specificity_table(run, SPECIFICITY, "the accuracy change")
+        lines += ["A share of accuracy changes is unstable where a set's summed change is near "
+                  "0 (a ratio of small numbers, often the case for random sets): its test "
+                  "against RND is weak there; the flip specificity below (flips are never "
+                  "negative) is the steadier measure.", ""]  # fmt: skip
     lines += [
         "### Flips (fraction of items whose answer changed)", "",
         "**flip self** / **flip cross** = share of the changed culture's / the other cultures' "
@@ -327,7 +331,8 @@ def _set_sizes(run: RunFiles) -> list[str]:
                               for m in run.evals])  # fmt: skip
     lines += table(["culture", *run.evals], rows)
     options = [f"{m}: " + ", ".join(f"{k} = {v:g}" if isinstance(v, float) else f"{k} = {v}"
-                                    for k, v in sorted(run.evals[m]["options"].items()))
+                                    for k, v in sorted(run.evals[m]["options"].items())
+                                    if k != "selection")  # the run's settings: listed above
                for m in run.evals if run.evals[m].get("options")]  # fmt: skip
     if options:
         lines += ["", "Selector options as the masks record them: " + "; ".join(options) + "."]
