@@ -57,7 +57,8 @@ def _stats(C: int = 4, L: int = 3, N: int = 40, seed: int = 0) -> Stats:
 
 @pytest.mark.parametrize("per_layer", [False, True])
 def test_every_method_gets_rnd_draws_of_its_own_sizes(per_layer):
-    config = RunConfig(ratio=0.1, rnd_draws=3, per_layer=per_layer)
+    # lape ranks its own share (top_rate): 10 % here too, else 1 % of 40 neurons per layer is 0
+    config = RunConfig(ratio=0.1, lape_top_rate=0.1, rnd_draws=3, per_layer=per_layer)
     masks = select_all(_stats(), config)
     methods = {m: masks[m] for m in config.methods}
     nulls = rnd_draws_of(methods, config)
