@@ -293,7 +293,7 @@ def test_14_15_refusals_before_the_model_loads(assets, finished, tmp_path, capsy
         ([*base, "--batch-size", "0"], ["--batch-size must be >= 1, got 0"]),
         ([*base, "--max-items", "0"], ["--max-items must be >= 1, got 0"]),
         ([*base, "--resume", "--overwrite"], ["--resume and --overwrite do not combine"]),
-        ([*base, "--ratio", "2"], ["--ratio must be in (0, 1)"]),
+        ([*base, "--ratio", "2"], ["--ratio must be a share in (0, 1)"]),
     ]  # fmt: skip
     if not torch.cuda.is_available():
         cases.append(([*base, "--device", "cuda"], ["--device cuda", "no CUDA GPU"]))
