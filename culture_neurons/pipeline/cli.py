@@ -69,10 +69,13 @@ def _run_config(o: Options, meta: dict | None = None):
     from culture_neurons.pipeline.config import RunConfig
 
     kw = {k: o[k] for k in RunConfig().settings() if o[k] is not None}
-    if meta is None and _is_toy(o) and "ratio" not in o.given:
-        from culture_neurons.demo.toy import TOY_RATIO
+    if meta is None and _is_toy(o):  # the toy's own defaults (see culture_neurons.demo.toy)
+        from culture_neurons.demo.toy import TOY_BATCH_SIZE, TOY_RATIO
 
-        kw["ratio"] = TOY_RATIO  # the toy has 1152 neurons: 0.5 % would be 6 per culture
+        if "ratio" not in o.given:
+            kw["ratio"] = TOY_RATIO  # the toy has 1152 neurons: 0.5 % would be 6 per culture
+        if "batch_size" not in o.given:
+            kw["batch_size"] = TOY_BATCH_SIZE  # 8-row forwards run at half the speed
     return RunConfig(**kw)
 
 
@@ -136,8 +139,12 @@ def _prepare(o: Options, meta: dict | None, resume: bool, command: str):
     part = partition(o["shard"])
     toy = None
     if _is_toy(o):  # the embedded toy brings its data (built on first use, then loaded)
+        import torch
+
+        from culture_neurons.demo.toy import TOY_THREADS
         from culture_neurons.demo.toy import toy as build_or_load
 
+        torch.set_num_threads(TOY_THREADS)  # 64-wide matrices: threads only synchronise
         toy = build_or_load(seed=o["seed"])
     data = _load_data(o, toy.data_path if toy else None)
     identify_on = identify_on_for(o["identify_on"], data.labels_available, config.task)
@@ -247,10 +254,15 @@ def cmd_evaluate(o: Options) -> None:
                          f"select again: culture-neurons select --out {out} --overwrite")  # fmt: skip
     o = _with_run(o, meta)
     config = _run_config(o, meta)
-    names = list(config.methods) + [f"rnd{i}" for i in range(config.rnd_draws)]
-    rundir.require(out, [f"masks/{n}.safetensors" for n in names], then)
-    for n in names:  # readable and selected with the run's settings, before the model loads
-        rundir.check_masks(out, n, load_masks(out / "masks" / f"{n}.safetensors"), config)
+    from culture_neurons.pipeline.run import rnd_draws_of
+
+    rundir.require(out, [f"masks/{n}.safetensors" for n in config.methods], then)
+    methods = {n: load_masks(out / "masks" / f"{n}.safetensors") for n in config.methods}
+    draws = sorted({d for names in rnd_draws_of(methods, config).values() for d in names})
+    rundir.require(out, [f"masks/{n}.safetensors" for n in draws], then)
+    for n in [*config.methods, *draws]:  # selected with the run's settings, before the model
+        masks = methods[n] if n in methods else load_masks(out / "masks" / f"{n}.safetensors")
+        rundir.check_masks(out, n, masks, config)
     run = _prepare(o, meta, resume=True, command="evaluate")
     results = run.evaluate()
     if run.part.main:
@@ -336,15 +348,20 @@ def _merged_run(metas: list, names: list[str], folders: list[Path]) -> dict | No
 
 
 def _print_summary(results: dict, out) -> None:
+    """One line per method: its gap with the 95 % interval and its p-value against RND."""
     for name, r in results.items():
-        if r.get("task") == "lm":
-            print(f"{name:>5}: self {r['self']:+.4f}  cross {r['cross']:+.4f}  gap "
-                  f"{r['gap']:+.4f} (NLL change, nats/token; positive = hurt)")  # fmt: skip
-        elif r.get("gap") is not None:
-            print(f"{name:>5}: self {r['self']:+.1f}  cross {r['cross']:+.1f}  gap {r['gap']:+.1f}"
-                  " (accuracy points)")  # fmt: skip
-        else:
-            print(f"{name:>5}: flip self {r['flip_self']:.3f}  cross {r['flip_cross']:.3f}")
+        prefix, unit = ("", "NLL change, nats/token") if r.get("task") == "lm" else (
+            ("", "accuracy points") if r.get("gap") is not None else ("flip_", "flip rate"))
+        decimals = 4 if r.get("task") == "lm" else (1 if not prefix else 3)
+        gap, ci, p = r.get(prefix + "gap"), r.get(f"{prefix}gap_ci") or [None, None], r.get(
+            f"p_{prefix}gap_vs_rnd")  # fmt: skip
+        if gap is None:
+            print(f"{name:>5}: gap undefined (one culture, or no evaluation items)")
+            continue
+        interval = "" if None in ci else f" [{ci[0]:+.{decimals}f}, {ci[1]:+.{decimals}f}]"
+        vs_rnd = "" if p is None else f", p vs its RND {p:.3g}"
+        print(f"{name:>5}: {prefix}gap {gap:+.{decimals}f}{interval} ({unit}; 95 % interval"
+              f"{vs_rnd})")  # fmt: skip
     made = [n for n in ("report.md", "eval/", "figures/") if (Path(out) / n).exists()]
     later = "" if "report.md" in made else f"; report: culture-neurons report --out {out}"
     print(f"results in {out} ({', '.join(made)}){later}")

@@ -12,13 +12,23 @@ later step may do with a different value (see :mod:`culture_neurons.pipeline.run
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields
 
 from culture_neurons.errors import UsageError
+from culture_neurons.scoring.uncertainty import DEFAULT_RESAMPLES
 from culture_neurons.selection import METHODS
+from culture_neurons.selection.methods import CONTRASTS
 
 TASKS = ("mc", "lm")
 STEPS = ("identify", "select", "evaluate", "exec")
+INTERVENTIONS = ("ablate", "steer")
+STEER_ALPHA = 0.5  # steering's default alpha: the authors' follow-up work uses 0.5 (SPEC)
+# RND draws per distinct set-size vector of the methods: each costs one condition per culture.
+# p-values recombine the draws' rows (culture_neurons.scoring.uncertainty), so a few draws
+# resolve small p-values; more draws give more power where a method's effect sits in a few
+# cultures (one culture's set is then compared with draws + 1 sets).
+RND_DRAWS = 5
 
 
 def setting(default, step: str):
@@ -31,15 +41,24 @@ class RunConfig:
     """Every option that changes the numbers of a run (stored in ``OUT/run.json``)."""
 
     methods: tuple[str, ...] = setting(("cas", "lap", "lape", "mad"), "select")
-    ratio: float = setting(0.005, "select")  # share of L*N neurons per culture (lape: top_rate)
+    ratio: float = setting(0.005, "select")  # share of L*N per culture of cas, lap, mad
     per_layer: bool = setting(False, "select")
+    cas_normalize: bool = setting(False, "select")  # cas ranks P normalised over cultures
+    mad_contrast: str = setting("mean", "select")  # mad: M[c] minus the others' mean or max
+    lape_top_rate: float = setting(0.01, "select")  # lape: share of L*N kept (Tang et al.)
+    lape_filter_rate: float = setting(0.95, "select")  # lape: P order statistic to survive
+    lape_bar_ratio: float = setting(0.95, "select")  # lape: P order statistic to belong
     scope: str = setting("all", "identify")
     activation: str = setting("gate", "identify")
     identify_on: str = setting("correct", "identify")  # "correct": answered right; or "all"
     split_ratio: float = setting(0.5, "identify")  # identification share of each culture
-    seed: int = setting(0, "identify")  # the split's (and RND's) seed
-    rnd_draws: int = setting(3, "select")  # RND control sets, size-matched to rnd_like
-    rnd_like: str = setting("cas", "select")
+    seed: int = setting(0, "identify")  # the split's (and RND's and the bootstrap's) seed
+    rnd_draws: int = setting(RND_DRAWS, "select")  # RND sets per distinct set-size vector
+    resamples: int = setting(DEFAULT_RESAMPLES, "evaluate")  # bootstrap resamples of the items
+    # A run holds one intervention ("identify": another one is another run, in its own --out,
+    # so a steering run's files never mix with an ablation run's).
+    intervention: str = setting("ablate", "identify")  # ablate: a := 0; steer: (1 + alpha) a
+    alpha: float | None = setting(None, "identify")  # steer only (default 0.5); ablate: -1
     scoring: str = setting("logits", "identify")  # also picks the correct items
     batch_size: int = setting(8, "exec")  # rows per forward
     backend: str = setting("auto", "exec")
@@ -60,24 +79,62 @@ class RunConfig:
         if unknown:
             raise UsageError(
                 f"--methods: unknown method(s) {', '.join(unknown)}; choose from cas, lap, "
-                "lape, mad (rnd runs as the control of --rnd-like)"
+                "lape, mad (rnd runs as every method's size-matched control, see --rnd-draws)"
             )
         if not self.methods:
             raise UsageError("--methods is empty; give at least one of cas, lap, lape, mad")
-        if not 0 < self.ratio < 1:
-            raise UsageError(f"--ratio must be in (0, 1) (0.005 = 0.5 %), got {self.ratio}")
-        if not 0 < self.split_ratio < 1:
-            raise UsageError(f"--split-ratio must be in (0, 1), got {self.split_ratio}")
+        for name in ("ratio", "split_ratio", "lape_top_rate", "lape_filter_rate",
+                     "lape_bar_ratio"):  # fmt: skip
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
+                raise UsageError(f"{flag(name)} must be a share in (0, 1) (0.005 = 0.5 %), got "
+                                 f"{value!r}")  # fmt: skip
+        if self.mad_contrast not in CONTRASTS:
+            raise UsageError(f"--mad-contrast must be one of {', '.join(CONTRASTS)}, got "
+                             f"{self.mad_contrast!r}")  # fmt: skip
         if self.identify_on not in ("correct", "all"):
             raise UsageError(f"--identify-on must be correct or all, got {self.identify_on!r}")
-        if self.rnd_draws and self.rnd_like not in self.methods:
-            raise UsageError(f"--rnd-like {self.rnd_like} is not among --methods "
-                             f"{','.join(self.methods)}")  # fmt: skip
         if self.batch_size < 1:
             raise UsageError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if self.resamples < 1:
+            raise UsageError(f"--resamples must be >= 1, got {self.resamples}")
         for name in ("rnd_draws", "checkpoint_every", "checkpoint_minutes"):
             if getattr(self, name) < 0:
                 raise UsageError(f"{flag(name)} must be >= 0, got {getattr(self, name)}")
+        self._check_intervention()
+
+    def _check_intervention(self) -> None:
+        if self.intervention not in INTERVENTIONS:
+            raise UsageError(f"--intervention must be one of {', '.join(INTERVENTIONS)}, got "
+                             f"{self.intervention!r}")  # fmt: skip
+        if self.intervention == "ablate":
+            if self.alpha not in (None, -1, -1.0):
+                raise UsageError(f"--alpha {self.alpha} is a steering factor: ablation is alpha "
+                                 "= -1; pass --intervention steer to use it")  # fmt: skip
+            self.alpha = -1.0
+            return
+        alpha = STEER_ALPHA if self.alpha is None else self.alpha
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(
+            alpha
+        ):
+            raise UsageError(f"--alpha must be a finite number, got {alpha!r}")
+        if alpha == 0:
+            raise UsageError("--alpha 0 multiplies the neurons by 1: it changes nothing; give "
+                             "a negative alpha to damp them (-1 = ablate) or a positive one "
+                             "to amplify them")  # fmt: skip
+        self.alpha = float(alpha)
+
+    def selector_options(self, method: str) -> dict:
+        """Keyword arguments of ``culture_neurons.select`` for ``method``."""
+        if method == "lape":  # ranks its own share: top_rate, never ratio
+            return {"top_rate": self.lape_top_rate, "filter_rate": self.lape_filter_rate,
+                    "bar_ratio": self.lape_bar_ratio, "per_layer": self.per_layer}  # fmt: skip
+        options = {"ratio": self.ratio, "per_layer": self.per_layer}
+        if method == "cas":
+            options["normalize"] = self.cas_normalize
+        if method == "mad":
+            options["contrast"] = self.mad_contrast
+        return options
 
     def settings(self, *steps: str) -> dict:
         """``{name: value}`` of the fields of ``steps`` (all by default), JSON-ready."""

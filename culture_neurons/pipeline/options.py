@@ -98,7 +98,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("backend", "how the decoder MLPs are instrumented (same numbers)", MODEL, "model",
            choices={"auto": "fused", "fused": "the MLP's forward replaced by one op (a Triton "
                     "kernel on GPU)", "hooks": "plain PyTorch forward hooks (the reference)"}),
-    Option("batch_size", "rows per forward", MODEL, "model", type=int, minimum=1),
+    Option("batch_size", "rows per forward", MODEL, "model", type=int, minimum=1,
+           default_text="8; 128 on the embedded toy"),
     # -- data -------------------------------------------------------------------------------
     Option("task", "what the items are", RECORD, "data",
            choices={"mc": "multiple-choice questions about images, scored by accuracy",
@@ -126,8 +127,8 @@ OPTIONS: tuple[Option, ...] = (
                     "skip": "skip them, counted in one warning"}),
     Option("split_ratio", "identification share of each culture's items (the rest is "
            "evaluated)", RECORD, "data", type=float),
-    Option("seed", "seed of the identification/evaluation split and of the RND draws", RECORD,
-           "data", type=int),
+    Option("seed", "seed of the identification/evaluation split, the RND draws and the "
+           "bootstrap resamples", RECORD, "data", type=int),
     # -- statistics -------------------------------------------------------------------------
     Option("scope", "the tokens counted", RECORD, "statistics",
            choices={"all": "every non-pad prompt token, image tokens included",
@@ -154,17 +155,43 @@ OPTIONS: tuple[Option, ...] = (
     # -- selection --------------------------------------------------------------------------
     Option("methods", "comma-separated selectors", ("run", "select"), "selection", type=list,
            choices=SELECTORS),
-    Option("ratio", "share of all L x N neurons selected per culture (lape: its top_rate)",
+    Option("ratio", "share of all L x N neurons selected per culture by cas, lap and mad",
            ("run", "select"), "selection", type=float,
-           default_text="0.005 = 0.5 %; 0.05 on the embedded toy, whose 1152 neurons would "
+           default_text="0.005 = 0.5 %; 0.1 on the embedded toy, whose 1152 neurons would "
            "leave 6"),
     Option("per_layer", "select the top ratio of every layer instead of across layers",
            ("run", "select"), "selection", type=bool),
-    Option("rnd_draws", "random control sets, each size-matched to --rnd-like's", ("run",
-           "select"), "selection", type=int, minimum=0),
-    Option("rnd_like", "the method whose set sizes the random control matches",
-           ("run", "select"), "selection", choices=dict.fromkeys(SELECTORS, "")),
+    Option("cas_normalize", "cas: rank the firing probability normalised over cultures",
+           ("run", "select"), "selection", type=bool),
+    Option("mad_contrast", "mad: what a culture's mean activation is compared with",
+           ("run", "select"), "selection",
+           choices={"mean": "the other cultures' mean", "max": "the largest other culture's"}),
+    Option("lape_top_rate", "lape: share of all L x N neurons kept by lowest entropy, then "
+           "assigned to every culture above the bar (its own option: --ratio does not apply)",
+           ("run", "select"), "selection", type=float, default_text="0.01 = 1 %, as Tang et "
+           "al. 2024"),
+    Option("lape_filter_rate", "lape: a neuron is kept only if some culture's probability "
+           "passes this order statistic of all probabilities", ("run", "select"), "selection",
+           type=float),
+    Option("lape_bar_ratio", "lape: a kept neuron belongs to every culture whose probability "
+           "passes this order statistic", ("run", "select"), "selection", type=float),
+    Option("rnd_draws", "random control draws per method: uniform sets of exactly that "
+           "method's per-culture sizes (methods of identical sizes share them; 0: no control). "
+           "Cost: each draw is one more condition per culture, the matrix runs 1 + cultures x "
+           "(methods + size groups x draws) conditions. p-values recombine the draws' "
+           "per-culture rows; more draws, more power where an effect sits in a few cultures",
+           ("run", "select"), "selection", type=int, minimum=0),
     # -- evaluation -------------------------------------------------------------------------
+    Option("resamples", "bootstrap resamples of the evaluation items, for every 95 % interval "
+           "and p-value (no model work)", ("run", "evaluate"), "evaluation", type=int,
+           minimum=1),
+    Option("intervention", "what is done to each culture's selected neurons (a run holds one: "
+           "give another its own --out)", MODEL, "evaluation",
+           choices={"ablate": "a := 0", "steer": "a := (1 + alpha) a"}),
+    Option("alpha", "steering factor of --intervention steer (negative damps; -1 equals "
+           "ablation)", MODEL, "evaluation", type=float,
+           default_text="0.5 with --intervention steer (the authors' follow-up work); -1 "
+           "with ablate"),
     Option("reuse_vision", "run the vision tower once per item group and reuse its output "
            "under every ablation (same numbers, fewer passes)", ("run", "evaluate"),
            "evaluation", type=bool),

@@ -2,7 +2,12 @@
 
     full model on the identification half  ->  statistics of its (correct) items  ->  every
     selector  ->  every culture's evaluation half under every method's every culture set
-    (+ RND draws), rows of many sets sharing batches  ->  matrices, summaries, report.
+    (+ each method's size-matched RND draws), rows of many sets sharing batches, ablated or
+    steered  ->  matrices, summaries, bootstrap intervals, p-values against RND  ->  report.
+
+Cost: the matrix runs ``1 + C * (methods + groups * rnd_draws)`` conditions over the
+evaluation items, where ``groups`` is the number of distinct set-size vectors among the
+methods (methods of identical sizes share their RND draws).
 
 Two tasks share these steps (``RunConfig.task``, see :mod:`culture_neurons.pipeline.tasks`):
 ``mc``, multiple-choice questions scored by their letter, and ``lm``, plain sentences scored
@@ -32,6 +37,7 @@ from pathlib import Path
 
 import torch
 
+from culture_neurons.data import stable_seed
 from culture_neurons.errors import DataError, StatsMismatchError, UsageError
 from culture_neurons.instrument import Instrument
 from culture_neurons.masks import Masks, load_masks
@@ -41,7 +47,6 @@ from culture_neurons.pipeline.config import RunConfig, identify_on_for
 from culture_neurons.pipeline.distributed import Partition
 from culture_neurons.pipeline.rundir import RUN_FILE, write_json
 from culture_neurons.pipeline.tasks import TASKS
-from culture_neurons.scoring.metrics import nan_to_none
 from culture_neurons.scoring.multiple_choice import predict
 from culture_neurons.selection import select
 from culture_neurons.stats import Stats, load_stats
@@ -247,19 +252,23 @@ class Run:
 
     # -- step 3: selection ------------------------------------------------------------------
     def select(self, stats: Stats | None = None) -> dict[str, Masks]:
-        """Every method's masks (``masks/<method>.safetensors``) and the RND draws."""
+        """Every method's masks (``masks/<method>.safetensors``) and their RND draws."""
         stats = stats if stats is not None else load_stats(self.out)
         stats.require_model(self.fingerprint, "the statistics in " + str(self.out))
         return select_all(stats, self.config, self.out if self.part.main else None)
 
     def load_masks(self) -> dict[str, Masks]:
-        """The run's masks from ``OUT/masks``; refused if selected with other settings."""
-        names = list(self.config.methods) + [f"rnd{i}" for i in range(self.config.rnd_draws)]
-        masks = {}
-        for n in names:
-            masks[n] = load_masks(self.out / "masks" / f"{n}.safetensors", self.fingerprint)
-            rundir.check_masks(self.out, n, masks[n], self.config)
+        """The run's masks from ``OUT/masks`` (every method's, then their RND draws, as
+        :func:`select_all` names them); refused if selected with other settings."""
+        masks = {n: self._load_mask(n) for n in self.config.methods}
+        for names in rnd_draws_of(masks, self.config).values():
+            masks.update({n: self._load_mask(n) for n in names if n not in masks})
         return masks
+
+    def _load_mask(self, name: str) -> Masks:
+        m = load_masks(self.out / "masks" / f"{name}.safetensors", self.fingerprint)
+        rundir.check_masks(self.out, name, m, self.config)
+        return m
 
     # -- step 4: the ablation matrices ------------------------------------------------------
     def evaluate(self, masks: dict[str, Masks] | None = None) -> dict[str, dict]:
@@ -277,19 +286,22 @@ class Run:
             return {}
         C = len(self.cultures)
         culture = torch.tensor([self.cultures.index(it.culture) for it in items])
-        # row 0 is the full model, then C rows (one per culture's set) of each method in turn
-        per_method = {name: preds[1 + i * C : 1 + (i + 1) * C] for i, name in enumerate(names)}
-        full_record, results = self.task.results(masks, per_method, preds[0], items, culture,
-                                                 self.cultures, self.data)  # fmt: skip
+        # row 0 is the full model, then C rows (one per culture's set) of each mask in turn
+        per_set = {name: preds[1 + i * C : 1 + (i + 1) * C] for i, name in enumerate(names)}
+        methods = {m: masks[m] for m in self.config.methods if m in masks}
+        nulls = rnd_draws_of(methods, self.config)
+        missing = sorted({n for draws in nulls.values() for n in draws} - set(masks))
+        if missing:
+            raise UsageError(f"the RND draws {', '.join(missing)} are missing from the masks; "
+                             f"select again: culture-neurons select --out {self.out} "
+                             "--overwrite")  # fmt: skip
+        full_record, results = self.task.results(masks, per_set, preds[0], items, culture,
+                                                 self.cultures, self.data, nulls)  # fmt: skip
         write_json(self.out / "eval" / "full.json", full_record)
-        if self.config.rnd_draws and any(n.startswith("rnd") for n in masks):
-            results["rnd"] = _rnd_summary([results.pop(n) for n in list(results)
-                                           if n.startswith("rnd")])  # fmt: skip
         hashes = {n: m.content_hash() for n, m in masks.items()}
         for name, res in results.items():
             # Which masks these numbers belong to (``report`` refuses them under others).
-            used = [n for n in masks if n == name or (name == "rnd" and n.startswith("rnd"))]
-            res["masks_hash"] = {n: hashes[n] for n in used}
+            res["masks_hash"] = {n: hashes[n] for n in [name, *nulls[name]]}
             write_json(self.out / "eval" / f"{name}.json", res)
         return results
 
@@ -302,15 +314,19 @@ class Run:
         group_size = max(1, self.config.batch_size // 4)
         per_forward = max(1, self.config.batch_size // group_size)
         log_path = self.out / "progress" / f"matrix{self.part.tag}.jsonl"
+        # Everything that changes a prediction: the bootstrap's resamples do not.
+        settings = {k: v for k, v in self.config.settings("evaluate").items()
+                    if k != "resamples"}  # fmt: skip
         key = self._key("ablation matrix", combined.content_hash(), self.config.task,
                         self.config.scoring, self.config.reuse_vision, group_size, per_forward,
-                        self.config.settings("evaluate"))  # fmt: skip
+                        settings, self.config.intervention, self.config.alpha)  # fmt: skip
         done = _read_groups(log_path, key) if self.resume else {}
         _rewrite_log(log_path, done)  # the log never mixes results of two keys
         conditions = [-1] + list(range(S))
         starts = [s for g, s in enumerate(range(0, n, group_size)) if self.part.owns(g)]
         total = sum(len(items[s : s + group_size]) for s in starts) * len(conditions)
-        with Instrument(self.model, masks=combined, backend=self.config.backend) as ablator, \
+        with Instrument(self.model, masks=combined, backend=self.config.backend,
+                        alpha=self.config.alpha) as ablator, \
                 self._bar(total, "ablation matrix") as bar, \
                 open(log_path, "a", encoding="utf-8") as log_file:  # fmt: skip
             for g, start in enumerate(range(0, n, group_size)):
@@ -360,9 +376,15 @@ class Run:
 
 
 def select_all(stats: Stats, config: RunConfig, out: Path | None = None) -> dict[str, Masks]:
-    """Masks of every configured method, then ``rnd_draws`` random sets size-matched to
-    ``rnd_like`` (named ``rnd0, rnd1, ...``); saved to ``out/masks`` when ``out`` is given.
-    Each carries the run's selection settings (``options["selection"]``).
+    """Masks of every configured method, then each method's RND control: ``rnd_draws``
+    uniform random sets of that method's own per-culture sizes (per layer with ``per_layer``),
+    named as :func:`rnd_draws_of` says; saved to ``out/masks`` when ``out`` is given. Each
+    carries the run's selection settings (``options["selection"]``).
+
+    Methods whose sets have identical sizes share one series of draws: each method's p-value
+    against it stays exact (its null is still uniform sets of its own sizes, independent of its
+    selection); only their p-values are then correlated. The draws are seeded by the run's seed
+    and the sizes, so the same sizes always get the same null.
 
     Raises:
         UsageError: a method selects no neuron at all (e.g. a ratio below one neuron); a
@@ -371,20 +393,44 @@ def select_all(stats: Stats, config: RunConfig, out: Path | None = None) -> dict
     if stats.shard is not None:
         raise UsageError(f"these statistics are shard {stats.shard[0]}/{stats.shard[1]} only; "
                          "add all shards with `merge` first")  # fmt: skip
-    masks = {m: select(stats, m, ratio=config.ratio, per_layer=config.per_layer)
-             for m in config.methods}  # fmt: skip
+    masks = {m: select(stats, m, **config.selector_options(m)) for m in config.methods}
     _check_sizes(masks, config)
     if config.rnd_draws:
-        draws = select(stats, "rnd", like=masks[config.rnd_like], per_layer=config.per_layer,
-                       seed=config.seed, draws=config.rnd_draws)  # fmt: skip
-        for i, draw in enumerate(draws if isinstance(draws, list) else [draws]):
-            masks[f"rnd{i}"] = draw
+        for group, names in _size_groups(masks, config):
+            like = masks[group[0]]
+            draws = select(stats, "rnd", like=like, per_layer=config.per_layer,
+                           seed=_rnd_seed(like, config), draws=config.rnd_draws)  # fmt: skip
+            masks.update(zip(names, draws, strict=True))
     for m in masks.values():
         m.options["selection"] = config.settings("select")
     if out is not None:
         for name, m in masks.items():
             m.save(Path(out) / "masks" / f"{name}.safetensors")
     return masks
+
+
+def rnd_draws_of(methods: dict[str, Masks], config: RunConfig) -> dict[str, list[str]]:
+    """Method -> the names of its RND draws (``rnd-<methods of those sizes>-<i>``; none when
+    ``rnd_draws`` is 0)."""
+    return {m: names for group, names in _size_groups(methods, config) for m in group}
+
+
+def _size_groups(methods: dict[str, Masks], config: RunConfig) -> list[tuple[list[str], list[str]]]:
+    """(methods of identical set sizes, their draws' names), in the order of ``methods``."""
+    groups: dict[tuple, list[str]] = {}
+    for name, m in methods.items():
+        groups.setdefault(_sizes_key(m, config.per_layer), []).append(name)
+    return [(group, [f"rnd-{'+'.join(group)}-{i}" for i in range(config.rnd_draws)])
+            for group in groups.values()]  # fmt: skip
+
+
+def _sizes_key(masks: Masks, per_layer: bool) -> tuple[int, ...]:
+    """What a size-matched RND draw matches: the sets' sizes, or their sizes per layer."""
+    return tuple((masks.layer_counts() if per_layer else masks.sizes()).flatten().tolist())
+
+
+def _rnd_seed(like: Masks, config: RunConfig) -> int:
+    return stable_seed("rnd", config.seed, config.per_layer, *_sizes_key(like, config.per_layer))
 
 
 def _check_sizes(masks: dict[str, Masks], config: RunConfig) -> None:
@@ -394,6 +440,11 @@ def _check_sizes(masks: dict[str, Masks], config: RunConfig) -> None:
         if int(sizes.sum()) == 0:
             L, N = m.num_layers, m.num_neurons
             size = N if config.per_layer else L * N
+            if name == "lape":
+                raise UsageError(f"lape selected no neuron for any culture at --lape-top-rate "
+                                 f"{config.lape_top_rate:g} (--lape-bar-ratio "
+                                 f"{config.lape_bar_ratio:g}); raise --lape-top-rate, lower "
+                                 "--lape-bar-ratio or drop lape from --methods")  # fmt: skip
             if round(size * config.ratio) == 0:
                 where = " in each layer" if config.per_layer else ""
                 raise UsageError(
@@ -448,26 +499,3 @@ def _rewrite_log(path: Path, done: dict[int, dict]) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(json.dumps(rec) + "\n" for rec in done.values()), encoding="utf-8")
     os.replace(tmp, path)
-
-
-def _rnd_summary(draws: list[dict]) -> dict:
-    """RND: matrices averaged over the draws; per-draw summaries and their mean and sd."""
-    out = dict(draws[0], method="rnd", draws=[
-        {k: d[k] for k in ("self", "cross", "gap", "flip_self", "flip_cross", "flip_gap")
-         if k in d}  # the LM task has no flips
-        for d in draws
-    ])  # fmt: skip
-    for key in ("accuracy", "delta", "flip", "nll"):
-        if draws[0].get(key) is not None:
-            mats = torch.tensor([d[key] for d in draws], dtype=torch.float64)
-            out[key] = nan_to_none(mats.mean(0).tolist())
-    for key in ("self", "cross", "gap", "flip_self", "flip_cross", "flip_gap"):
-        vals = [d[key] for d in draws if d.get(key) is not None]
-        if vals:
-            t = torch.tensor(vals, dtype=torch.float64)
-            out[key] = t.mean().item()
-            out[f"{key}_sd"] = t.std().item() if len(vals) > 1 else 0.0
-    out["set_sizes"] = draws[0]["set_sizes"]
-    out["layer_counts"] = torch.tensor([d["layer_counts"] for d in draws]).double().mean(0).tolist()
-    return out
-

@@ -5,18 +5,45 @@ items is scored under many conditions, and how the scores become ``eval/<method>
   delta (points) and flip matrices.
 - ``lm`` (:class:`LMTask`): plain sentences scored by their next-token NLL (nats); NLL and
   NLL-change matrices (see :mod:`culture_neurons.scoring.lm`).
+
+Every number of ``eval/<method>.json`` carries its uncertainty (SPEC "Uncertainty and
+controls", :mod:`culture_neurons.scoring.uncertainty`): a 95 % paired-bootstrap interval
+(``<key>_ci``, ``[lo, hi]``, for every matrix cell and summary) and, for the summaries, the
+method's own size-matched RND null (``rnd``) with permutation-style p-values
+(``p_<summary>_vs_rnd``, its smallest possible value ``p_resolution``).
 """
 
 from __future__ import annotations
 
 import torch
 
+from culture_neurons.data import stable_seed
 from culture_neurons.masks import Masks
 from culture_neurons.pipeline.config import RunConfig
 from culture_neurons.scoring import lm
-from culture_neurons.scoring.metrics import matrices, nan_to_none, per_culture_sum, self_cross
+from culture_neurons.scoring.metrics import (
+    SUMMARIES,
+    matrices,
+    nan_to_none,
+    per_culture_sum,
+    row_parts,
+    summaries,
+)
 from culture_neurons.scoring.multiple_choice import Group
 from culture_neurons.scoring.prompting import encode
+from culture_neurons.scoring.uncertainty import (
+    CONFIDENCE,
+    HIGHER,
+    LOWER,
+    TWO_SIDED,
+    Bootstrap,
+    interval,
+    p_value,
+    resolution,
+)
+
+DIRECTIONS = {LOWER: "lower", HIGHER: "higher", TWO_SIDED: "either"}
+MATRIX_MODE = "exact"  # one prefill per condition (SPEC "Matrix modes"); nothing estimated
 
 
 class MCTask:
@@ -42,39 +69,38 @@ class MCTask:
     def missing(self, preds: torch.Tensor) -> torch.Tensor:
         return preds == -2
 
-    def results(self, masks, per_method, full, items, culture, cultures, data):
-        """``(eval/full.json, {method: eval/<method>.json})`` (RND draws still apart)."""
+    def results(self, masks, per_set, full, items, culture, cultures, data, nulls):
+        """``(eval/full.json, {method: eval/<method>.json})``: ``per_set`` maps every mask name
+        (methods and RND draws) to its scores [C, n], ``nulls`` each method to its RND draws."""
         labels = torch.tensor([it.label for it in items]) if data.labels_available else None
         full_record = {
             "items": [it.id for it in items], "culture": culture.tolist(),
             "label": None if labels is None else labels.tolist(), "pred": full.tolist(),
         }  # fmt: skip
-        results = {name: self._method_result(name, masks[name], per_method[name], full,
-                                             culture, labels, cultures)
-                   for name in masks}  # fmt: skip
-        return full_record, results
-
-    def _method_result(self, name, masks: Masks, pred, full, culture, labels,
-                       cultures) -> dict:  # fmt: skip
         C = len(cultures)
-        m = matrices(full, pred, culture, C, labels)
-        res = {
-            "method": name,
-            "cultures": cultures,
-            "labels_available": labels is not None,
-            "units": {"accuracy": "percent", "delta": "points", "flip": "fraction"},
-            "items_per_culture": torch.bincount(culture, minlength=C).tolist(),
-            "set_sizes": masks.sizes().tolist(),
-            "layer_counts": masks.layer_counts().tolist(),
-            "unparseable_full": int((full < 0).sum()),
-        }
-        for key in ("accuracy_full", "accuracy", "delta", "flip"):
-            res[key] = None if m[key] is None else nan_to_none(m[key].tolist())
-        summary = self_cross(m["delta"]) if m["delta"] is not None else dict.fromkeys(
-            ("self", "cross", "gap"))  # fmt: skip
-        res.update(summary)
-        res.update({f"flip_{k}": v for k, v in self_cross(m["flip"]).items()})
-        return res
+        boot = _bootstrap(culture, C, self.config)
+
+        def mats(pred, resampled: Bootstrap | None = None) -> dict:
+            return matrices(full, pred, culture, C, labels, boot=resampled)
+
+        # accuracy is lost (lower = more selective) when neurons are damped or ablated; flips
+        # count any change (higher = more selective).
+        measures = [("flip", "flip_", HIGHER)]
+        if labels is not None:
+            measures.insert(0, ("delta", "", LOWER if self.config.alpha < 0 else TWO_SIDED))
+        keys = ("accuracy_full", "accuracy", "delta", "flip")
+        results = {}
+        for name in nulls:
+            res = _method(name, masks, culture, cultures, nulls, self.config)
+            res.update(labels_available=labels is not None,
+                       units={"accuracy": "percent", "delta": "points", "flip": "fraction"},
+                       unparseable_full=int((full < 0).sum()))  # fmt: skip
+            if labels is None:  # no accuracy: its summaries exist, undefined
+                res.update({k: None for s in SUMMARIES for k in (s, f"{s}_ci")})
+                res.update(p_gap_vs_rnd=None, p_specificity_vs_rnd=None)
+            res.update(_assemble(mats, per_set, masks, name, nulls[name], boot, keys, measures))
+            results[name] = res
+        return full_record, results
 
 
 class LMTask:
@@ -100,40 +126,139 @@ class LMTask:
     def missing(self, preds: torch.Tensor) -> torch.Tensor:
         return torch.isnan(preds)
 
-    def results(self, masks, per_method, full, items, culture, cultures, data):
-        """``(eval/full.json, {method: eval/<method>.json})`` (RND draws still apart)."""
+    def results(self, masks, per_set, full, items, culture, cultures, data, nulls):
+        """``(eval/full.json, {method: eval/<method>.json})``, as :meth:`MCTask.results`."""
         tokens = torch.cat([lm.target_counts(lm.encode_text(self.model, self.processor, [it])
                                              ["attention_mask"]) for it in items])  # fmt: skip
         full_record = {"items": [it.id for it in items], "culture": culture.tolist(),
                        "tokens": tokens.tolist(), "nll_sum": full.tolist()}  # fmt: skip
-        results = {name: lm_method_result(name, masks[name], per_method[name], full, tokens,
-                                          culture, cultures)
-                   for name in masks}  # fmt: skip
+        C = len(cultures)
+        boot = _bootstrap(culture, C, self.config)
+
+        def mats(sums, resampled: Bootstrap | None = None) -> dict:
+            return lm.nll_matrices(full, sums, tokens, culture, C, boot=resampled)
+
+        # NLL grows (higher = more selective) when neurons are damped or ablated.
+        measures = [("delta", "", HIGHER if self.config.alpha < 0 else TWO_SIDED)]
+        results = {}
+        for name in nulls:
+            res = _method(name, masks, culture, cultures, nulls, self.config)
+            res.update(task="lm", labels_available=False,  # no answer key: no accuracy, no flips
+                       units=lm.UNITS, tokens_per_culture=per_culture_sum(tokens, culture, C),
+                       accuracy_full=None, accuracy=None, flip=None)  # fmt: skip
+            res.update(_assemble(mats, per_set, masks, name, nulls[name], boot,
+                                 ("nll_full", "nll", "delta"), measures))
+            results[name] = res
         return full_record, results
 
 
 TASKS = {"mc": MCTask, "lm": LMTask}
 
 
-def lm_method_result(name: str, masks, sums, full, tokens, culture, cultures: list[str]) -> dict:
-    """The ``eval/<method>.json`` of the LM task (``self``/``cross``/``gap`` of ``delta``)."""
-    C = len(cultures)
-    m = lm.nll_matrices(full, sums, tokens, culture, C)
-    res = {
+def _bootstrap(culture: torch.Tensor, C: int, config: RunConfig) -> Bootstrap:
+    """The run's one set of resamples, shared by every method and RND draw (paired)."""
+    return Bootstrap.draw(culture, C, config.resamples, seed=_bootstrap_seed(config))
+
+
+def _bootstrap_seed(config: RunConfig) -> int:
+    return stable_seed("bootstrap", config.seed) % 2**63
+
+
+def _method(name: str, masks: dict[str, Masks], culture: torch.Tensor, cultures: list[str],
+            nulls: dict[str, list[str]], config: RunConfig) -> dict:  # fmt: skip
+    """The fields every task's ``eval/<method>.json`` starts with: what was ablated or steered,
+    and which methods share its RND draws (``rnd_shared_with``: those of the same set sizes)."""
+    own = masks[name]
+    return {
         "method": name,
-        "task": "lm",
         "cultures": cultures,
-        "labels_available": False,  # sentences have no answer key: no accuracy, no flips
-        "units": lm.UNITS,
-        "items_per_culture": torch.bincount(culture, minlength=C).tolist(),
-        "tokens_per_culture": per_culture_sum(tokens, culture, C),
-        "set_sizes": masks.sizes().tolist(),
-        "layer_counts": masks.layer_counts().tolist(),
-        "accuracy_full": None,
-        "accuracy": None,
-        "flip": None,
+        "items_per_culture": torch.bincount(culture, minlength=len(cultures)).tolist(),
+        "set_sizes": own.sizes().tolist(),
+        "layer_counts": own.layer_counts().tolist(),
+        "options": dict(own.options),
+        "intervention": config.intervention,
+        "alpha": config.alpha,
+        "matrix": MATRIX_MODE,
+        "rnd_shared_with": [m for m in nulls if m != name and nulls[m] and nulls[m] == nulls[name]],
     }
-    for key in ("nll_full", "nll", "delta"):
-        res[key] = nan_to_none(m[key].tolist())
-    res.update(self_cross(m["delta"]))
-    return res
+
+
+def _assemble(mats, per_set: dict, masks: dict[str, Masks], name: str, rnd_names: list[str],
+              boot: Bootstrap, keys: tuple[str, ...], measures: list) -> dict:  # fmt: skip
+    """Matrices of ``name`` with their intervals, and for every measure ``(matrix key, JSON
+    prefix, direction)`` its summaries with intervals, RND null and p-values.
+
+    ``mats(scores, boot=None)`` gives the task's matrices (observed, or [B, ...] resampled).
+    """
+    point, resampled = mats(per_set[name]), mats(per_set[name], boot)
+    out: dict = {"resamples": boot.resamples, "confidence": CONFIDENCE,
+                 "bootstrap_seed": boot.seed}  # fmt: skip
+    for key in keys:
+        if point[key] is None:
+            out[key] = out[f"{key}_ci"] = None
+            continue
+        out[key] = nan_to_none(point[key].tolist())
+        out[f"{key}_ci"] = _ci(resampled[key].movedim(0, -1))
+    full_key = keys[0]  # accuracy_full / nll_full: its mean over cultures, the headline
+    if point[full_key] is not None:
+        out[f"{full_key}_mean"] = _num(point[full_key].nanmean())
+        out[f"{full_key}_mean_ci"] = _ci(resampled[full_key].nanmean(-1))
+    # Each RND draw: its observed summaries and the row parts of its resampled matrices (all
+    # the p-values need), per measure; its matrices themselves are not kept.
+    null = []
+    for r in rnd_names:
+        observed, drawn = mats(per_set[r]), mats(per_set[r], boot)
+        null.append(({key: summaries(observed[key]) for key, _, _ in measures},
+                     {key: row_parts(drawn[key]) for key, _, _ in measures}))  # fmt: skip
+    C = per_set[name].shape[0]  # sets: one per culture
+    out["rnd"] = _rnd_fields([masks[r] for r in rnd_names], rnd_names, null, measures) \
+        if rnd_names else None
+    out["p_resolution"] = resolution(len(rnd_names), C) if rnd_names else None
+    out["direction"] = {}  # which way is more selective: lower, higher, either (two-sided)
+    out["resampled"] = {}  # per-resample summaries: paired comparisons between methods
+    for key, prefix, direction in measures:
+        observed = summaries(point[key])
+        per_resample = summaries(resampled[key])  # each [B]
+        own = row_parts(resampled[key])
+        for s in SUMMARIES:
+            out[prefix + s] = _num(observed[s])
+            out[f"{prefix}{s}_ci"] = _ci(per_resample[s])
+            out["resampled"][prefix + s] = nan_to_none(per_resample[s].tolist())
+        out["direction"][prefix + "self"] = DIRECTIONS[direction]  # own culture: as the gap
+        for s, d in (("gap", direction), ("specificity", HIGHER)):
+            out[f"p_{prefix}{s}_vs_rnd"] = p_value(own, [parts[key] for _, parts in null], s, d,
+                                                   seed=boot.seed)  # fmt: skip
+            out["direction"][prefix + s] = DIRECTIONS[d]
+    return out
+
+
+def _rnd_fields(draws: list[Masks], rnd_names: list[str], null: list, measures: list) -> dict:
+    """The ``rnd`` field: the draws' sizes and seed, observed summaries of each draw, their
+    mean and sd over draws."""
+    rnd: dict = {"draws": len(rnd_names), "set_sizes": draws[0].sizes().tolist(),
+                 "seed": draws[0].options.get("seed"), "masks": rnd_names, "per_draw": []}
+    observed = [{prefix + s: v for key, prefix, _ in measures for s, v in summ[key].items()}
+                for summ, _ in null]  # fmt: skip
+    for values in observed:
+        rnd["per_draw"].append({k: _num(v) for k, v in values.items()})
+    for k in observed[0]:
+        t = torch.stack([v[k] for v in observed]).double()
+        rnd[f"{k}_mean"] = _num(t.nanmean())
+        rnd[f"{k}_sd"] = _num(_nanstd(t)) if len(observed) > 1 else None
+    return rnd
+
+
+def _nanstd(t: torch.Tensor) -> torch.Tensor:
+    """Sample sd over the defined values (ddof 1)."""
+    t = t[~torch.isnan(t)]
+    return t.std() if t.numel() > 1 else torch.tensor(float("nan"))
+
+
+def _ci(samples: torch.Tensor) -> list:
+    """JSON intervals ``[..., [lo, hi]]`` of resampled values ``samples`` [..., B]."""
+    return nan_to_none(interval(samples).tolist())
+
+
+def _num(x) -> float | None:
+    x = float(x)
+    return None if x != x else x

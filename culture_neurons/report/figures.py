@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from culture_neurons.report.files import RND, RunFiles
+from culture_neurons.report.files import RunFiles
 from culture_neurons.report.layers import layer_totals
 from culture_neurons.report.tables import fmt, fmt_count
 
@@ -26,32 +26,47 @@ def new_figure(width: float, height: float):
 
 
 def heatmap(path: Path, m: np.ndarray, cultures: list[str], title: str, label: str,
-             diverging: bool) -> None:  # fmt: skip
-    """One [S, C] matrix: rows the ablated culture's neurons, columns the evaluated culture."""
+            scale: tuple[float, float], diverging: bool,
+            holds_zero: np.ndarray | None = None) -> None:  # fmt: skip
+    """One [S, C] matrix: rows the ablated culture's neurons, columns the evaluated culture.
+
+    ``scale`` (vmin, vmax) is shared by every method's figure of one kind, so colours compare
+    across methods (:func:`shared_scale`). Cells where ``holds_zero`` [S, C] is True (their
+    95 % interval holds 0: not distinguishable from no effect) are hatched.
+    """
     import matplotlib
+    from matplotlib.patches import Rectangle
 
     C = len(cultures)
     side = min(max(4.5, 0.35 * C + 3.0), 16.0)
     fig = new_figure(side + 1.2, side)
     ax = fig.add_subplot()
-    finite = m[np.isfinite(m)]
-    if diverging:  # centred at 0: red = accuracy lost, blue = gained
-        lim = float(np.abs(finite).max()) if finite.size and np.abs(finite).max() > 0 else 1.0
-        cmap, vmin, vmax = matplotlib.colormaps["RdBu"], -lim, lim
-    else:
-        top = float(finite.max()) if finite.size and finite.max() > 0 else 1.0
-        cmap, vmin, vmax = matplotlib.colormaps["viridis"], 0.0, top
+    # diverging: centred at 0, red = accuracy lost, blue = gained
+    cmap = matplotlib.colormaps["RdBu" if diverging else "viridis"]
     cmap = cmap.with_extremes(bad="lightgrey")  # NaN: a culture without evaluation items
-    image = ax.imshow(np.ma.masked_invalid(m), cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto")
+    image = ax.imshow(np.ma.masked_invalid(m), cmap=cmap, vmin=scale[0], vmax=scale[1],
+                      aspect="auto")  # fmt: skip
     fig.colorbar(image, ax=ax, label=label, shrink=0.85)
+    if holds_zero is not None:
+        for i, j in zip(*np.nonzero(holds_zero), strict=True):
+            ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, hatch="///",
+                                   edgecolor="grey", linewidth=0))  # fmt: skip
     ax.set_xticks(range(C), labels=cultures, rotation=60, ha="right", rotation_mode="anchor")
     ax.set_yticks(range(C), labels=cultures)
     ax.set_xlabel("evaluated culture")
-    ax.set_ylabel("culture whose neurons are ablated")
+    ax.set_ylabel("culture whose neurons are changed")
     ax.set_title(title, fontsize=11)
     if C <= ANNOTATE_MAX_CULTURES:
         annotate(ax, m, image, decimals=1 if diverging else 3)
     save(fig, path)
+
+
+def shared_scale(matrices: list[np.ndarray], diverging: bool) -> tuple[float, float]:
+    """One (vmin, vmax) for several matrices: symmetric around 0 (diverging) or from 0."""
+    finite = np.concatenate([m[np.isfinite(m)] for m in matrices] or [np.zeros(0)])
+    top = float(np.abs(finite).max()) if finite.size else 0.0
+    top = top if top > 0 else 1.0
+    return (-top, top) if diverging else (0.0, top)
 
 
 def annotate(ax, m: np.ndarray, image, decimals: int) -> None:
@@ -77,9 +92,8 @@ def layers_figure(run: RunFiles, path: Path) -> bool:
         # Shares, not counts: methods select different totals (lape assigns a neuron to several
         # cultures); the legend keeps the counts.
         share = 100 * totals / totals.sum()
-        style = dict(color="grey", linestyle="--") if method == RND else dict(marker="o", ms=3)
         label = f"{method} ({fmt_count(totals.sum())} neurons)"
-        ax.plot(range(len(totals)), share, label=label, **style)
+        ax.plot(range(len(totals)), share, label=label, marker="o", ms=3)
         drew = True
     if not drew:
         return False

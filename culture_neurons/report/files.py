@@ -14,7 +14,7 @@ from culture_neurons.errors import DataError
 
 REPORT_FILE = "report.md"
 FIGURES_DIR = "figures"
-RND = "rnd"
+LEGACY_RND = "rnd"  # eval/rnd.json of runs before every method had its own RND control
 
 
 @dataclass
@@ -24,7 +24,7 @@ class RunFiles:
     out: Path
     meta: dict  # run.json: config, cultures, fingerprint, data ({} if absent)
     stats: dict  # stats.json: fingerprint, items, tokens, ... ({} if absent)
-    evals: dict[str, dict]  # method -> eval/<method>.json, run order, "rnd" last
+    evals: dict[str, dict]  # method -> eval/<method>.json, in the run's order
     cultures: list[str] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -48,12 +48,13 @@ class RunFiles:
 
     @property
     def methods(self) -> list[str]:
-        """The selectors evaluated, without the RND control."""
-        return [m for m in self.evals if m != RND]
+        """The selectors evaluated (each JSON carries its own RND control)."""
+        return list(self.evals)
 
     @property
-    def rnd(self) -> dict | None:
-        return self.evals.get(RND)
+    def first(self) -> dict:
+        """One method's results: what every method shares (cultures, items, full model)."""
+        return next(iter(self.evals.values()))
 
     @property
     def fingerprint(self) -> dict:
@@ -69,15 +70,13 @@ def load_run(out_dir: str | os.PathLike) -> RunFiles:
     """
     out = Path(out_dir)
     eval_dir = out / "eval"
-    found = sorted(p.stem for p in eval_dir.glob("*.json") if p.stem != "full")
+    found = sorted(p.stem for p in eval_dir.glob("*.json") if p.stem not in ("full", LEGACY_RND))
     if not found:
         raise DataError(f"no evaluation results in {eval_dir}; run `evaluate` before the report")
     meta, stats = read_json(out / "run.json", {}), read_json(out / "stats.json", {})
-    # The run's method order first (as configured), anything else after it, the control last.
+    # The run's method order first (as configured), anything else after it.
     configured = [m for m in meta.get("config", {}).get("methods", []) if m in found]
-    order = configured + [m for m in found if m not in configured and m != RND]
-    if RND in found:
-        order.append(RND)
+    order = configured + [m for m in found if m not in configured]
     evals = {m: read_json(eval_dir / f"{m}.json") for m in order}
     return RunFiles(out, meta, stats, evals)
 

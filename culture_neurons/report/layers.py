@@ -5,19 +5,17 @@ from __future__ import annotations
 import numpy as np
 
 from culture_neurons.masks import Masks, load_masks
-from culture_neurons.report.files import RND, RunFiles, matrix
+from culture_neurons.report.files import RunFiles, matrix
 
 TOP_LAYERS = 3
 
 
 def layer_totals(run: RunFiles, method: str) -> np.ndarray:
-    """Selected neurons per layer, summed over cultures, float64 [L] (RND: mean over draws)."""
+    """Selected neurons per layer, summed over cultures, float64 [L]."""
     counts = run.evals[method].get("layer_counts")
     if counts is None:  # older results: count from the masks file
         masks = load_masks_for(run, method)
-        if not masks:
-            return np.zeros(0)
-        return np.mean([m.layer_counts().sum(0).double().numpy() for m in masks], axis=0)
+        return masks.layer_counts().sum(0).double().numpy() if masks else np.zeros(0)
     return matrix(counts).sum(axis=0)
 
 
@@ -27,20 +25,16 @@ def top_layers(totals: np.ndarray, k: int = TOP_LAYERS) -> list[tuple[int, float
     return [(layer, float(totals[layer])) for layer in order[:k] if totals[layer] > 0]
 
 
-def load_masks_for(run: RunFiles, method: str) -> list[Masks]:
-    """The method's masks (RND: every ``rnd<i>`` draw); empty when the files are absent."""
-    mask_dir = run.out / "masks"
-    if method != RND:
-        path = mask_dir / f"{method}.safetensors"
-        return [load_masks(path)] if path.is_file() else []
-    draws = sorted(mask_dir.glob("rnd*.safetensors"), key=lambda p: draw_index(p.stem))
-    return [load_masks(p) for p in draws if draw_index(p.stem) >= 0]
+def load_masks_for(run: RunFiles, name: str) -> Masks | None:
+    """The masks ``masks/<name>.safetensors`` of a method or RND draw; None when absent."""
+    path = run.out / "masks" / f"{name}.safetensors"
+    return load_masks(path) if path.is_file() else None
 
 
-def draw_index(stem: str) -> int:
-    """``rnd3`` -> 3; -1 for anything else."""
-    tail = stem[len(RND) :]
-    return int(tail) if stem.startswith(RND) and tail.isdigit() else -1
+def rnd_draws_for(run: RunFiles, method: str) -> list[Masks]:
+    """The method's RND draws (the masks its JSON names), as far as their files exist."""
+    names = (run.evals[method].get("rnd") or {}).get("masks", [])
+    return [m for m in (load_masks_for(run, n) for n in names) if m is not None]
 
 
 def same_culture_jaccard(a: Masks, b: Masks) -> float:
@@ -54,18 +48,21 @@ def same_culture_jaccard(a: Masks, b: Masks) -> float:
     return float(vals.mean()) if vals.size else float("nan")
 
 
-def overlap(run: RunFiles) -> tuple[list[str], np.ndarray] | None:
-    """Mean same-culture Jaccard between methods, [M, M] (RND averaged over draws, NaN on the
-    diagonal: a method against itself is trivially 1); None when no masks are stored."""
+def overlap(run: RunFiles) -> tuple[list[str], np.ndarray, dict[str, float]] | None:
+    """Mean same-culture Jaccard between methods, [M, M] (NaN on the diagonal: a method against
+    itself is trivially 1), and each method's mean Jaccard with its own RND draws (what chance
+    gives at its sizes); None when fewer than two methods have masks stored."""
     masks = {m: load_masks_for(run, m) for m in run.evals}
-    names = [m for m in run.evals if masks[m]]
+    names = [m for m in run.evals if masks[m] is not None]
     if len(names) < 2:
         return None
     out = np.full((len(names), len(names)), np.nan)
     for i, a in enumerate(names):
         for j in range(i + 1, len(names)):
-            b = names[j]
-            out[i, j] = out[j, i] = np.nanmean(
-                [same_culture_jaccard(x, y) for x in masks[a] for y in masks[b]]
-            )
-    return names, out
+            out[i, j] = out[j, i] = same_culture_jaccard(masks[a], masks[names[j]])
+    chance = {}
+    for m in names:
+        draws = rnd_draws_for(run, m)
+        if draws:
+            chance[m] = float(np.nanmean([same_culture_jaccard(masks[m], d) for d in draws]))
+    return names, out, chance

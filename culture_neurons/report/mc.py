@@ -1,4 +1,5 @@
-"""The report of a run (SPEC "What a run leaves behind"): ``OUT/report.md`` and ``OUT/figures/``.
+"""The report of a multiple-choice run (SPEC "What a run leaves behind"): ``OUT/report.md`` and
+``OUT/figures/``.
 
 It reads only files (``run.json``, ``stats.json``, ``eval/*.json``, ``masks/*.safetensors``), so
 a report can be written again for any finished run without the model::
@@ -6,13 +7,15 @@ a report can be written again for any finished run without the model::
     OUT/figures/<method>_delta.png   delta [S, C] heatmap (not written when labels are hidden)
     OUT/figures/<method>_flip.png    flip  [S, C] heatmap
     OUT/figures/layers.png           selected neurons per layer, one line per method
-    OUT/report.md                    what was run, tables, one computed interpretation, figures
+    OUT/report.md                    what was run, every number with its interval, the RND
+                                     controls, which method wins on which measure, figures
 
-Row s of a matrix is the culture whose neurons were ablated, column c the culture evaluated.
-Units: accuracy in percent, delta in points (``acc_ablated - acc_full``), flip as a fraction.
-``self`` is the mean diagonal, ``cross`` the mean off-diagonal, ``gap = self - cross``: a more
-negative delta gap (a larger flip gap) means a more selective method. ``rnd`` is the control:
-random sets of the same sizes, its summaries the mean and sd over its draws.
+Row s of a matrix is the culture whose neurons were ablated (or steered), column c the culture
+evaluated. Units: accuracy in percent, delta in points (``acc_changed - acc_full``), flip as a
+fraction. ``self`` is the mean diagonal, ``cross`` the mean off-diagonal, ``gap = self - cross``
+and ``specificity = self / (self + (C - 1) cross)`` (see :mod:`culture_neurons.scoring.metrics`).
+Every method has its own RND control (random sets of its own sizes) and p-values against it.
+Delta and flip heatmaps of all methods share one colour scale each.
 
 With hidden labels (CVQA's public ``Label == -1``) no accuracy exists: the report says so at
 the top and shows flip rates and agreement (``1 - flip``) only.
@@ -21,216 +24,55 @@ the top and shows flip rates and agreement (``1 - flip``) only.
 from __future__ import annotations
 
 import logging
-import math
 import os
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from culture_neurons.report.figures import heatmap, layers_figure
+from culture_neurons.report.conclusions import (
+    HOLDS_ZERO_NOTE,
+    LEVEL,
+    Measure,
+    beats_cell,
+    holds_zero,
+    ranked,
+    rnd_cell,
+    uncertainty_note,
+    winner_line,
+    with_ci,
+)
+from culture_neurons.report.figures import heatmap, layers_figure, shared_scale
 from culture_neurons.report.files import (
     FIGURES_DIR,
     REPORT_FILE,
-    RND,
     RunFiles,
     load_run,
     matrix,
-    num,
     write_text,
 )
 from culture_neurons.report.layers import TOP_LAYERS, layer_totals, overlap, top_layers
-from culture_neurons.report.tables import fmt_count, fmt_flip, fmt_points, table
+from culture_neurons.report.settings import settings_line
+from culture_neurons.report.tables import fmt_count, fmt_flip, table
 
 log = logging.getLogger(__name__)
 
-SUMMARY_KEYS = ("self", "cross", "gap", "flip_self", "flip_cross", "flip_gap")
 HIDDEN_NOTICE = (
     "> **Labels are hidden in this data: accuracy is unavailable.** The evaluation items carry "
     "no answer key (CVQA's public `Label = -1`), so no accuracy and no accuracy change is "
-    "computed anywhere in this report. Ablation effects are measured against the full model's "
-    "own answers instead: the **flip rate** is the share of items whose predicted letter "
-    "changes, and **agreement** = 1 - flip."
+    "computed anywhere in this report. Effects are measured against the full model's own "
+    "answers instead: the **flip rate** is the share of items whose predicted letter changes, "
+    "and **agreement** = 1 - flip."
 )
-
-
-@dataclass
-class Measure:
-    """What ranks methods: delta summaries with labels, flip summaries without."""
-
-    prefix: str  # "" (delta, points) or "flip_"
-    unit: str  # " points" after delta values; flips are bare fractions
-    fmt: Callable[[object], str]  # fmt_points or fmt_flip
-    lower_is_better: bool  # a more negative delta gap, but a larger flip gap, is more selective
-
-    def key(self, name: str) -> str:
-        return self.prefix + name
-
-
-def measure_of(run: RunFiles) -> Measure:
-    if run.labels:
-        return Measure("", " points", fmt_points, lower_is_better=True)
-    return Measure("flip_", "", fmt_flip, lower_is_better=False)
-
-
-def ranking(run: RunFiles, measure: Measure) -> list[str]:
-    """Every evaluated method (RND included), most selective first, undefined values last.
-
-    Ranked by gap; with one culture (no off-diagonal, gap undefined) by self instead.
-    """
-    by = "gap" if len(run.cultures) > 1 else "self"
-    sign = 1 if measure.lower_is_better else -1
-
-    def key(method: str) -> tuple[bool, float]:
-        v = num(run.evals[method].get(measure.key(by)))
-        return (math.isnan(v), sign * v if not math.isnan(v) else 0.0)
-
-    return sorted(run.evals, key=key)
-
-
-def beats_rnd(run: RunFiles, method: str, measure: Measure) -> bool | None:
-    """Whether ``method``'s gap is more selective than RND's mean by more than 2 RND sd.
-
-    None where it cannot be said: no RND, fewer than two draws (sd unknown), undefined gap.
-    """
-    rnd, key = run.rnd, measure.key("gap")
-    if rnd is None or len(rnd.get("draws", [])) < 2:
-        return None
-    gap, mean, sd = num(run.evals[method].get(key)), num(rnd.get(key)), num(rnd.get(key + "_sd"))
-    if any(math.isnan(v) for v in (gap, mean, sd)):
-        return None
-    margin = mean - gap if measure.lower_is_better else gap - mean
-    return margin > 2 * sd
-
-
-def _summary_cell(ev: dict, key: str, fmt) -> str:
-    """A summary value; RND's as mean ± sd over its draws."""
-    text = fmt(ev.get(key))
-    if ev.get("method") == RND and key + "_sd" in ev and text != "n/a":
-        text += " ± " + fmt(ev[key + "_sd"]).lstrip("-")
-    return text
-
-
-def interpretation(run: RunFiles, measure: Measure) -> str:
-    """One or two sentences read off the summary numbers (nothing asserted that is not computed)."""
-    methods = [m for m in ranking(run, measure) if m != RND]
-    if not methods:
-        return "Only the RND control was evaluated; there is no selector to compare with it."
-    what = "accuracy" if run.labels else "answers"
-    if len(run.cultures) == 1:
-        best, f = methods[0], measure.fmt
-        effect = (f"changes that culture's accuracy by {f(run.evals[best].get('self'))} points"
-                  if run.labels else
-                  f"flips {f(run.evals[best].get('flip_self'))} of that culture's answers")  # fmt: skip
-        return (
-            "With one culture selectivity cannot be measured (no other culture to compare "
-            f"with); ablating **{best}**'s set {effect}"
-            + (", the largest effect of the methods." if len(methods) > 1 else ".")
-        )
-    best = methods[0]
-    ev, f, k = run.evals[best], measure.fmt, measure.key
-    gap = num(ev.get(k("gap")))
-    if math.isnan(gap):
-        return f"No method has a defined gap{_undefined_reason(run)}."
-    selective = gap < 0 if measure.lower_is_better else gap > 0
-    subject = (f"**{best}** is the most selective method" if len(methods) > 1
-               else f"**{best}** is the only method evaluated")  # fmt: skip
-    if not selective:
-        lead = (
-            f"No method changes a culture's own {what} more than the other cultures'; the best "
-            "gap is "
-            f"{f(gap)}{measure.unit} (**{best}**)."
-        )
-    elif run.labels:
-        lead = (
-            f"{subject}: ablating a culture's neurons changes its "
-            f"own accuracy by {f(ev.get('self'))} points and the other cultures' by "
-            f"{f(ev.get('cross'))} on average (gap {f(gap)} points)."
-        )
-    else:
-        lead = (
-            f"{subject}: ablating a culture's neurons flips "
-            f"{f(ev.get('flip_self'))} of its own answers and {f(ev.get('flip_cross'))} of the "
-            f"other cultures' on average (flip gap {f(gap)})."
-        )
-    return lead + " " + _versus_rnd(run, measure, best, methods)
-
-
-def _undefined_reason(run: RunFiles) -> str:
-    """Why summaries are NaN: the cultures without evaluation items, when there are any."""
-    items = next(iter(run.evals.values())).get("items_per_culture") or []
-    empty = [name for name, n in zip(run.cultures, items, strict=False) if not n]
-    return f" (no evaluation items for {', '.join(empty)})" if empty else ""
-
-
-def _versus_rnd(run: RunFiles, measure: Measure, best: str, methods: list[str]) -> str:
-    """The sentence comparing the best method with the RND control, computed from the draws."""
-    rnd, f, key = run.rnd, measure.fmt, measure.key("gap")
-    if rnd is None:
-        return "This run has no RND control, so the gap cannot be compared with chance."
-    draws = len(rnd.get("draws", []))
-    gap, mean = num(run.evals[best].get(key)), num(rnd.get(key))
-    if draws < 2:
-        return (
-            f"RND has {draws} draw(s), so its spread is unknown: its gap is {f(mean)}"
-            f"{measure.unit}, {f(abs(gap - mean))} from {best}'s."
-        )
-    sd = num(rnd.get(key + "_sd"))
-    margin = abs(gap - mean)
-    if beats_rnd(run, best, measure):
-        text = (
-            f"It beats RND (gap {f(mean)} ± {f(sd)} over {draws} draws) by {f(margin)}"
-            f"{measure.unit}, more than 2 sd ({f(2 * sd)})."
-        )
-    else:
-        text = (
-            f"Its gap is within 2 sd ({f(2 * sd)}) of RND's ({f(mean)} ± {f(sd)} over {draws} "
-            f"draws) or on the wrong side of it: not distinguishable from random sets of the "
-            f"same size."
-        )
-    winners = [m for m in methods if beats_rnd(run, m, measure)]
-    text += " Methods more selective than RND by more than 2 sd: " + (
-        ", ".join(winners) + "." if winners else "none."
-    )
-    return text
-
-
-def write_figures(run: RunFiles) -> dict[str, dict[str, str]]:
-    """Every figure; returns ``{method: {"delta": rel_path, "flip": rel_path}, "layers": ...}``
-    with paths relative to OUT (only the figures actually written)."""
-    fig_dir = run.out / FIGURES_DIR
-    fig_dir.mkdir(parents=True, exist_ok=True)
-    written: dict[str, dict[str, str]] = {}
-    for method, ev in run.evals.items():
-        written[method] = {}
-        delta_path = fig_dir / f"{method}_delta.png"
-        if run.labels:
-            heatmap(delta_path, matrix(ev["delta"]), run.cultures, _title(run, method, "delta"),
-                     "accuracy change (points, ablated - full)", diverging=True)  # fmt: skip
-            written[method]["delta"] = f"{FIGURES_DIR}/{delta_path.name}"
-        else:
-            # A delta figure from an earlier run with labels would contradict this report.
-            delta_path.unlink(missing_ok=True)
-        flip_path = fig_dir / f"{method}_flip.png"
-        heatmap(flip_path, matrix(ev["flip"]), run.cultures, _title(run, method, "flip"),
-                 "flip rate (fraction of items whose answer changed)", diverging=False)  # fmt: skip
-        written[method]["flip"] = f"{FIGURES_DIR}/{flip_path.name}"
-    layers_path = fig_dir / "layers.png"
-    if layers_figure(run, layers_path):
-        written["layers"] = {"layers": f"{FIGURES_DIR}/{layers_path.name}"}
-    return written
-
-
-def _title(run: RunFiles, method: str, kind: str) -> str:
-    ev = run.evals[method]
-    prefix, fmt, unit = ("", fmt_points, " points") if kind == "delta" else ("flip_", fmt_flip, "")
-    name = method if method != RND else f"rnd (mean of {len(ev.get('draws', []))} draws)"
-    what = "accuracy change" if kind == "delta" else "flip rate"
-    values = ", ".join(
-        f"{k} {_summary_cell(ev, prefix + k, fmt)}" for k in ("self", "cross", "gap")
-    )
-    return f"{name}: {what} after ablation\n{values}{unit}"
+GAP_READING = {"lower": "more negative = more selective",
+               "higher": "more positive = more selective",
+               "either": "either sign: amplified neurons may help or hurt, tested two-sided"}
+CHANCE = 25.0  # accuracy of a uniform guess among the 4 options (percent)
+DELTA = {k: Measure(k, label, 1, " points") for k, label in (
+    ("self", "self"), ("cross", "cross"), ("gap", "gap (self - cross)"))}  # fmt: skip
+SPECIFICITY = Measure("specificity", "specificity (accuracy change)", 2)
+FLIP = {k: Measure(f"flip_{k}", f"flip {label}", 3) for k, label in (
+    ("self", "self"), ("cross", "cross"), ("gap", "gap (self - cross)"),
+    ("specificity", "specificity"))}  # fmt: skip
 
 
 def write_report(out_dir: str | os.PathLike, description: str = "") -> Path:
@@ -254,15 +96,64 @@ def write_report(out_dir: str | os.PathLike, description: str = "") -> Path:
     return path
 
 
+def write_figures(run: RunFiles) -> dict[str, dict[str, str]]:
+    """Every figure; returns ``{method: {"delta": rel_path, "flip": rel_path}, "layers": ...}``
+    with paths relative to OUT (only the figures actually written). One colour scale for all
+    delta figures and one for all flip figures, so colours compare across methods."""
+    fig_dir = run.out / FIGURES_DIR
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    written: dict[str, dict[str, str]] = {m: {} for m in run.evals}
+    kinds = [("flip", "flip rate (fraction of items whose answer changed)", False)]
+    if run.labels:
+        kinds.insert(0, ("delta", "accuracy change (points, changed - full)", True))
+    else:  # a delta figure from an earlier run with labels would contradict this report
+        for method in run.evals:
+            (fig_dir / f"{method}_delta.png").unlink(missing_ok=True)
+    for kind, label, diverging in kinds:
+        mats = {m: matrix(ev[kind]) for m, ev in run.evals.items()}
+        scale = shared_scale(list(mats.values()), diverging)
+        for method, m in mats.items():
+            path = fig_dir / f"{method}_{kind}.png"
+            heatmap(path, m, run.cultures, _title(run, method, kind), label, scale, diverging,
+                    _holds_zero_cells(run.evals[method].get(f"{kind}_ci")))  # fmt: skip
+            written[method][kind] = f"{FIGURES_DIR}/{path.name}"
+    layers_path = fig_dir / "layers.png"
+    if layers_figure(run, layers_path):
+        written["layers"] = {"layers": f"{FIGURES_DIR}/{layers_path.name}"}
+    return written
+
+
+def _holds_zero_cells(ci) -> np.ndarray | None:
+    """[S, C] True where a cell's interval holds 0 (None without intervals)."""
+    if not ci:
+        return None
+    return np.array([[holds_zero(c) is True for c in row] for row in ci], dtype=bool)
+
+
+def _title(run: RunFiles, method: str, kind: str) -> str:
+    ev = run.evals[method]
+    prefix, decimals, unit = ("", 1, " points") if kind == "delta" else ("flip_", 3, "")
+    what = "accuracy change" if kind == "delta" else "flip rate"
+    gap = with_ci(ev.get(prefix + "gap"), ev.get(f"{prefix}gap_ci"), decimals, mark=False)
+    return f"{method}: {what} ({_verb(ev)})\ngap {gap}{unit}; hatched: interval holds 0"
+
+
+def _verb(ev: dict) -> str:
+    return "ablated" if ev.get("intervention", "ablate") == "ablate" else (
+        f"steered, alpha {ev.get('alpha'):g}")  # fmt: skip
+
+
 def render(run: RunFiles, description: str, figures: dict[str, dict[str, str]]) -> list[str]:
     """The lines of ``report.md``."""
-    lines = ["# Culture-sensitive neurons: ablation report", ""]
+    lines = ["# Culture-sensitive neurons: " + ("ablation" if _ablation(run) else "steering")
+             + " report", ""]  # fmt: skip
     if not run.labels:
         lines += [HIDDEN_NOTICE, ""]
     sections = (
         _what_was_run(run, description),
         _full_model(run),
         _summary(run),
+        _winners(run),
         _layers(run, figures),
         _set_sizes(run),
         _overlap(run),
@@ -274,8 +165,12 @@ def render(run: RunFiles, description: str, figures: dict[str, dict[str, str]]) 
     return lines
 
 
+def _ablation(run: RunFiles) -> bool:
+    return run.first.get("intervention", "ablate") == "ablate"
+
+
 def _what_was_run(run: RunFiles, description: str) -> list[str]:
-    fp, cfg, st = run.fingerprint, run.config, run.stats
+    fp, st = run.fingerprint, run.stats
     lines = ["## What was run", "", description.strip() or "(no description given)", ""]
     if fp:
         lines.append(
@@ -285,61 +180,48 @@ def _what_was_run(run: RunFiles, description: str) -> list[str]:
             f"config hash `{str(fp.get('config_hash'))[:12]}`"
         )
     lines.append(f"- **Data**: {run.meta.get('data') or 'not recorded'}")
-    if cfg:
-        per = "per layer" if cfg.get("per_layer") else "ranked across all layers"
-        rnd = (f"{cfg.get('rnd_draws')} draws size-matched to {cfg.get('rnd_like')}"
-               if cfg.get("rnd_draws") else "none")  # fmt: skip
-        settings = [
-            ("methods", ", ".join(cfg.get("methods", []))),
-            ("ratio", f"{100 * cfg['ratio']:g}% of all neurons per culture ({per})"
-             if "ratio" in cfg else "n/a"),
-            ("RND control", rnd),
-            ("activation", cfg.get("activation", st.get("activation"))),
-            ("scope", cfg.get("scope", st.get("scope"))),
-            ("identified on", _identify_on(cfg.get("identify_on"))),
-            ("identification share", cfg.get("split_ratio")),
-            ("scoring", cfg.get("scoring")),
-            ("seed", cfg.get("seed")),
-        ]  # fmt: skip
-        lines.append("- **Settings**: " + "; ".join(f"{k} = {v}" for k, v in settings))
-    else:
-        lines.append("- **Settings**: not recorded (no run.json)")
-    lines += ["", f"{len(run.cultures)} culture(s):", ""]
-    first = next(iter(run.evals.values()))
+    lines.append("- **Settings**: " + settings_line(run))
+    first = run.first
     ident, tokens = st.get("items"), st.get("tokens")
+    n_eval = first.get("items_per_culture") or []
+    lines += ["", f"{len(run.cultures)} culture(s); {sum(n_eval)} evaluation items in all. The "
+              "run splits each culture's items: one part identifies the neurons (only the "
+              "items counted below), the other is evaluated.", ""]  # fmt: skip
     rows = []
     for c, name in enumerate(run.cultures):
         rows.append([
             name,
             fmt_count(ident[c]) if ident else "n/a",
             fmt_count(tokens[c]) if tokens else "n/a",
-            fmt_count(first["items_per_culture"][c]) if "items_per_culture" in first else "n/a",
+            fmt_count(n_eval[c]) if n_eval else "n/a",
         ])  # fmt: skip
     lines += table(["culture", "identification items counted", "tokens counted", "evaluation items"],
                     rows)  # fmt: skip
     return lines
 
 
-def _identify_on(value) -> str:
-    return {"correct": "items the full model answers correctly", "all": "all items"}.get(
-        value, str(value)
-    )
-
-
 def _full_model(run: RunFiles) -> list[str]:
-    """Per-culture accuracy of the unablated model, or (hidden labels) why there is none."""
+    """The headline accuracy (mean over cultures, with its interval), then per culture."""
     lines = ["## Full model", ""]
-    first = next(iter(run.evals.values()))
-    if run.labels:
-        acc = [num(v) for v in first["accuracy_full"]]
-        rows = [[name, fmt_points(a)] for name, a in zip(run.cultures, acc, strict=True)]
-        defined = [a for a in acc if not math.isnan(a)]
-        if len(run.cultures) > 1:
-            mean = np.mean(defined) if defined else None
-            rows.append(["**mean of cultures**", fmt_points(mean)])
-        lines += table(["culture", "full-model accuracy (%)"], rows)
-    else:
+    first = run.first
+    if not run.labels:
         lines.append("Accuracy is unavailable: the labels are hidden (see the notice at the top).")
+    else:
+        n = sum(first.get("items_per_culture") or [])
+        mean = with_ci(first.get("accuracy_full_mean"), first.get("accuracy_full_mean_ci"), 1,
+                       mark=False)  # fmt: skip
+        lines += [
+            f"**Headline: the unchanged model answers {mean} % of the evaluation items right** "
+            f"(the mean of the {len(run.cultures)} cultures' accuracies on their {n} "
+            f"evaluation items, which no identification step saw; chance is {CHANCE:.0f} % "
+            "with 4 options; 95 % bootstrap interval over the items). Every delta below is "
+            "measured from these per-culture accuracies.",
+            "",
+        ]
+        rows = [[name, with_ci(a, ci, 1, mark=False)] for name, a, ci in zip(
+            run.cultures, first["accuracy_full"], first.get("accuracy_full_ci") or
+            [None] * len(run.cultures), strict=True)]  # fmt: skip
+        lines += table(["culture", "full-model accuracy (%) [95 % interval]"], rows)
     unparseable = first.get("unparseable_full")
     if unparseable:  # only generation scoring can fail to give a letter
         lines += ["", f"The full model gave {unparseable} unparseable answer(s)."]
@@ -347,60 +229,87 @@ def _full_model(run: RunFiles) -> list[str]:
 
 
 def _summary(run: RunFiles) -> list[str]:
-    """One row per method, most selective first, and the sentence that reads it."""
-    measure = measure_of(run)
-    lines = ["## Ablation effect per method", ""]
+    """Summary tables with intervals, each method against its own RND control."""
+    verb = "ablated" if _ablation(run) else f"steered (a := (1 + {run.first.get('alpha'):g}) a)"
+    lines = ["## Effect per method", "",
+             f"Each culture's selected neurons are {verb} and every culture is evaluated. "
+             + uncertainty_note(run), "", HOLDS_ZERO_NOTE, ""]  # fmt: skip
     if run.labels:
-        lines.append(
-            "Each culture's selected neurons are ablated and every culture is evaluated. "
-            "**self** = mean accuracy change (points) of the culture whose neurons were ablated, "
-            "**cross** = mean change of the other cultures, **gap** = self - cross (more "
-            "negative = more selective). Flip = share of items whose answer changed (fraction)."
-        )
-        header = ["method", "self (pts)", "cross (pts)", "gap (pts)", "flip self", "flip cross",
-                  "flip gap", "beats RND by > 2 sd"]  # fmt: skip
-    else:
-        lines.append(
-            "Each culture's selected neurons are ablated and every culture is evaluated against "
-            "the full model's answers. **flip self** = share of the ablated culture's items "
-            "whose answer changed, **flip cross** = the same for the other cultures, "
-            "**flip gap** = self - cross (larger = more selective); agreement = 1 - flip."
-        )
-        header = ["method", "flip self", "flip cross", "flip gap", "agreement self",
-                  "agreement cross", "beats RND by > 2 sd"]  # fmt: skip
-    if run.rnd is not None:
-        lines.append(f"RND is shown as mean ± sd over its {len(run.rnd.get('draws', []))} draws.")
-    lines.append("")
-    rows = [_summary_row(run, m, measure) for m in ranking(run, measure)]
-    lines += table(header, rows)
+        lines += [
+            "### Accuracy change (points)", "",
+            "**self** = mean change of the culture whose neurons were changed, **cross** = mean "
+            "change of the other cultures, **gap** = self - cross ("
+            + GAP_READING[DELTA["gap"].direction(run)] + "). RND: mean ± sd over the method's "
+            "own draws.", "",
+        ]  # fmt: skip
+        rows = [[m, *(with_ci(run.evals[m].get(k), run.evals[m].get(f"{k}_ci"), 1)
+                               for k in ("self", "cross", "gap")),
+                 rnd_cell(run.evals[m], "gap", 1), beats_cell(run.evals[m], "gap")]
+                for m in ranked(run, DELTA["gap"])]  # fmt: skip
+        lines += table(["method", "self", "cross", "gap", "RND gap", f"beats RND (p < {LEVEL})"],
+                       rows) + [""]  # fmt: skip
+        lines += _specificity_table(run, SPECIFICITY, "the accuracy change")
+        lines += ["A share of accuracy changes is unstable where a set's summed change is near "
+                  "0 (a ratio of small numbers, often the case for random sets): its test "
+                  "against RND is weak there; the flip specificity below (flips are never "
+                  "negative) is the steadier measure.", ""]  # fmt: skip
+    lines += [
+        "### Flips (fraction of items whose answer changed)", "",
+        "**flip self** / **flip cross** = share of the changed culture's / the other cultures' "
+        "items whose answer changed; **flip gap** = self - cross (larger = more selective)"
+        + ("; agreement = 1 - flip." if not run.labels else "."), "",
+    ]  # fmt: skip
+    rows = []
+    for m in ranked(run, FLIP["gap"]):
+        ev = run.evals[m]
+        row = [m, *(with_ci(ev.get(f"flip_{k}"), ev.get(f"flip_{k}_ci"), 3)
+                             for k in ("self", "cross", "gap"))]  # fmt: skip
+        if not run.labels:
+            row += [fmt_flip(1 - ev["flip_self"]) if ev.get("flip_self") is not None else "n/a"]
+        rows.append(row + [rnd_cell(ev, "flip_gap", 3), beats_cell(ev, "flip_gap")])
+    header = ["method", "flip self", "flip cross", "flip gap"]
+    header += [] if run.labels else ["agreement self"]
+    lines += table(header + ["RND flip gap", f"beats RND (p < {LEVEL})"], rows) + [""]
+    lines += _specificity_table(run, FLIP["specificity"], "the flips")
     if len(run.cultures) == 1:
-        lines += ["", "With one culture there is no off-diagonal: cross and gap are undefined "
-                  "(n/a)."]  # fmt: skip
-    lines += ["", interpretation(run, measure)]
-    per_draw = [measure.fmt(d.get(measure.key("gap"))) for d in (run.rnd or {}).get("draws", [])]
-    if any(v != "n/a" for v in per_draw):  # a 1-culture run has no gap to list
-        lines += ["", f"RND gap per draw: {', '.join(per_draw)}."]
+        lines += ["With one culture there is no off-diagonal: cross, gap and specificity are "
+                  "undefined (n/a).", ""]  # fmt: skip
+    return lines[:-1]
+
+
+def _specificity_table(run: RunFiles, measure: Measure, of: str) -> list[str]:
+    C = len(run.cultures)
+    lines = [f"**{measure.label}** = self / (self + (C - 1) cross): the share of {of} that "
+             f"lands on the culture whose neurons were changed (1 = all of it, 1/C = "
+             f"{1 / C:.2f} = spread evenly); unlike the gap it does not grow with the total "
+             "damage. Compared with the same share of the method's RND draws.", ""]  # fmt: skip
+    rows = [[m, with_ci(run.evals[m].get(measure.key),
+                                 run.evals[m].get(f"{measure.key}_ci"), 2, mark=False),
+             rnd_cell(run.evals[m], measure.key, 2), beats_cell(run.evals[m], measure.key)]
+            for m in ranked(run, measure)]  # fmt: skip
+    return lines + table(["method", "specificity", "RND specificity",
+                          f"beats RND (p < {LEVEL})"], rows) + [""]  # fmt: skip
+
+
+def _winners(run: RunFiles) -> list[str]:
+    """Which method is ahead on which measure, each with its paired interval and RND p."""
+    lines = ["## Which method wins on which measure", "",
+             "Ranked by the point value; the lead over the runner-up is a paired bootstrap "
+             "difference (same resampled items for both methods), and a lead whose interval "
+             "holds 0 is no lead.", ""]  # fmt: skip
+    measures = ([DELTA["self"], DELTA["gap"], SPECIFICITY] if run.labels else []) + [
+        FLIP["gap"], FLIP["specificity"]]  # fmt: skip
+    for measure in measures:
+        line = winner_line(run, measure)
+        if line:
+            lines.append(line)
     return lines
-
-
-def _summary_row(run: RunFiles, method: str, measure: Measure) -> list[str]:
-    ev = run.evals[method]
-    beats = {True: "yes", False: "no", None: "-"}[beats_rnd(run, method, measure)]
-    if method == RND:
-        beats = "(control)"
-    if run.labels:
-        cells = [_summary_cell(ev, k, fmt_points) for k in ("self", "cross", "gap")]
-        cells += [_summary_cell(ev, k, fmt_flip) for k in ("flip_self", "flip_cross", "flip_gap")]
-    else:
-        cells = [_summary_cell(ev, k, fmt_flip) for k in ("flip_self", "flip_cross", "flip_gap")]
-        cells += [fmt_flip(1 - num(ev.get(k))) for k in ("flip_self", "flip_cross")]
-    return [f"**{method}**" if method != RND else method, *cells, beats]
 
 
 def _layers(run: RunFiles, figures: dict[str, dict[str, str]]) -> list[str]:
     lines = ["## Where the selected neurons sit", "",
              f"The {TOP_LAYERS} layers with most selected neurons (summed over cultures; layers "
-             "numbered from 0; RND: mean over draws).", ""]  # fmt: skip
+             "numbered from 0).", ""]  # fmt: skip
     rows = []
     for method in run.evals:
         totals = layer_totals(run, method)
@@ -413,13 +322,21 @@ def _layers(run: RunFiles, figures: dict[str, dict[str, str]]) -> list[str]:
 
 
 def _set_sizes(run: RunFiles) -> list[str]:
-    lines = ["## Set sizes", "", "Neurons selected per culture (the set ablated for it).", ""]
+    lines = ["## Set sizes", "", "Neurons selected per culture (the set changed for it; each "
+             "method's RND draws have exactly these sizes).", ""]  # fmt: skip
     rows = []
     for c, name in enumerate(run.cultures):
         rows.append([name] + [fmt_count(run.evals[m]["set_sizes"][c])
                               if run.evals[m].get("set_sizes") else "n/a"
                               for m in run.evals])  # fmt: skip
-    return lines + table(["culture", *run.evals], rows)
+    lines += table(["culture", *run.evals], rows)
+    options = [f"{m}: " + ", ".join(f"{k} = {v:g}" if isinstance(v, float) else f"{k} = {v}"
+                                    for k, v in sorted(run.evals[m]["options"].items())
+                                    if k != "selection")  # the run's settings: listed above
+               for m in run.evals if run.evals[m].get("options")]  # fmt: skip
+    if options:
+        lines += ["", "Selector options as the masks record them: " + "; ".join(options) + "."]
+    return lines
 
 
 def _overlap(run: RunFiles) -> list[str]:
@@ -427,27 +344,41 @@ def _overlap(run: RunFiles) -> list[str]:
     result = overlap(run)
     if result is None:
         return lines + ["Not computed: fewer than two methods have masks in `masks/`."]
-    names, j = result
+    names, j, chance = result
     lines += [
         "Mean Jaccard index |A ∩ B| / |A ∪ B| between the same culture's sets of two methods "
-        "(0 = disjoint, 1 = identical; RND averaged over draws, so its column is the overlap "
-        "expected by chance).",
+        "(0 = disjoint, 1 = identical). Last column: each method's mean Jaccard with its own "
+        "RND draws, the overlap chance gives at its sizes.",
         "",
     ]
     rows = [[n] + ["-" if i == k else fmt_flip(j[i, k]) for k in range(len(names))]
+            + [fmt_flip(chance[n]) if n in chance else "n/a"]
             for i, n in enumerate(names)]  # fmt: skip
-    return lines + table(["", *names], rows)
+    return lines + table(["", *names, "vs own RND"], rows)
 
 
 def _matrices(run: RunFiles, figures: dict[str, dict[str, str]]) -> list[str]:
-    lines = ["## Ablation matrices", "",
-             "Rows: the culture whose neurons are ablated; columns: the culture evaluated. "
-             "Grey cells: no evaluation items."]  # fmt: skip
-    for method in run.evals:
-        lines += ["", f"### {method}", ""]
-        for kind, alt in (("delta", "accuracy change (points)"), ("flip", "flip rate")):
+    lines = ["## Matrices", "",
+             "Rows: the culture whose neurons are changed; columns: the culture evaluated; each "
+             "cell with its 95 % interval. " + HOLDS_ZERO_NOTE + " In the figures (one colour "
+             "scale per kind, shared by all methods) such cells are hatched; grey: no "
+             "evaluation items."]  # fmt: skip
+    kinds = [("flip", "flip rate", 3, True)]
+    if run.labels:
+        kinds = [("accuracy", "accuracy (%)", 1, False), ("delta", "accuracy change (points)",
+                                                           1, True)] + kinds  # fmt: skip
+    header = ["changed \\ evaluated", *run.cultures]
+    for method, ev in run.evals.items():
+        lines += ["", f"### {method}"]
+        for kind, what, decimals, mark in kinds:
+            lines += ["", f"{method}: {what}", ""]
+            ci = ev.get(f"{kind}_ci") or [[None] * len(run.cultures)] * len(run.cultures)
+            rows = [[name, *(with_ci(v, c, decimals, mark) for v, c in zip(vals, cis,
+                                                                         strict=True))]
+                    for name, vals, cis in zip(run.cultures, ev[kind], ci, strict=True)]  # fmt: skip
+            lines += table(header, rows)
             if kind in figures.get(method, {}):
-                lines.append(f"![{method}: {alt}]({figures[method][kind]})")
+                lines += ["", f"![{method}: {what}]({figures[method][kind]})"]
     return lines
 
 
@@ -463,10 +394,17 @@ def _files(run: RunFiles) -> list[str]:
     for name, what in described:
         if (run.out / name).is_file():
             lines.append(f"- `{name}`: {what}")
-    for p in sorted((run.out / "masks").glob("*.safetensors")):
+    masks = sorted((run.out / "masks").glob("*.safetensors"))
+    methods = [p for p in masks if not p.stem.startswith("rnd-")]
+    for p in methods:
         lines.append(f"- `masks/{p.name}`: selected (layer, neuron) pairs per culture")
+    draws = len(masks) - len(methods)
+    if draws:
+        lines.append(f"- `masks/rnd-<methods>-<i>.safetensors`: {draws} RND draws, size-matched "
+                     "to the methods named")  # fmt: skip
     for method in run.evals:
-        lines.append(f"- `eval/{method}.json`: matrices and summaries of {method}")
+        lines.append(f"- `eval/{method}.json`: matrices, intervals, summaries, RND control and "
+                     f"p-values of {method}")  # fmt: skip
     for p in sorted((run.out / FIGURES_DIR).glob("*.png")):
         lines.append(f"- `{FIGURES_DIR}/{p.name}`")
     lines.append(f"- `{REPORT_FILE}`: this report")

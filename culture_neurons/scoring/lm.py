@@ -26,6 +26,7 @@ from culture_neurons.errors import UsageError
 from culture_neurons.models import adapters
 from culture_neurons.scoring.metrics import per_culture_mean
 from culture_neurons.scoring.prompting import tokenizer_of
+from culture_neurons.scoring.uncertainty import Bootstrap
 
 # Token rows per head chunk: the Gemma 3 vocabulary (262144) makes a logit row 1 MiB in fp32,
 # so 256 rows keep the transient logits at 256 MiB whatever the batch.
@@ -134,9 +135,16 @@ def culture_nll(sums: torch.Tensor, tokens: torch.Tensor, culture: torch.Tensor,
 
 
 def nll_matrices(full: torch.Tensor, sums: torch.Tensor, tokens: torch.Tensor,
-                 culture: torch.Tensor, C: int) -> dict:  # fmt: skip
+                 culture: torch.Tensor, C: int, boot: Bootstrap | None = None) -> dict:  # fmt: skip
     """``nll_full`` [C] and ``nll`` / ``delta`` [S, C] in nats/token from summed NLL ``full``
-    [n] (the full model) and ``sums`` [S, n] (row s under ablation set s)."""
-    nll_full = culture_nll(full, tokens, culture, C)
-    nll = culture_nll(sums, tokens, culture, C)
-    return {"nll_full": nll_full, "nll": nll, "delta": nll - nll_full}
+    [n] (the full model) and ``sums`` [S, n] (row s under ablation set s); with ``boot``, the
+    same on each of its B resamples ([B, C], [B, S, C]; paired: the same resampled sentences
+    for every condition, each culture's NLL their summed NLL over their summed tokens)."""
+    if boot is None:
+        nll_full = culture_nll(full, tokens, culture, C)
+        nll = culture_nll(sums, tokens, culture, C)
+    else:
+        per_token = boot.culture_sums(tokens.double())  # [B, C]
+        nll_full = boot.culture_sums(full) / per_token
+        nll = (boot.culture_sums(sums) / per_token).movedim(-2, 0)  # [B, S, C]
+    return {"nll_full": nll_full, "nll": nll, "delta": nll - nll_full.unsqueeze(-2)}

@@ -1,10 +1,24 @@
 """Ablation metrics (SPEC "Evaluation"). Row s of a matrix is the ablated set (a culture's
 neurons), column c' the evaluated culture. Accuracy is in percent, delta in points
-(``acc_ablated - acc_full``), flip is the share of items whose predicted letter changed."""
+(``acc_ablated - acc_full``), flip is the share of items whose predicted letter changed.
+
+Summaries of a square ``[C, C]`` matrix: ``self`` = mean diagonal, ``cross`` = mean
+off-diagonal, ``gap = self - cross``, and ``specificity = self / (self + (C - 1) * cross)``,
+the share of the summed effect that lands on the culture whose neurons were changed (1 = all
+of it, 1/C = spread evenly). For accuracy deltas a more negative self and gap mean a more
+selective method, for NLL deltas (the LM task) and flips a more positive one. The gap grows
+with the total damage a set does; the specificity does not (scaling every effect by k leaves
+it unchanged) and needs no orientation (the same for effects of either sign). It is undefined
+(NaN) where the summed effect is 0."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, NamedTuple
+
 import torch
+
+if TYPE_CHECKING:
+    from culture_neurons.scoring.uncertainty import Bootstrap
 
 
 def per_culture_mean(values: torch.Tensor, culture: torch.Tensor, C: int) -> torch.Tensor:
@@ -21,15 +35,26 @@ def matrices(
     culture: torch.Tensor,  # int64 [n] culture index of each item
     C: int,
     labels: torch.Tensor | None,  # int64 [n], None when hidden
+    boot: Bootstrap | None = None,
 ) -> dict:
-    """``accuracy_full`` [C], ``accuracy`` / ``delta`` / ``flip`` [S, C] (None without labels)."""
-    flip = per_culture_mean((pred != pred_full).double(), culture, C)
+    """``accuracy_full`` [C], ``accuracy`` / ``delta`` / ``flip`` [S, C] (None without labels);
+    with ``boot``, the same on each of its B resamples: [B, C] and [B, S, C] (paired: every
+    condition is averaged over the same resampled items)."""
+    mean = _culture_mean(culture, C, boot)
+    flip = mean((pred != pred_full).double())
     out = {"flip": flip, "accuracy_full": None, "accuracy": None, "delta": None}
     if labels is not None:
-        full = 100 * per_culture_mean((pred_full == labels).double(), culture, C)
-        acc = 100 * per_culture_mean((pred == labels).double(), culture, C)
-        out.update(accuracy_full=full, accuracy=acc, delta=acc - full)
+        full = 100 * mean((pred_full == labels).double())
+        acc = 100 * mean((pred == labels).double())
+        out.update(accuracy_full=full, accuracy=acc, delta=acc - full.unsqueeze(-2))
     return out
+
+
+def _culture_mean(culture: torch.Tensor, C: int, boot: Bootstrap | None):
+    """values [..., n] -> per-culture means [..., C], or [B, ..., C] over ``boot``'s resamples."""
+    if boot is None:
+        return lambda values: per_culture_mean(values, culture, C)
+    return lambda values: boot.culture_means(values).movedim(-2, 0)
 
 
 def per_culture_sum(values: torch.Tensor, culture: torch.Tensor, C: int) -> list[int]:
@@ -37,16 +62,48 @@ def per_culture_sum(values: torch.Tensor, culture: torch.Tensor, C: int) -> list
     return torch.zeros(C, dtype=torch.int64).index_add_(0, culture, values.long()).tolist()
 
 
-def self_cross(matrix: torch.Tensor) -> dict:
-    """``self`` = mean diagonal, ``cross`` = mean off-diagonal, ``gap = self - cross`` of a
-    square [C, C] matrix. For accuracy deltas a more negative self and gap mean a more
-    selective method; for NLL deltas (the LM task) a more positive one."""
-    C = matrix.shape[0]
-    diag = torch.eye(C, dtype=torch.bool)
-    # nanmean: a culture without evaluation items leaves NaN cells, not a NaN summary.
-    s = matrix[diag].nanmean().item()
-    c = matrix[~diag].nanmean().item() if C > 1 else float("nan")
-    return {"self": nan_to_none(s), "cross": nan_to_none(c), "gap": nan_to_none(s - c)}
+SUMMARIES = ("self", "cross", "gap", "specificity")
+
+
+class RowParts(NamedTuple):
+    """What the summaries need of each row s of square matrices [..., C, C]: every summary is
+    a function of the row sums of ``diag`` and ``off``, so rows of different matrices (one
+    culture's set from each of several draws) can be recombined (see
+    :func:`culture_neurons.scoring.uncertainty.p_value`)."""
+
+    diag: torch.Tensor  # [..., C] the row's diagonal cell (0 where undefined)
+    off: torch.Tensor  # [..., C] the sum of its defined off-diagonal cells
+    n_diag: torch.Tensor  # [...] defined diagonal cells (the same for every set of a run)
+    n_off: torch.Tensor  # [...] defined off-diagonal cells
+
+
+def row_parts(m: torch.Tensor) -> RowParts:
+    """:class:`RowParts` of square matrices ``m`` [..., C, C]; NaN cells (a culture without
+    items) are left out."""
+    diag = torch.diagonal(m, dim1=-2, dim2=-1)  # [..., C]
+    defined = ~torch.isnan(m)
+    on_diag = diag.nan_to_num(0.0)
+    return RowParts(on_diag, m.nansum(-1) - on_diag, (~torch.isnan(diag)).sum(-1),
+                    defined.sum((-2, -1)) - (~torch.isnan(diag)).sum(-1))  # fmt: skip
+
+
+def from_parts(diag_sum: torch.Tensor, off_sum: torch.Tensor, n_diag, n_off,
+               C: int) -> dict[str, torch.Tensor]:  # fmt: skip
+    """The summaries from the sums over rows of :class:`RowParts` (see the module doc)."""
+    s = diag_sum / n_diag  # nanmean: a culture without items leaves NaN cells
+    c = off_sum / n_off if C > 1 else torch.full_like(s, torch.nan)
+    total_effect = s + (C - 1) * c
+    # No net effect (0 up to rounding: these are sums of a few fractions): share undefined.
+    total_effect = torch.where(total_effect.abs() < 1e-12, torch.nan, total_effect)
+    return {"self": s, "cross": c, "gap": s - c, "specificity": s / total_effect}
+
+
+def summaries(m: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``self``, ``cross``, ``gap``, ``specificity`` of square matrices ``m`` [..., C, C] (each
+    [...]); NaN cells (a culture without items) are left out of the means."""
+    parts = row_parts(m)
+    return from_parts(parts.diag.sum(-1), parts.off.sum(-1), parts.n_diag, parts.n_off,
+                      m.shape[-1])  # fmt: skip
 
 
 def nan_to_none(x):

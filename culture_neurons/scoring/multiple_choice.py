@@ -6,9 +6,10 @@ greedily and parses the first standalone letter (-1 = unparseable, counted as wr
 
 Decoder ablations never touch the vision tower, so a :class:`Group` of items is encoded once
 and its first forward (the full model) keeps the language model's input embeddings (image
-features already merged). Every ablation condition after that repeats the group's inputs, one
-copy per condition in the same batch (rows carry their set id), drops the pixels, and injects
-the kept embeddings: no processor and no vision tower run again.
+features already merged) and position ids. Every ablation condition after that repeats the
+group's inputs, one copy per condition in the same batch (rows carry their set id), drops the
+pixels, and injects the kept embeddings and positions: no processor, no vision tower and no
+position computation run again.
 """
 
 from __future__ import annotations
@@ -42,6 +43,9 @@ class Group:
         self.reuse = reuse_vision and self.adapter.vlm and scoring == "logits"
         self.inputs = encode(model, processor, self.items, device=self.device)
         self.embeds: torch.Tensor | None = None  # [B, T, H] language-model input, once known
+        # [..., B, T] the positions the model computed for the group (Qwen-VL's 3D rope
+        # index is a Python loop per row, ~25 % of a toy forward): reused like the embeddings.
+        self.positions: torch.Tensor | None = None
         self._letters = None
 
     @property
@@ -87,6 +91,8 @@ class Group:
             if k > 1 and isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == self.size:
                 v = v.repeat(k, *([1] * (v.dim() - 1)))
             out[key] = v
+        if injected and self.positions is not None:  # rows are the batch dim, -2
+            out["position_ids"] = self.positions.repeat(*[1] * (self.positions.dim() - 2), k, 1)
         return out
 
     def _embeddings(self, k: int, capture: bool):
@@ -103,6 +109,10 @@ class Group:
                 def hook(module, args, kwargs):
                     if capture:
                         group.embeds = kwargs["inputs_embeds"].detach()
+                        positions = kwargs.get("position_ids")
+                        if isinstance(positions, torch.Tensor) and positions.dim() >= 2 and (
+                                positions.shape[-2] == group.size):  # fmt: skip
+                            group.positions = positions.detach()
                         return None
                     kwargs["inputs_embeds"] = group.embeds.repeat(k, 1, 1)
                     return args, kwargs

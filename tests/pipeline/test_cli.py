@@ -53,9 +53,11 @@ def test_steps_then_run_give_the_same_matrices(assets, tmp_path):
     main_ok(["report", "--out", str(steps)])
     main_ok(["run", *args_for(assets, whole)])
     for out in (steps, whole):
-        for f in ("report.md", "figures/cas_delta.png", "figures/layers.png", "eval/rnd.json"):
+        for f in ("report.md", "figures/cas_delta.png", "figures/layers.png"):
             assert (out / f).exists(), f
-    for method in ("cas", "lap", "rnd"):
+        assert list((out / "masks").glob("rnd-*cas*-0.safetensors")), "no RND draw for cas"
+        assert not (out / "eval" / "rnd.json").exists()  # each method carries its own control
+    for method in ("cas", "lap"):
         a, b = eval_json(steps, method), eval_json(whole, method)
         assert a["delta"] == b["delta"] and a["flip"] == b["flip"], method
         C = len(a["cultures"])
@@ -133,7 +135,7 @@ def test_resume_after_interruption_gives_identical_results(assets, tmp_path, mon
     a, b = load_stats(ref), load_stats(out)
     for name in ("T", "K", "S", "Q", "items"):
         assert torch.equal(getattr(a, name), getattr(b, name)), name
-    for method in ("cas", "lap", "rnd"):
+    for method in ("cas", "lap"):
         assert eval_json(ref, method) == eval_json(out, method), method
 
 
@@ -282,9 +284,9 @@ def test_default_identify_on_correct_end_to_end(tmp_path, monkeypatch):
     assert stats.items.tolist() == correct and all(correct)
     assert stats.options["items"] == "correct"
     assert json.loads((out / "run.json").read_text())["config"]["identify_on"] == "correct"
-    for method in ("cas", "rnd"):
-        ev = eval_json(out, method)
-        assert ev["labels_available"] and len(ev["accuracy_full"]) == 3, method
+    ev = eval_json(out, "cas")
+    assert ev["labels_available"] and len(ev["accuracy_full"]) == 3
+    assert ev["rnd"]["set_sizes"] == ev["set_sizes"] and ev["gap_ci"] is not None
 
 
 @pytest.mark.slow
@@ -301,16 +303,18 @@ def test_hidden_labels_end_to_end(assets, tmp_path, capsys):
     captured = capsys.readouterr()
     notices = [line for line in captured.err.splitlines() if "--identify-on all" in line]
     assert len(notices) == 1 and "hidden" in notices[0]
-    assert "flip self" in captured.out and "accuracy" not in captured.out
+    assert "flip_gap" in captured.out and "accuracy" not in captured.out
     assert json.loads((out / "run.json").read_text())["config"]["identify_on"] == "all"
-    for method in ("cas", "lap", "rnd"):
+    for method in ("cas", "lap"):
         ev = eval_json(out, method)
         assert ev["labels_available"] is False
-        for key in ("accuracy_full", "accuracy", "delta", "self", "cross", "gap"):
+        for key in ("accuracy_full", "accuracy", "delta", "self", "cross", "gap", "gap_ci",
+                    "specificity", "p_gap_vs_rnd"):  # fmt: skip
             assert ev[key] is None, (method, key)
+        assert ev["flip_gap_ci"] is not None and ev["p_flip_gap_vs_rnd"] is not None
         assert all(0 <= f <= 1 for row in ev["flip"] for f in row if f is not None)
         assert ev["flip_self"] is not None
     report = (out / "report.md").read_text()
     assert "Labels are hidden in this data: accuracy is unavailable" in report
-    assert "accuracy (%)" not in report and "(pts)" not in report and "flip self" in report
+    assert "accuracy (%)" not in report and "(points)" not in report and "flip self" in report
     assert not list((out / "figures").glob("*_delta.png"))

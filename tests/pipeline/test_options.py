@@ -21,7 +21,8 @@ def test_every_run_setting_is_an_option_with_runconfigs_default():
     table = options.by_name()
     for f in dataclasses.fields(RunConfig):
         assert f.name in table and table[f.name].commands, f.name  # no config-only key
-        if f.name == "identify_on":  # None: decided by the data (its help says how)
+        # None: decided by the data (identify_on) or the intervention (alpha), as help says
+        if f.name in ("identify_on", "alpha"):
             assert table[f.name].default_value is None
             continue
         default = getattr(RunConfig(), f.name)

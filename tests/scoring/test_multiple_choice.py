@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -9,7 +11,7 @@ import culture_neurons as cn
 from culture_neurons.data import make_synthetic_items
 from culture_neurons.masks import Masks
 from culture_neurons.models import adapters
-from culture_neurons.scoring.metrics import matrices, self_cross
+from culture_neurons.scoring.metrics import matrices, summaries
 from culture_neurons.scoring.multiple_choice import Group, letter_scores
 from culture_neurons.scoring.prompting import letter_token_ids, parse_letter
 from culture_neurons.testing.tiny import VLM_FAMILIES, tiny_model, tiny_processor
@@ -45,14 +47,26 @@ def test_kept_embeddings_give_identical_predictions_and_logits(family, items):
     assert torch.equal(seen[True][1], seen[True][3])  # same set, same answers
 
 
-def test_vision_tower_runs_once_per_group(items):
+def test_vision_tower_and_rope_index_run_once_per_group(items):
     model, processor = tiny_model("qwen2_5_vl"), tiny_processor("qwen2_5_vl")
-    calls = []
+    calls, rope = [], []
     handle = model.model.visual.register_forward_hook(lambda *a: calls.append(1))
+    original = model.model.get_rope_index
+
+    def counted(*args, **kwargs):
+        rope.append(1)
+        return original(*args, **kwargs)
+
+    model.model.get_rope_index = counted  # instance attribute: the 3D positions' Python loop
     with cn.ablate(model, random_masks(model)) as ablator:
-        Group(model, processor, items).predict([-1, 0, 1, 1, 0], ablator)
+        group = Group(model, processor, items)
+        group.predict([-1, 0], ablator)
+        group.predict([1, 1, 0], ablator)
     handle.remove()
-    assert len(calls) == 1
+    del model.model.get_rope_index
+    assert len(calls) == 1 and len(rope) == 1
+    assert group.positions is not None and group.positions.shape[-2:] == group.inputs[
+        "input_ids"].shape  # fmt: skip
 
 
 def test_logit_scoring_is_the_argmax_over_letter_tokens(items):
@@ -121,11 +135,12 @@ def test_matrices_by_hand():
     assert m["accuracy"].tolist() == [[50.0, 50.0], [100.0, 100.0]]
     assert m["delta"].tolist() == [[-50.0, 0.0], [0.0, 50.0]]
     assert m["flip"].tolist() == [[0.5, 0.0], [0.0, 0.5]]
-    s = self_cross(m["delta"])
+    s = {k: v.item() for k, v in summaries(m["delta"]).items()}
     assert (s["self"], s["cross"], s["gap"]) == (0.0, 0.0, 0.0)
-    s = self_cross(torch.tensor([[-30.0, -10.0, 0.0], [-5.0, -20.0, -5.0], [0.0, 0.0, -10.0]]))
-    assert s["self"] == -20.0 and s["cross"] == pytest.approx(-20 / 6)
-    assert s["gap"] == pytest.approx(-20.0 + 20 / 6)
+    assert math.isnan(s["specificity"])  # no net effect: no share of it
+    s = summaries(torch.tensor([[-30.0, -10.0, 0.0], [-5.0, -20.0, -5.0], [0.0, 0.0, -10.0]]))
+    assert s["self"].item() == -20.0 and s["cross"].item() == pytest.approx(-20 / 6)
+    assert s["gap"].item() == pytest.approx(-20.0 + 20 / 6)
 
 
 def test_hidden_labels_give_flips_only():
@@ -135,5 +150,5 @@ def test_hidden_labels_give_flips_only():
 
 def test_a_culture_without_items_leaves_nan_cells_not_nan_summaries():
     delta = torch.tensor([[-10.0, float("nan")], [0.0, float("nan")]])
-    s = self_cross(delta)
-    assert s["self"] == -10.0 and s["cross"] == 0.0
+    s = summaries(delta)
+    assert s["self"].item() == -10.0 and s["cross"].item() == 0.0

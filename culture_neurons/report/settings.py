@@ -1,0 +1,40 @@
+"""The run's settings in one line of a report, from ``run.json`` (every option that changes the
+numbers: selection and its per-method options, the RND control, the bootstrap, the
+intervention)."""
+
+from __future__ import annotations
+
+from culture_neurons.report.files import RunFiles
+
+
+def settings_line(run: RunFiles) -> str:
+    """``name = value; ...`` of every recorded option (``not recorded`` without run.json)."""
+    cfg, st = run.config, run.stats
+    if not cfg:
+        return "not recorded (no run.json)"
+    per = "per layer" if cfg.get("per_layer") else "ranked across all layers"
+    draws = cfg.get("rnd_draws")
+    intervention = cfg.get("intervention", "ablate")
+    items = [
+        ("methods", ", ".join(cfg.get("methods", []))),
+        ("ratio (cas, lap, mad)", f"{100 * cfg['ratio']:g}% of all neurons per culture ({per})"
+         if "ratio" in cfg else "n/a"),
+        ("cas normalize", cfg.get("cas_normalize")),
+        ("mad contrast", cfg.get("mad_contrast")),
+        ("lape top_rate / filter_rate / bar_ratio",
+         " / ".join(str(cfg.get(k)) for k in ("lape_top_rate", "lape_filter_rate",
+                                              "lape_bar_ratio"))),
+        ("RND control", f"{draws} draws per method, size-matched to its own sets"
+         if draws else "none"),
+        ("bootstrap", f"{cfg.get('resamples')} resamples of the evaluation items"),
+        ("intervention", "ablate (a := 0)" if intervention == "ablate"
+         else f"steer (a := (1 + alpha) a, alpha = {cfg.get('alpha')})"),
+        ("activation", cfg.get("activation", st.get("activation"))),
+        ("scope", cfg.get("scope", st.get("scope"))),
+        ("identified on", {"correct": "items the full model answers correctly",
+                           "all": "all items"}.get(cfg.get("identify_on"), cfg.get("identify_on"))),
+        ("identification share", cfg.get("split_ratio")),
+        ("scoring", cfg.get("scoring")),
+        ("seed", cfg.get("seed")),
+    ]  # fmt: skip
+    return "; ".join(f"{k} = {v}" for k, v in items if v is not None)
