@@ -64,3 +64,17 @@ def test_torchrun_m_from_the_repository_root(tmp_path):
 
     a, b = load_stats(tmp_path / "one"), load_stats(tmp_path / "two")
     assert a.T.tolist() == b.T.tolist() and bool((a.K == b.K).all())
+
+
+def test_the_console_script_entry_point_resolves():
+    """`culture-neurons` (the README's command) is setup.py's entry point: it must name the
+    CLI's real module (a stale one passes every in-process test and fails every user)."""
+    import importlib
+    import re
+
+    from culture_neurons.pipeline import cli
+
+    spec = re.search(r'"culture-neurons=([\w.]+):(\w+)"', (REPO / "setup.py").read_text())
+    assert spec, "setup.py declares no culture-neurons console script"
+    module, attr = spec.groups()
+    assert getattr(importlib.import_module(module), attr) is cli.main
