@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from culture_neurons.errors import UnsupportedModelError, UsageError
+from culture_neurons.instrument.instrument import live_instrument
 from culture_neurons.models import adapters
 
 # Rows per chunk of the token reduction: bounds the ``a * grad`` temporary to CHUNK_ITEMS x T x N.
@@ -65,6 +66,11 @@ def attribute(
             "the decoder MLPs share one act_fn module, so attribution hooks cannot tell layers "
             "apart"
         )
+    for layer, mlp in enumerate(mlps):  # a fused Instrument replaces the forward: no act_fn call
+        live = live_instrument(mlp)
+        if live is not None:
+            raise UsageError(f"decoder layer {layer}'s MLP carries {live!r}: attribution needs "
+                             "the model's own forward; detach it first")  # fmt: skip
     lm = adapters.get_adapter(model).language_model(model)
     if weights is None:
         weights = inputs.get("attention_mask")

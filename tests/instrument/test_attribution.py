@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import culture_neurons as cn
+from culture_neurons.errors import UsageError
 from culture_neurons.instrument.attribution import attribute
 from culture_neurons.masks import Masks
 from culture_neurons.models import adapters
@@ -54,7 +55,7 @@ def test_sums_equal_a_plain_per_token_computation(llama64, batch):
         # Reference: keep every act output with retain_grad, one backward, sum with loops.
         kept = []
 
-        def keep(module, args, a):
+        def keep(module, args, a, kept=kept):
             a.retain_grad()
             kept.append(a)
 
@@ -134,3 +135,9 @@ def test_a_vlm_is_attributed_from_its_language_model_embeddings():
     inputs = dict(tiny_batch("qwen2_vl", tiny_processor("qwen2_vl"), n=2, padding_side="left"))
     q, A = attribute(model, inputs, lambda out: out.logits[:, -1, :2])
     assert A.shape[:2] == (2, 2) and torch.isfinite(A).all() and A.abs().sum() > 0
+
+
+def test_refused_while_an_instrument_is_attached(llama64, batch):
+    with cn.record(llama64, ["a"]), pytest.raises(UsageError, match="detach it first"):
+        attribute(llama64, batch, quantities_of(batch))
+    attribute(llama64, batch, quantities_of(batch))  # detached: fine again
