@@ -23,6 +23,11 @@ from culture_neurons.selection.methods import CONTRASTS
 TASKS = ("mc", "lm")
 STEPS = ("identify", "select", "evaluate", "exec")
 INTERVENTIONS = ("ablate", "steer")
+# How the ablation matrix is computed (SPEC "Matrix modes", culture_neurons.pipeline.screen).
+MATRIX_MODES = ("exact", "estimate", "screen")
+# screen: off-diagonal cells per mask (each method's and each RND draw's) confirmed exactly, the
+# ones the estimate finds most affected. Each costs one condition on one culture's items.
+SCREEN_BUDGET = 3
 STEER_ALPHA = 0.5  # steering's default alpha: the authors' follow-up work uses 0.5 (SPEC)
 # RND draws per distinct set-size vector of the methods: each costs one condition per culture.
 # p-values recombine the draws' rows (culture_neurons.scoring.uncertainty), so a few draws
@@ -64,6 +69,8 @@ class RunConfig:
     backend: str = setting("auto", "exec")
     checkpoint_every: int = setting(0, "exec")  # batches between checkpoints (0: by time only)
     checkpoint_minutes: float = setting(10.0, "exec")  # wall time between them (run.Checkpoints)
+    matrix: str = setting("exact", "evaluate")  # exact, estimate or screen (MATRIX_MODES)
+    screen_budget: int = setting(SCREEN_BUDGET, "evaluate")  # screen: extra exact cells per mask
     reuse_vision: bool = setting(True, "exec")  # same numbers, fewer vision-tower passes
     task: str = setting("mc", "identify")  # "mc": multiple choice; "lm": sentences (NLL)
 
@@ -98,10 +105,21 @@ class RunConfig:
             raise UsageError(f"--batch-size must be >= 1, got {self.batch_size}")
         if self.resamples < 1:
             raise UsageError(f"--resamples must be >= 1, got {self.resamples}")
-        for name in ("rnd_draws", "checkpoint_every", "checkpoint_minutes"):
+        self._check_matrix()
+        for name in ("rnd_draws", "checkpoint_every", "checkpoint_minutes", "screen_budget"):
             if getattr(self, name) < 0:
                 raise UsageError(f"{flag(name)} must be >= 0, got {getattr(self, name)}")
         self._check_intervention()
+
+    def _check_matrix(self) -> None:
+        if self.matrix not in MATRIX_MODES:
+            raise UsageError(f"--matrix must be one of {', '.join(MATRIX_MODES)}, got "
+                             f"{self.matrix!r}")  # fmt: skip
+        if self.matrix != "exact" and self.scoring != "logits":
+            # The estimate differentiates the letter logits; a generated answer has no gradient.
+            raise UsageError(f"--matrix {self.matrix} needs --scoring logits (a generated "
+                             f"answer has no gradient), got --scoring {self.scoring}; drop "
+                             "--scoring or pass --matrix exact")  # fmt: skip
 
     def _check_intervention(self) -> None:
         if self.intervention not in INTERVENTIONS:

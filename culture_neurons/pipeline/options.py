@@ -192,6 +192,15 @@ OPTIONS: tuple[Option, ...] = (
            "ablation)", MODEL, "evaluation", type=float,
            default_text="0.5 with --intervention steer (the authors' follow-up work); -1 "
            "with ablate"),
+    Option("matrix", "how the ablation matrix is computed", ("run", "evaluate"), "evaluation",
+           choices={"exact": "one prefill per item and condition",
+                    "estimate": "first order from one forward and backward per batch of items "
+                    "(every set at once; every number marked estimated)",
+                    "screen": "estimate, then the diagonal and each mask's --screen-budget most "
+                    "affected cells exactly (the rest marked estimated)"}),
+    Option("screen_budget", "--matrix screen: off-diagonal cells per mask (method or RND draw) "
+           "confirmed exactly, those the estimate finds most affected; each costs one condition "
+           "on one culture's items", ("run", "evaluate"), "evaluation", type=int, minimum=0),
     Option("reuse_vision", "run the vision tower once per item group and reuse its output "
            "under every ablation (same numbers, fewer passes)", ("run", "evaluate"),
            "evaluation", type=bool),

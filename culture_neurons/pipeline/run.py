@@ -7,7 +7,10 @@
 
 Cost: the matrix runs ``1 + C * (methods + groups * rnd_draws)`` conditions over the
 evaluation items, where ``groups`` is the number of distinct set-size vectors among the
-methods (methods of identical sizes share their RND draws).
+methods (methods of identical sizes share their RND draws). ``matrix="estimate"`` replaces
+them by one forward and backward per batch of items (:mod:`culture_neurons.scoring.estimate`);
+``matrix="screen"`` adds exact conditions for the cells :mod:`culture_neurons.pipeline.screen`
+confirms.
 
 Two tasks share these steps (``RunConfig.task``, see :mod:`culture_neurons.pipeline.tasks`):
 ``mc``, multiple-choice questions scored by their letter, and ``lm``, plain sentences scored
@@ -42,11 +45,13 @@ from culture_neurons.errors import DataError, StatsMismatchError, UsageError
 from culture_neurons.instrument import Instrument
 from culture_neurons.masks import Masks, load_masks
 from culture_neurons.models import adapters
-from culture_neurons.pipeline import progress, rundir
+from culture_neurons.pipeline import progress, rundir, screen
 from culture_neurons.pipeline.config import RunConfig, identify_on_for
 from culture_neurons.pipeline.distributed import Partition
 from culture_neurons.pipeline.rundir import RUN_FILE, write_json
 from culture_neurons.pipeline.tasks import TASKS
+from culture_neurons.scoring.estimate import estimated_predictions
+from culture_neurons.scoring.metrics import nan_to_none
 from culture_neurons.scoring.multiple_choice import predict
 from culture_neurons.selection import select
 from culture_neurons.stats import Stats, load_stats
@@ -281,11 +286,11 @@ class Run:
                 )
         combined, names = _combine(masks)
         items = [it for c in self.cultures for it in self.evaluation.items_by_culture[c]]
-        preds = self._matrix_predictions(items, combined)  # [1 + S_total, n]
-        if not self.part.main:
-            return {}
         C = len(self.cultures)
         culture = torch.tensor([self.cultures.index(it.culture) for it in items])
+        preds, screened = self._predictions(items, combined, culture)  # [1 + S_total, n]
+        if not self.part.main:
+            return {}
         # row 0 is the full model, then C rows (one per culture's set) of each mask in turn
         per_set = {name: preds[1 + i * C : 1 + (i + 1) * C] for i, name in enumerate(names)}
         methods = {m: masks[m] for m in self.config.methods if m in masks}
@@ -297,6 +302,9 @@ class Run:
                              "--overwrite")  # fmt: skip
         full_record, results = self.task.results(masks, per_set, preds[0], items, culture,
                                                  self.cultures, self.data, nulls)  # fmt: skip
+        full_record["matrix"] = self.config.matrix
+        if screened is not None:
+            self._add_screened(results, screened, names, preds[0], items, culture)
         write_json(self.out / "eval" / "full.json", full_record)
         hashes = {n: m.content_hash() for n, m in masks.items()}
         for name, res in results.items():
@@ -305,37 +313,83 @@ class Run:
             write_json(self.out / "eval" / f"{name}.json", res)
         return results
 
-    def _matrix_predictions(self, items: list, combined: Masks) -> torch.Tensor:
+    def _predictions(self, items: list, combined: Masks,
+                     culture: torch.Tensor) -> tuple[torch.Tensor, tuple | None]:  # fmt: skip
+        """``[1 + S, n]`` scores as ``--matrix`` says (SPEC "Matrix modes"), and for ``screen``
+        ``(estimated scores, confirmed cells [S, C])``; see :mod:`culture_neurons.pipeline.screen`."""
+        mode = self.config.matrix
+        if mode == "exact":
+            return self._matrix_predictions(items, combined), None
+        estimated = self._estimate_predictions(items, combined)
+        if mode == "estimate":
+            return estimated, None
+        C = len(self.cultures)
+        point = self.task.point(estimated[0], estimated[1:], items, culture, C, self.data)
+        confirmed = screen.confirmed_cells(self.task.effect(point), C, self.config.screen_budget)
+        exact = self._matrix_predictions(items, combined, confirmed=confirmed, culture=culture)
+        estimated = self.task.onto(estimated, exact[0])
+        return screen.combine(exact, estimated, confirmed, culture), (estimated, confirmed)
+
+    def _add_screened(self, results: dict, screened: tuple, names: list[str], full, items,
+                      culture) -> None:  # fmt: skip
+        """``--matrix screen``: each method's JSON gains ``confirmed`` [S][C] (cells computed
+        exactly; the others are estimated) and ``estimate`` (every matrix as the estimate alone
+        gives it), so both stand side by side where a cell was confirmed."""
+        estimated, confirmed = screened
+        C = len(self.cultures)
+        point = self.task.point(full, estimated[1:], items, culture, C, self.data)
+        for name, res in results.items():
+            rows = slice(names.index(name) * C, (names.index(name) + 1) * C)
+            res["screen_budget"] = self.config.screen_budget
+            res["confirmed"] = confirmed[rows].tolist()
+            res["estimate"] = {k: nan_to_none(point[k][rows].tolist())
+                               for k in self.task.matrix_keys if point.get(k) is not None}  # fmt: skip
+
+    def _matrix_predictions(self, items: list, combined: Masks, confirmed: torch.Tensor | None = None,
+                            culture: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
         """[1 + S, n] scores (the task's: MC letters int64, LM summed NLL float64): row 0 the
         full model, row 1 + s under set s. Groups of items are appended to
-        ``progress/matrix.jsonl`` as they finish (the resume point)."""
+        ``progress/matrix.jsonl`` as they finish (the resume point).
+
+        With ``confirmed`` [S, C] (``--matrix screen``), each group runs the full model and only
+        the sets confirmed on its items' cultures (``culture`` [n], indices); the other scores
+        stay the task's ``empty`` and the log is ``progress/screen.jsonl``."""
         S, n = len(combined), len(items)
         preds = self.task.empty((1 + S, n))
         group_size = max(1, self.config.batch_size // 4)
         per_forward = max(1, self.config.batch_size // group_size)
-        log_path = self.out / "progress" / f"matrix{self.part.tag}.jsonl"
-        # Everything that changes a prediction: the bootstrap's resamples do not.
+        name = "matrix" if confirmed is None else "screen"
+        log_path = self.out / "progress" / f"{name}{self.part.tag}.jsonl"
+        # Everything that changes an exact prediction: the bootstrap's resamples and the matrix
+        # mode do not.
         settings = {k: v for k, v in self.config.settings("evaluate").items()
-                    if k != "resamples"}  # fmt: skip
+                    if k not in ("resamples", "matrix", "screen_budget")}  # fmt: skip
         key = self._key("ablation matrix", combined.content_hash(), self.config.task,
                         self.config.scoring, self.config.reuse_vision, group_size, per_forward,
-                        settings, self.config.intervention, self.config.alpha)  # fmt: skip
+                        settings, self.config.intervention, self.config.alpha,
+                        None if confirmed is None else confirmed.tolist())  # fmt: skip
         done = _read_groups(log_path, key) if self.resume else {}
         _rewrite_log(log_path, done)  # the log never mixes results of two keys
-        conditions = [-1] + list(range(S))
-        starts = [s for g, s in enumerate(range(0, n, group_size)) if self.part.owns(g)]
-        total = sum(len(items[s : s + group_size]) for s in starts) * len(conditions)
+
+        def conditions_of(chunk_start: int, size: int) -> list[int]:
+            if confirmed is None:
+                return [-1] + list(range(S))
+            return screen.conditions(confirmed, culture[chunk_start : chunk_start + size].tolist())
+
+        groups = [(g, s) for g, s in enumerate(range(0, n, group_size)) if self.part.owns(g)]
+        total = sum(len(items[s : s + group_size]) * len(conditions_of(s, group_size))
+                    for _, s in groups)  # fmt: skip
         with Instrument(self.model, masks=combined, backend=self.config.backend,
                         alpha=self.config.alpha) as ablator, \
                 self._bar(total, "ablation matrix") as bar, \
                 open(log_path, "a", encoding="utf-8") as log_file:  # fmt: skip
-            for g, start in enumerate(range(0, n, group_size)):
+            for g, start in groups:
                 chunk = items[start : start + group_size]
-                if not self.part.owns(g):
-                    continue
+                conditions = conditions_of(start, len(chunk))
+                rows = [c + 1 for c in conditions]
                 if g in done and done[g]["items"] == [it.id for it in chunk]:
-                    preds[:, start : start + len(chunk)] = torch.tensor(done[g]["preds"],
-                                                                    dtype=preds.dtype)
+                    preds[rows, start : start + len(chunk)] = torch.tensor(done[g]["preds"],
+                                                                       dtype=preds.dtype)
                     bar.update(len(chunk) * len(conditions))
                     continue
                 group = self.task.group(chunk)
@@ -344,14 +398,47 @@ class Run:
                     part = conditions[c0 : c0 + per_forward]
                     out.append(group.predict(part, ablator))
                     bar.update(len(chunk) * len(part))
-                block = torch.cat(out)  # [1 + S, len(chunk)]
+                block = torch.cat(out)  # [len(conditions), len(chunk)]
+                preds[rows, start : start + len(chunk)] = block
+                _append(log_file, {"key": key, "group": g, "items": [it.id for it in chunk],
+                                   "preds": block.tolist()})  # fmt: skip
+        return self._gathered(preds)
+
+    def _estimate_predictions(self, items: list, combined: Masks) -> torch.Tensor:
+        """[1 + S, n] scores as :meth:`_matrix_predictions`, row 0 the full model (exact: the
+        forward the gradients come from), every other row the first-order estimate
+        (:mod:`culture_neurons.scoring.estimate`): one forward and backward per batch of
+        ``batch_size`` items for every set at once. Resumable like the exact matrix
+        (``progress/estimate.jsonl``)."""
+        S, n = len(combined), len(items)
+        preds = self.task.empty((1 + S, n))
+        bs = self.config.batch_size
+        log_path = self.out / "progress" / f"estimate{self.part.tag}.jsonl"
+        key = self._key("estimated matrix", combined.content_hash(), self.config.task, bs,
+                        self.config.intervention, self.config.alpha)  # fmt: skip
+        done = _read_groups(log_path, key) if self.resume else {}
+        _rewrite_log(log_path, done)
+        batches = [(g, s) for g, s in enumerate(range(0, n, bs)) if self.part.owns(g)]
+        total = sum(len(items[s : s + bs]) for _, s in batches)
+        with self._bar(total, "estimated matrix (forward + backward)") as bar, \
+                open(log_path, "a", encoding="utf-8") as log_file:  # fmt: skip
+            for g, start in batches:
+                chunk = items[start : start + bs]
+                if g in done and done[g]["items"] == [it.id for it in chunk]:
+                    block = torch.tensor(done[g]["preds"], dtype=preds.dtype)
+                else:
+                    block = estimated_predictions(self.model, self.processor, chunk, combined,
+                                                  alpha=self.config.alpha,
+                                                  task=self.config.task).to(preds.dtype)  # fmt: skip
+                    _append(log_file, {"key": key, "group": g, "items": [it.id for it in chunk],
+                                       "preds": block.tolist()})  # fmt: skip
                 preds[:, start : start + len(chunk)] = block
-                record = {"key": key, "group": g, "items": [it.id for it in chunk],
-                          "preds": block.tolist()}  # fmt: skip
-                log_file.write(json.dumps(record) + "\n")
-                log_file.flush()
-                os.fsync(log_file.fileno())
-        if self.part.ranks:  # every rank filled its own groups; task.missing marks the others
+                bar.update(len(chunk))
+        return self._gathered(preds)
+
+    def _gathered(self, preds: torch.Tensor) -> torch.Tensor:
+        """Every rank's scores: each filled its own groups, ``task.missing`` marks the others."""
+        if self.part.ranks:
             for other in self.part.gather(preds):
                 preds = torch.where(self.task.missing(preds), other, preds)
         return preds
@@ -491,6 +578,13 @@ def _read_groups(path: Path, key: str) -> dict[int, dict]:
         log.info("%s: %d group(s) were computed for another model, other masks or settings: "
                  "computing them again", path.name, other)  # fmt: skip
     return done
+
+
+def _append(log_file, record: dict) -> None:
+    """One finished group on the progress log, on disk before the next begins."""
+    log_file.write(json.dumps(record) + "\n")
+    log_file.flush()
+    os.fsync(log_file.fileno())
 
 
 def _rewrite_log(path: Path, done: dict[int, dict]) -> None:

@@ -43,7 +43,6 @@ from culture_neurons.scoring.uncertainty import (
 )
 
 DIRECTIONS = {LOWER: "lower", HIGHER: "higher", TWO_SIDED: "either"}
-MATRIX_MODE = "exact"  # one prefill per condition (SPEC "Matrix modes"); nothing estimated
 
 
 class MCTask:
@@ -51,6 +50,7 @@ class MCTask:
     unparseable); matrices of accuracy (percent), delta (points) and flip rate."""
 
     name = "mc"
+    matrix_keys = ("accuracy", "delta", "flip")  # [S][C] matrices of eval/<method>.json
 
     def __init__(self, model, processor, config: RunConfig):
         self.model, self.processor, self.config = model, processor, config
@@ -68,6 +68,23 @@ class MCTask:
 
     def missing(self, preds: torch.Tensor) -> torch.Tensor:
         return preds == -2
+
+    def point(self, full, scores, items, culture, C, data) -> dict:
+        """The matrices of scores ``scores`` [S, n] against ``full`` [n], without intervals."""
+        labels = torch.tensor([it.label for it in items]) if data.labels_available else None
+        return matrices(full, scores, culture, C, labels)
+
+    def effect(self, point: dict) -> torch.Tensor:
+        """How much each cell is affected (screening's ranking): the share of changed answers
+        (defined with labels hidden too)."""
+        return point["flip"]
+
+    def onto(self, estimated: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
+        """Estimated scores [1 + S, n] put onto the exact full model's ``full`` [n]: an answer
+        the estimate leaves unchanged is the full model's (the two forwards may differ in the
+        last bits, never in what the estimate claims)."""
+        rows = estimated[1:]
+        return torch.cat([full[None], torch.where(rows == estimated[:1], full, rows)])
 
     def results(self, masks, per_set, full, items, culture, cultures, data, nulls):
         """``(eval/full.json, {method: eval/<method>.json})``: ``per_set`` maps every mask name
@@ -108,6 +125,7 @@ class LMTask:
     (float64, nats); matrices of the per-culture NLL (nats/token) and its change."""
 
     name = "lm"
+    matrix_keys = ("nll", "delta")
 
     def __init__(self, model, processor, config: RunConfig):
         lm.check_model(model)
@@ -126,10 +144,26 @@ class LMTask:
     def missing(self, preds: torch.Tensor) -> torch.Tensor:
         return torch.isnan(preds)
 
+    def tokens(self, items: list) -> torch.Tensor:
+        """int64 [n]: each sentence's predicted tokens."""
+        return torch.cat([lm.target_counts(lm.encode_text(self.model, self.processor, [it])
+                                           ["attention_mask"]) for it in items])  # fmt: skip
+
+    def point(self, full, scores, items, culture, C, data) -> dict:
+        """As :meth:`MCTask.point`: NLL and NLL-change matrices."""
+        return lm.nll_matrices(full, scores, self.tokens(items), culture, C)
+
+    def effect(self, point: dict) -> torch.Tensor:
+        """The size of the NLL change (nats/token), either sign."""
+        return point["delta"].abs()
+
+    def onto(self, estimated: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
+        """Estimated NLL changes put onto the exact full model's summed NLL ``full``."""
+        return torch.cat([full[None], full + (estimated[1:] - estimated[:1])])
+
     def results(self, masks, per_set, full, items, culture, cultures, data, nulls):
         """``(eval/full.json, {method: eval/<method>.json})``, as :meth:`MCTask.results`."""
-        tokens = torch.cat([lm.target_counts(lm.encode_text(self.model, self.processor, [it])
-                                             ["attention_mask"]) for it in items])  # fmt: skip
+        tokens = self.tokens(items)
         full_record = {"items": [it.id for it in items], "culture": culture.tolist(),
                        "tokens": tokens.tolist(), "nll_sum": full.tolist()}  # fmt: skip
         C = len(cultures)
@@ -178,7 +212,7 @@ def _method(name: str, masks: dict[str, Masks], culture: torch.Tensor, cultures:
         "options": dict(own.options),
         "intervention": config.intervention,
         "alpha": config.alpha,
-        "matrix": MATRIX_MODE,
+        "matrix": config.matrix,  # exact, estimate or screen (which cells are estimated)
         "rnd_shared_with": [m for m in nulls if m != name and nulls[m] and nulls[m] == nulls[name]],
     }
 

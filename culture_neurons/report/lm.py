@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from culture_neurons.report import estimated
 from culture_neurons.report.conclusions import (
     HOLDS_ZERO_NOTE,
     LEVEL,
@@ -39,7 +40,7 @@ def write_report(out_dir, description: str = "") -> Path:
     first, stats, cultures = run.first, run.stats, run.cultures
     steer = first.get("intervention", "ablate") != "ablate"
     lines = ["# Culture-sensitive neurons: " + ("steering" if steer else "ablation")
-             + " report (language modelling)", "", "## What was run", "",
+             + " report (language modelling)", "", *estimated.notice(run), "## What was run", "",
              description.strip() or "(no description given)", ""]  # fmt: skip
     fp = run.fingerprint
     if fp:
@@ -96,8 +97,12 @@ def write_report(out_dir, description: str = "") -> Path:
         lines += ["", f"## {m}: NLL change (nats/token; row = changed culture)", ""]
         ci = ev.get("delta_ci") or [[None] * len(cultures)] * len(cultures)
         lines += table(["changed \\ evaluated", *cultures],
-                       [[c, *(with_ci(x, i, DECIMALS) for x, i in zip(row, cis, strict=True))]
-                        for c, row, cis in zip(cultures, ev["delta"], ci, strict=True)])  # fmt: skip
+                       [[c, *(estimated.marked(with_ci(x, i, DECIMALS), e)
+                              for x, i, e in zip(row, cis, guessed, strict=True))]
+                        for c, row, cis, guessed in zip(cultures, ev["delta"], ci,
+                                                        estimated.estimated_cells(ev),
+                                                        strict=True)])  # fmt: skip
+    lines += [""] + estimated.agreement(run, "delta", "NLL change", DECIMALS)
     return write_text(run.out / REPORT_FILE, "\n".join(lines) + "\n")
 
 

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from culture_neurons.report import estimated
 from culture_neurons.report.conclusions import (
     HOLDS_ZERO_NOTE,
     LEVEL,
@@ -149,6 +150,8 @@ def render(run: RunFiles, description: str, figures: dict[str, dict[str, str]]) 
              + " report", ""]  # fmt: skip
     if not run.labels:
         lines += [HIDDEN_NOTICE, ""]
+    lines += estimated.notice(run)
+    key, what = ("delta", "accuracy change") if run.labels else ("flip", "flip rate")
     sections = (
         _what_was_run(run, description),
         _full_model(run),
@@ -158,6 +161,7 @@ def render(run: RunFiles, description: str, figures: dict[str, dict[str, str]]) 
         _set_sizes(run),
         _overlap(run),
         _matrices(run, figures),
+        estimated.agreement(run, key, what, 3),
         _files(run),
     )
     for section in sections:
@@ -373,9 +377,11 @@ def _matrices(run: RunFiles, figures: dict[str, dict[str, str]]) -> list[str]:
         for kind, what, decimals, mark in kinds:
             lines += ["", f"{method}: {what}", ""]
             ci = ev.get(f"{kind}_ci") or [[None] * len(run.cultures)] * len(run.cultures)
-            rows = [[name, *(with_ci(v, c, decimals, mark) for v, c in zip(vals, cis,
-                                                                         strict=True))]
-                    for name, vals, cis in zip(run.cultures, ev[kind], ci, strict=True)]  # fmt: skip
+            rows = [[name, *(estimated.marked(with_ci(v, c, decimals, mark), e)
+                             for v, c, e in zip(vals, cis, guessed, strict=True))]
+                    for name, vals, cis, guessed in zip(run.cultures, ev[kind], ci,
+                                                        estimated.estimated_cells(ev),
+                                                        strict=True)]  # fmt: skip
             lines += table(header, rows)
             if kind in figures.get(method, {}):
                 lines += ["", f"![{method}: {what}]({figures[method][kind]})"]

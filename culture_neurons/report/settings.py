@@ -29,6 +29,10 @@ def settings_line(run: RunFiles) -> str:
         ("bootstrap", f"{cfg.get('resamples')} resamples of the evaluation items"),
         ("intervention", "ablate (a := 0)" if intervention == "ablate"
          else f"steer (a := (1 + alpha) a, alpha = {cfg.get('alpha')})"),
+        ("matrix", {"exact": "exact (one prefill per condition)",
+                    "estimate": "estimate (first order, every cell)",
+                    "screen": f"screen (estimate; diagonal + {cfg.get('screen_budget')} most "
+                    "affected cells per mask exact)"}.get(cfg.get("matrix", "exact"))),
         ("activation", cfg.get("activation", st.get("activation"))),
         ("scope", cfg.get("scope", st.get("scope"))),
         ("identified on", {"correct": "items the full model answers correctly",

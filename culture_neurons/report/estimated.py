@@ -1,0 +1,90 @@
+"""What a report says of estimated numbers (``--matrix estimate`` / ``screen``, SPEC "Matrix
+modes": an estimated number is always marked as such).
+
+A matrix cell computed from the first-order estimate is prefixed with :data:`MARK`; a summary
+(self, cross, gap, specificity) resting on one such cell is estimated too, which the notice at
+the top of the report says. In screen mode the cells computed exactly are also estimated, and
+the two stand side by side in :func:`agreement`: how far the estimate is from the exact number
+where both exist, in this run.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from culture_neurons.report.files import RunFiles, matrix
+from culture_neurons.report.tables import fmt, table
+
+MARK = "~"
+
+
+def mode(run: RunFiles) -> str:
+    return run.first.get("matrix", "exact")
+
+
+def estimated_cells(ev: dict) -> np.ndarray:
+    """[S, C] bool: the cells of ``ev``'s matrices that are estimated."""
+    C = len(ev["cultures"])
+    if ev.get("matrix", "exact") == "exact":
+        return np.zeros((C, C), dtype=bool)
+    if ev.get("confirmed") is None:  # estimate: every cell
+        return np.ones((C, C), dtype=bool)
+    return ~np.array(ev["confirmed"], dtype=bool)
+
+
+def marked(text: str, estimated: bool) -> str:
+    return MARK + text if estimated and text != "n/a" else text
+
+
+def notice(run: RunFiles) -> list[str]:
+    """The notice at the top of a report whose matrix is not all exact, with its blank line
+    (else nothing)."""
+    how = mode(run)
+    if how == "exact":
+        return []
+    first = run.first
+    if how == "estimate":
+        what = ("**every number of an intervention below is a first-order estimate** (one "
+                "forward and backward per batch of items: each set's effect on the scores is "
+                "the sum over its neurons of activation x gradient), not a measurement")  # fmt: skip
+    else:
+        C = len(run.cultures)
+        what = (f"**this matrix was screened**: each mask's diagonal and its "
+                f"{first.get('screen_budget')} most affected off-diagonal cells (of "
+                f"{C * (C - 1)}) were computed exactly, **every other cell is a first-order "
+                "estimate**; the summaries (self, cross, gap, specificity) mix both")  # fmt: skip
+    return [
+        f"> **Matrix mode `{how}`**: {what}. Estimated cells are marked `{MARK}`. Their "
+        "intervals cover the sampling of the items only, not the estimate's own error; the "
+        "full model's numbers are exact. Measured agreement of estimate and exact: "
+        "bench/RESULTS.md (\"The matrix from gradients\")"
+        + (" and the section \"Estimate against exact\" below." if how == "screen" else "."),
+        "",
+    ]
+
+
+def agreement(run: RunFiles, key: str, what: str, decimals: int) -> list[str]:
+    """Screen mode: per method, the cells computed both ways and how the estimate of ``key``
+    compares with the exact number there (Pearson r, sign agreement, largest error)."""
+    if mode(run) != "screen":
+        return []
+    rows = []
+    for name, ev in run.evals.items():
+        est = (ev.get("estimate") or {}).get(key)
+        if est is None:
+            continue
+        both = np.array(ev["confirmed"], dtype=bool)
+        exact, estimated = matrix(ev[key])[both], matrix(est)[both]
+        ok = ~(np.isnan(exact) | np.isnan(estimated))
+        exact, estimated = exact[ok], estimated[ok]
+        r = (float(np.corrcoef(exact, estimated)[0, 1])
+             if len(exact) > 2 and exact.std() > 0 and estimated.std() > 0 else float("nan"))  # fmt: skip
+        same_sign = float(np.mean(np.sign(exact) == np.sign(estimated))) if len(exact) else np.nan
+        err = float(np.abs(exact - estimated).max()) if len(exact) else np.nan
+        rows.append([name, str(len(exact)), fmt(r, 2), fmt(same_sign, 2), fmt(err, decimals)])
+    if not rows:
+        return []
+    return ["## Estimate against exact", "",
+            f"The cells screening computed exactly, where the {what} is known both ways "
+            "(diagonal and most affected cells: not a random sample of cells).", ""] + table(
+        ["method", "cells", "Pearson r", "same sign", "largest |error|"], rows)  # fmt: skip

@@ -1,0 +1,168 @@
+"""``--matrix estimate`` and ``--matrix screen`` (SPEC "Matrix modes") against the exact
+matrix of the same run: the estimate fills every cell from gradients and says so; screening
+confirms the diagonal and the most affected cells exactly, and equals the exact matrix there."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+from conftest import save_cli_assets
+
+from culture_neurons.data import make_synthetic_items
+from culture_neurons.errors import UsageError
+from culture_neurons.pipeline import cli, screen
+from culture_neurons.pipeline.config import RunConfig
+from culture_neurons.pipeline.run import Run
+from culture_neurons.testing.tiny import tiny_model, tiny_processor
+
+CONFIG = RunConfig(methods=("cas", "lap"), ratio=0.05, rnd_draws=1, batch_size=4,
+                   identify_on="all", resamples=50)  # fmt: skip
+KEYS = ("accuracy", "delta", "flip")
+
+
+@pytest.fixture(scope="module")
+def exact(tmp_path_factory):
+    """A finished exact run of the tiny Qwen2.5-VL: its model, data, masks and eval JSONs."""
+    model, processor = tiny_model("qwen2_5_vl").eval(), tiny_processor("qwen2_5_vl")
+    data = make_synthetic_items(cultures=3, items_per_culture=8, seed=2)
+    out = tmp_path_factory.mktemp("exact")
+    run = Run(model, processor, data, out, CONFIG, progress=False)
+    results = run.run()
+    return {"model": model, "processor": processor, "data": data, "masks": run.load_masks(),
+            "results": results, "full": json.loads((out / "eval" / "full.json").read_text())}  # fmt: skip
+
+
+def evaluate(exact, out, **changes) -> tuple[dict, dict]:
+    run = Run(exact["model"], exact["processor"], exact["data"], out,
+              replace(CONFIG, **changes), progress=False)  # fmt: skip
+    results = run.evaluate(exact["masks"])
+    return results, json.loads((out / "eval" / "full.json").read_text())
+
+
+def test_screen_equals_exact_on_the_cells_it_confirms(exact, tmp_path):
+    budget = 2
+    results, full = evaluate(exact, tmp_path, matrix="screen", screen_budget=budget)
+    assert full["matrix"] == "screen" and full["pred"] == exact["full"]["pred"]
+    C = 3
+    for method, ev in results.items():
+        want = exact["results"][method]
+        assert ev["matrix"] == "screen" and want["matrix"] == "exact"
+        confirmed = torch.tensor(ev["confirmed"])
+        assert confirmed.shape == (C, C) and confirmed.diagonal().all()
+        assert int(confirmed.sum()) == C + budget  # 6 off-diagonal cells to choose from
+        for key in KEYS:
+            for s in range(C):
+                for c in range(C):
+                    if confirmed[s, c]:  # computed exactly: the exact run's number, exactly
+                        assert ev[key][s][c] == want[key][s][c], (method, key, s, c)
+                    else:  # the estimate's, as the side-by-side field holds it
+                        assert ev[key][s][c] == ev["estimate"][key][s][c], (method, key, s, c)
+        # self (the diagonal) rests on exact cells only
+        assert ev["self"] == pytest.approx(want["self"], abs=1e-12)
+
+
+def test_estimate_fills_every_cell_and_is_marked(exact, tmp_path):
+    results, full = evaluate(exact, tmp_path, matrix="estimate")
+    assert full["matrix"] == "estimate"
+    # Row 0 is the forward the gradients come from: the exact full model's answers.
+    assert full["pred"] == exact["full"]["pred"]
+    for method, ev in results.items():
+        want = exact["results"][method]
+        assert ev["matrix"] == "estimate" and "confirmed" not in ev
+        for key in KEYS:
+            assert torch.tensor(ev[key]).shape == torch.tensor(want[key]).shape
+        assert ev["accuracy_full"] == want["accuracy_full"]
+        assert ev["gap_ci"] is not None and ev["rnd"]["draws"] == 1
+    # Resumed, the estimate is read back from its progress log, not computed again.
+    log = tmp_path / "progress" / "estimate.jsonl"
+    lines = log.read_text().splitlines()
+    assert len(lines) == 3  # 12 evaluation items in batches of 4
+    again = Run(exact["model"], exact["processor"], exact["data"], tmp_path,
+                replace(CONFIG, matrix="estimate"), resume=True, progress=False)  # fmt: skip
+    assert again.evaluate(exact["masks"])["cas"]["flip"] == results["cas"]["flip"]
+    assert log.read_text().splitlines() == lines
+
+
+def test_confirmed_cells_pick_the_most_affected_off_the_diagonal():
+    effect = torch.tensor([[0.9, 0.1, 0.5], [0.2, 0.0, 0.7], [0.3, float("nan"), 0.0],
+                           [0.0, 0.0, 0.0], [0.0, 0.0, 0.0], [0.0, 0.0, 1.0]])  # fmt: skip
+    got = screen.confirmed_cells(effect, C=3, budget=2)
+    want = torch.eye(3, dtype=torch.bool).repeat(2, 1)
+    want[1, 2] = want[0, 2] = True  # 0.7 and 0.5: the diagonal's 0.9 is confirmed anyway
+    want[3, 1] = want[3, 2] = True  # all 0 off the diagonal (1.0 is on it): first in row order
+    assert torch.equal(got, want)
+    assert torch.equal(screen.confirmed_cells(effect, 3, 0), torch.eye(3, dtype=torch.bool)
+                       .repeat(2, 1))  # fmt: skip
+    # A group of items needs the full model and every set confirmed on one of its cultures.
+    assert screen.conditions(got, [1]) == [-1, 1, 3, 4]
+    assert screen.conditions(got, [0, 2]) == [-1, 0, 1, 2, 3, 5]
+
+
+def test_estimate_needs_logit_scoring():
+    with pytest.raises(UsageError, match="--matrix estimate needs --scoring logits"):
+        RunConfig(matrix="estimate", scoring="generate")
+    with pytest.raises(UsageError, match="--matrix must be one of exact, estimate, screen"):
+        RunConfig(matrix="approx")
+
+
+# -- the command line ------------------------------------------------------------------------
+SMALL = ["--min-items", "4", "--ratio", "0.05", "--rnd-draws", "1", "--batch-size", "4",
+         "--identify-on", "all", "--methods", "cas", "--resamples", "50", "--quiet"]  # fmt: skip
+
+
+def test_cli_screen_run_then_exact_evaluate(tmp_path, capsys):
+    """A user screens first, reads a report that says which numbers are estimated, then
+    evaluates exactly on the same run: the change is recorded and the marks go."""
+    assets = save_cli_assets(tmp_path, "qwen2_5_vl")
+    out = tmp_path / "run"
+    args = ["--model", assets["model"], "--data", assets["data"], "--out", str(out)]
+    assert cli.main(["run", *args, *SMALL, "--matrix", "screen", "--screen-budget", "1"]) == 0
+    assert "cas: gap ~" in capsys.readouterr().out  # the console marks it too
+    report = (out / "report.md").read_text()
+    assert "Matrix mode `screen`" in report and "first-order estimate" in report
+    assert "| ~" in report and "## Estimate against exact" in report
+    ev = json.loads((out / "eval" / "cas.json").read_text())
+    assert ev["matrix"] == "screen" and sum(map(sum, ev["confirmed"])) == 3 + 1
+    assert cli.main(["evaluate", "--out", str(out), "--matrix", "exact", "--quiet"]) == 0
+    run = json.loads((out / "run.json").read_text())
+    assert run["config"]["matrix"] == "exact"
+    assert {"step": "evaluate", "setting": "matrix", "from": "screen", "to": "exact"} in \
+        run["changes"]
+    assert json.loads((out / "eval" / "cas.json").read_text())["matrix"] == "exact"
+    assert cli.main(["report", "--out", str(out), "--quiet"]) == 0
+    assert "first-order estimate" not in (out / "report.md").read_text()
+
+
+def test_lm_screen_after_an_exact_run(tmp_path):
+    """The LM task: screening a finished exact run with `evaluate --matrix screen` keeps the
+    exact NLL changes where it confirms (up to the batch's last bits: the exact part batches
+    fewer conditions per forward) and the estimate's elsewhere."""
+    pytest.importorskip("faker")
+    from culture_neurons.models.loading import save_processor
+
+    model_dir = tmp_path / "model"
+    tiny_model("llama").save_pretrained(model_dir)
+    save_processor(tiny_processor("llama"), model_dir)
+    out = tmp_path / "run"
+    lm = ["--task", "lm", "--data", "faker", "--cultures", "de_DE,ja_JP,ru_RU", "--max-items",
+          "6", "--ratio", "0.05", "--rnd-draws", "1", "--batch-size", "4", "--methods", "cas",
+          "--resamples", "50", "--quiet"]  # fmt: skip
+    assert cli.main(["run", "--model", str(model_dir), "--out", str(out), *lm]) == 0
+    exact = json.loads((out / "eval" / "cas.json").read_text())
+    assert cli.main(["evaluate", "--out", str(out), "--matrix", "screen", "--screen-budget", "1",
+                     "--quiet"]) == 0  # fmt: skip
+    ev = json.loads((out / "eval" / "cas.json").read_text())
+    assert ev["matrix"] == "screen" and exact["matrix"] == "exact"
+    confirmed = torch.tensor(ev["confirmed"])
+    assert int(confirmed.sum()) == 3 + 1
+    got, want, est = (torch.tensor(x, dtype=torch.float64)
+                      for x in (ev["delta"], exact["delta"], ev["estimate"]["delta"]))  # fmt: skip
+    torch.testing.assert_close(got[confirmed], want[confirmed], rtol=0, atol=1e-4)
+    assert torch.equal(got[~confirmed], est[~confirmed])
+    assert ev["nll_full"] == pytest.approx(exact["nll_full"], abs=1e-4)
+    assert cli.main(["report", "--out", str(out), "--quiet"]) == 0
+    report = (out / "report.md").read_text()
+    assert "Matrix mode `screen`" in report and "## Estimate against exact" in report
