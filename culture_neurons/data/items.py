@@ -8,7 +8,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from culture_neurons.data.images import ImageRef, decode_image
+from culture_neurons.data.images import ImageRef, decode_image, image_size
 from culture_neurons.data.schema import HIDDEN_LABEL, LETTERS
 from culture_neurons.errors import DataError, UsageError
 
@@ -59,6 +59,19 @@ class Item:
         except Exception as exc:  # PIL raises several types for corrupt data
             raise DataError(
                 f"item {self.id!r}: its image cannot be decoded ({exc}); "
+                "drop the item or re-download the data"
+            ) from exc
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """``(height, width)`` in pixels, read from the image's header (no pixels decoded)."""
+        try:
+            return image_size(self.image_ref.read_bytes())
+        except DataError:
+            raise
+        except Exception as exc:  # PIL raises several types for corrupt data
+            raise DataError(
+                f"item {self.id!r}: its image cannot be read ({exc}); "
                 "drop the item or re-download the data"
             ) from exc
 
