@@ -42,6 +42,7 @@ def make_run(setup, out, data=None, **config) -> Run:
     return Run(model, processor, data or default, out, config, progress=False)
 
 
+@pytest.mark.slow
 def test_one_pass_records_the_correct_items_as_the_two_pass_path(setup, tmp_path):
     model, processor, _ = setup
     run = make_run(setup, tmp_path / "one")
@@ -93,6 +94,7 @@ def test_one_pass_records_the_correct_items_as_the_two_pass_path(setup, tmp_path
     assert_stats_equal(stats, ref)
 
 
+@pytest.mark.slow
 def test_kill_and_resume_mid_identification_gives_identical_stats(setup, tmp_path,
                                                                   monkeypatch):  # fmt: skip
     run = make_run(setup, tmp_path / "whole")
@@ -171,6 +173,7 @@ def reordered(data):
                                            for c, its in data.items_by_culture.items()})  # fmt: skip
 
 
+@pytest.mark.slow
 def test_batches_and_results_do_not_depend_on_the_items_order(setup, tmp_path):
     model, processor, data = setup
     runs = [make_run(setup, tmp_path / "a"), make_run(setup, tmp_path / "b", data=reordered(data))]
