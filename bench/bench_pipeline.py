@@ -1,21 +1,37 @@
-"""Pipeline throughput: the identification pass and the ablation matrix against plain prefills.
+"""Pipeline throughput: the whole identification and the ablation matrix against plain prefills.
 
-Providers, same model, same items, one process:
-  identification
-    plain      model(**batch) over the identification batches (already encoded)
-    record     the same forwards through culture_neurons.record (fused backend)
-  ablation matrix (every item under the full model and under S ablation sets)
-    plain      model(**batch) once per (item batch, condition): what a hand-written loop does,
-               vision tower included every time, no ablation applied
-    matrix     culture_neurons.evaluate.Group: the group's vision work once, rows of up to
-               batch_size // group conditions share each forward, per-row ablation masks
+Every provider works on the same items, in the same batches (the run's: grouped by prompt
+length, see ``culture_neurons.pipeline.batching``), with the same rows per forward, and pays
+the same encoding (chat template, image processor, padding) inside its timing:
 
-Throughput is items (identification) or items x conditions (matrix) per second; the ratio is
-time(ours) / time(plain). Goal: identification <= 1.05x, matrix <= 1.1x.
+  identification (the identification half, ``batch_size`` items per forward)
+    plain      one plain prefill of every item, scored: ``Group(batch).predict([-1])`` (the
+               full model's letters; what any evaluation of the items costs)
+    ident      ``Run.identify()``: the whole identification as the pipeline runs it, one
+               prefill per item (score + record, the correct items committed), checkpoints
+               and files included
+    two_pass   the way before one-prefill identification: the plain prefill above, then the
+               correct items recorded in a second prefill (what ``--scoring generate`` does)
+  ablation matrix (the evaluation half, every item under the full model and S ablation sets)
+    plain      per condition, one plain prefill of every item in forwards of ``batch_size``
+               rows, scored, vision tower included (what a loop over conditions costs without
+               ablating anything)
+    matrix     ``Run``'s matrix: groups of ``batch_size // 4`` items, 4 conditions per forward
+               (``batch_size`` rows, as plain), per-row ablation sets, the group's vision
+               output reused by every forward after its first
+    matrix_no_reuse  the same with ``reuse_vision=False`` (vision and encoding per forward):
+               the reuse's share on its own line
 
-Cases: the tiny Qwen2.5-VL of culture_neurons.testing.tiny and a mid-size one (its decoder widened,
-see MID), on synthetic CVQA images (64 px; CVQA's are larger, so the vision share here is
-small and the matrix's reuse gains are understated).
+JSON per case: ``*_s`` (medians), ``ident_over_plain``, ``two_pass_over_plain``,
+``matrix_over_plain`` and ``matrix_no_reuse_over_plain`` (the same work as plain, so also the
+ratio per condition), ``per_condition_s``, ``padding_share`` of the run's batches and
+``padding_share_data_order`` (the same items batched in data order), ``lengths_s`` (prompt
+lengths for the grouping, once per run, outside the timed providers). Targets (issue #13):
+ident <= 1.10x, matrix <= 1.0x.
+
+Cases: the tiny Qwen2.5-VL of culture_neurons.testing.tiny and a mid-size one (its decoder
+widened, see MID), on synthetic CVQA images of varied sizes (``IMAGE_SIZES``: width and height
+drawn apart, so prompts differ in length as CVQA's do).
 
     python bench/bench_pipeline.py [--quick] [--json out.json] [--device cuda]
 """
@@ -26,6 +42,7 @@ import argparse
 import json
 import platform
 import statistics
+import tempfile
 import time
 
 import torch
@@ -35,14 +52,19 @@ import culture_neurons as cn
 from culture_neurons.data import make_synthetic_items
 from culture_neurons.masks import Masks
 from culture_neurons.models import adapters
+from culture_neurons.pipeline import RunConfig
+from culture_neurons.pipeline.batching import padding_share
+from culture_neurons.pipeline.run import Run
 from culture_neurons.scoring.multiple_choice import Group
-from culture_neurons.scoring.prompting import encode
+from culture_neurons.scoring.prompting import prompt_lengths
 from culture_neurons.testing.tiny import tiny_model, tiny_processor
 
 # Mid-size decoder (Qwen2.5-VL-7B: hidden 3584, intermediate 18944, 28 layers, 28 heads).
 # head_dim stays the tiny model's 16 so that its multimodal rope sections still fit.
 MID = dict(hidden_size=512, intermediate_size=2816, num_hidden_layers=4, num_attention_heads=32,
            num_key_value_heads=4)  # fmt: skip
+IMAGE_SIZES = (28, 224)  # pixels, smallest and largest side (tiny Qwen2.5-VL: 4 to 64 tokens)
+BATCH = 8
 
 
 def build(case: str, device: torch.device):
@@ -69,77 +91,92 @@ def _timed(fn, device) -> float:
     return time.perf_counter() - t0
 
 
-def identification(model, processor, items, batch_size, device, repeats) -> dict:
-    batches = [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
-    encoded = [encode(model, processor, b, device=device) for b in batches]
-    cultures = sorted({it.culture for it in items})
-    ids = [[cultures.index(it.culture) for it in b] for b in batches]
+def _plain(model, processor, items: list, device) -> torch.Tensor:
+    """The full model's letters of ``items``, BATCH rows per forward, vision and encoding each
+    time."""
+    preds = [Group(model, processor, items[i : i + BATCH], device=device,
+                   reuse_vision=False).predict([-1])[0]
+             for i in range(0, len(items), BATCH)]  # fmt: skip
+    return torch.cat(preds)
+
+
+def identification(run: Run, device, repeats: int) -> dict:
+    model, processor = run.model, run.processor
+    items = run.identification_items()  # every item in the run's batching order (one pass)
+    cultures = run.cultures
+
+    def two_pass():
+        pred = _plain(model, processor, items, device)
+        correct = [it for it, p in zip(items, pred.tolist(), strict=True) if p == it.label]
+        with cn.record(model, cultures, backend=run.config.backend) as rec:
+            for i in range(0, len(correct), BATCH):
+                chunk = correct[i : i + BATCH]
+                rec([cultures.index(it.culture) for it in chunk],
+                    **run.task.encode(chunk, device))  # fmt: skip
+
+    providers = {"plain": lambda: _plain(model, processor, items, device),
+                 "ident": run.identify, "two_pass": two_pass}  # fmt: skip
+    out = _compare(providers, device, repeats)
+    lengths = run._lengths(items)
+    by_data = [it for c in cultures for it in run.ident.items_by_culture[c]]
+    out.update(items=len(items), padding_share=padding_share(lengths, BATCH),
+               padding_share_data_order=padding_share(run._lengths(by_data), BATCH))  # fmt: skip
+    return out
+
+
+def matrix(run: Run, no_reuse: Run, masks: Masks, device, repeats: int) -> dict:
+    model, processor = run.model, run.processor
+    items = [it for c in run.cultures for it in run.evaluation.items_by_culture[c]]
+    order = run._by_length(items)
+    conditions = 1 + len(masks)
 
     def plain():
-        for batch in encoded:
-            model(**batch)
+        for _ in range(conditions):
+            _plain(model, processor, order, device)
 
-    def record():
-        with cn.record(model, cultures, backend="fused") as rec:
-            for batch, culture in zip(encoded, ids, strict=True):
-                rec(culture, **batch)
-
-    return _compare({"plain": plain, "record": record}, device, repeats, len(items))
-
-
-def matrix(model, processor, items, masks, batch_size, device, repeats) -> dict:
-    conditions = [-1] + list(range(len(masks)))
-    group_size = max(1, batch_size // 4)
-    per_forward = max(1, batch_size // group_size)
-    chunks = [items[i : i + group_size] for i in range(0, len(items), group_size)]
-    encoded = [encode(model, processor, c, device=device) for c in chunks]
-
-    def plain():
-        for batch in encoded:
-            for _ in conditions:
-                model(**batch, logits_to_keep=1)
-
-    def ours():
-        with cn.ablate(model, masks) as ablator:
-            for chunk in chunks:
-                group = Group(model, processor, chunk)
-                for c0 in range(0, len(conditions), per_forward):
-                    group.predict(conditions[c0 : c0 + per_forward], ablator)
-
-    work = len(items) * len(conditions)
-    return _compare({"plain": plain, "matrix": ours}, device, repeats, work)
+    providers = {"plain": plain, "matrix": lambda: run._matrix_predictions(items, masks),
+                 "matrix_no_reuse": lambda: no_reuse._matrix_predictions(items, masks)}  # fmt: skip
+    out = _compare(providers, device, repeats)
+    group = max(1, BATCH // 4)
+    out.update(items=len(items), conditions=conditions,
+               per_condition_s=out["plain_s"] / conditions,
+               padding_share=padding_share(run._lengths(order), group))  # fmt: skip
+    return out
 
 
-def _compare(providers: dict, device, repeats: int, work: int) -> dict:
+def _compare(providers: dict, device, repeats: int) -> dict:
+    """Medians (``<name>_s``) and ``<name>_over_plain``; rounds interleaved, round 0 warms up."""
     times = {name: [] for name in providers}
     with torch.no_grad():
-        for rep in range(repeats + 1):  # round 0 warms up
+        for rep in range(repeats + 1):
             for name, fn in providers.items():
                 dt = _timed(fn, device)
                 if rep:
                     times[name].append(dt)
     med = {name: statistics.median(ts) for name, ts in times.items()}
-    names = list(providers)
-    out = {f"{n}_s": med[n] for n in names}
-    out.update({f"{n}_per_s": work / med[n] for n in names})
-    out["ratio"] = med[names[1]] / med[names[0]]
+    out = {f"{n}_s": med[n] for n in providers}
+    out.update({f"{n}_over_plain": med[n] / med["plain"] for n in providers if n != "plain"})
     return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--quick", action="store_true", help="tiny case only, fewer items, 2 repeats")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--json")
     args = ap.parse_args()
     device = torch.device(args.device)
-    cultures, per_culture = (3, 4) if args.quick else (4, 8)
+    cultures, per_culture = (2, 6) if args.quick else (4, 16)
     repeats = 2 if args.quick else 5
-    data = make_synthetic_items(cultures=cultures, items_per_culture=per_culture, seed=0)
-    items = [it for c in data.cultures for it in data.items_by_culture[c]]
-    print(f"# bench_pipeline: {device.type} {platform.machine()}, torch {torch.__version__}, "
-          f"transformers {transformers.__version__}; {len(items)} items, median of {repeats}")
-    print(f"{'case':<10}{'step':<16}{'plain/s':>10}{'ours/s':>10}{'ours/plain time':>17}")
+    data = make_synthetic_items(cultures=cultures, items_per_culture=per_culture, seed=0,
+                                image_size=IMAGE_SIZES)  # fmt: skip
+    versions = {"torch": torch.__version__, "transformers": transformers.__version__,
+                "python": platform.python_version()}  # fmt: skip
+    print(f"# bench_pipeline: {device.type} {platform.machine()}, {torch.get_num_threads()} "
+          f"threads, " + ", ".join(f"{k} {v}" for k, v in versions.items())
+          + f"; {len(data)} items, images {IMAGE_SIZES[0]}-{IMAGE_SIZES[1]} px, "
+          f"{BATCH} rows per forward, median of {repeats}")  # fmt: skip
+    print(f"{'case':<6}{'step':<16}{'plain s':>9}  ratios to plain (same rows per forward)")
     rows = []
     for case in ("tiny",) if args.quick else ("tiny", "mid"):
         model, processor = build(case, device)
@@ -147,19 +184,34 @@ def main() -> None:
         g = torch.Generator().manual_seed(0)
         k = max(1, fp.num_layers * fp.num_neurons // 200)  # 0.5 % per set
         sets = [torch.randperm(fp.num_layers * fp.num_neurons, generator=g)[:k]
-                for _ in range(2 * cultures)]  # two methods' worth of culture sets
+                for _ in range(2 * cultures)]  # fmt: skip  (two methods' worth of culture sets)
         masks = Masks.from_sets([f"s{i}" for i in range(len(sets))], sets, fp)
-        for step, fn in (("identification", identification), ("matrix", matrix)):
-            extra = (masks,) if step == "matrix" else ()
-            r = fn(model, processor, items, *extra, 8, device, repeats)
-            ours = "record" if step == "identification" else "matrix"
-            row = {"case": case, "step": step, **r}
+        with tempfile.TemporaryDirectory() as tmp:
+            config = RunConfig(batch_size=BATCH, checkpoint_minutes=0)
+            run = Run(model, processor, data, f"{tmp}/run", config, progress=False)
+            no_reuse = Run(model, processor, data, f"{tmp}/no_reuse",
+                           RunConfig(batch_size=BATCH, reuse_vision=False), progress=False)  # fmt: skip
+            t0 = time.perf_counter()
+            every = [it for c in run.cultures for part in (run.ident, run.evaluation)
+                     for it in part.items_by_culture[c]]  # fmt: skip
+            lengths = prompt_lengths(model, processor, every)
+            lengths_s = time.perf_counter() - t0
+            for r in (run, no_reuse):  # the run's own cache, filled outside the timings
+                r._length_of.update(zip([it.id for it in every], lengths, strict=True))
+            steps = {"identification": identification(run, device, repeats),
+                     "matrix": matrix(run, no_reuse, masks, device, repeats)}
+        for step, r in steps.items():
+            row = {"case": case, "step": step, "lengths_s": lengths_s, **r}
             rows.append(row)
-            print(f"{case:<10}{step:<16}{r['plain_per_s']:>10.1f}{r[ours + '_per_s']:>10.1f}"
-                  f"{r['ratio']:>17.3f}")  # fmt: skip
+            ratios = "  ".join(f"{k.removesuffix('_over_plain')} {v:.3f}x" for k, v in r.items()
+                               if k.endswith("_over_plain"))  # fmt: skip
+            print(f"{case:<6}{step:<16}{r['plain_s']:>9.3f}  {ratios}  "
+                  f"(padding {100 * r['padding_share']:.1f} %)")  # fmt: skip
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"device": str(device), "cases": rows}, f, indent=1)
+            json.dump({"device": str(device), "threads": torch.get_num_threads(),
+                       "versions": versions, "repeats": repeats, "rows_per_forward": BATCH,
+                       "image_sizes": IMAGE_SIZES, "cases": rows}, f, indent=1)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -11,12 +11,20 @@ statistics to Masks, so the shared elementwise work is in both numbers).
 Cases: ``topk`` (one top-k over all C*L*N values of P), ``kth`` (the 95 % order statistic of
 P, LAPE's filter), and the selectors ``cas lap lape mad rnd`` (``rnd`` does no ranking: its two
 numbers run the same code and show the noise), at ratios r of 0.1, 0.5, 1 and 5 %.
+
+Beside them, so that a reader sees whether selection is a cost at all, ``prefill_s``: the
+decoder MLPs of ONE item's prefill at the same shape (L layers of gate, up, act * up and down
+on ``PREFILL_TOKENS`` rows, fp32, on this machine; one layer timed, times L). Attention, the
+vision tower and the head come on top, so a real prefill takes longer still: each row's
+``cpp_over_prefill`` is an upper bound of selection's cost in prefills of one item. The header
+gives the load average (a shared machine slows the multi-threaded torch path most).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -25,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from shapes import QWEN25_VL_7B
 
 from culture_neurons.selection import topk
@@ -38,6 +47,8 @@ SHAPES = {
     "llava-1.6-mistral-7b": (25, 32, 14336),  # not in shapes.py yet
 }
 QUICK_SHAPES = {"tiny": (8, 4, 4096)}
+HIDDEN = {QWEN.name: QWEN.hidden, "llava-1.6-mistral-7b": 4096, "tiny": 256}
+PREFILL_TOKENS = 1024  # one CVQA prompt with its image: ~1-2k tokens (shapes.py)
 RATIOS = (0.001, 0.005, 0.01, 0.05)
 QUICK_RATIOS = (0.005, 0.05)
 SELECTORS = ("cas", "lap", "lape", "mad", "rnd")
@@ -75,6 +86,23 @@ def timed_pair(fn, repeat: int):
             times[backend].append(time.perf_counter() - t0)
     med = {b: statistics.median(t) for b, t in times.items()}
     return med["cpp"], med["torch"], out["cpp"], out["torch"]
+
+
+def prefill_mlps_s(L: int, H: int, N: int, tokens: int, repeat: int) -> float:
+    """Seconds of the decoder MLPs of one prefill of ``tokens`` rows: L x the median of one
+    layer's ``down(silu(gate(x)) * up(x))`` in fp32 (random weights, the matmuls dominate)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(tokens, H, generator=g)
+    w_gate, w_up = torch.randn(N, H, generator=g), torch.randn(N, H, generator=g)
+    w_down = torch.randn(H, N, generator=g)
+    times = []
+    with torch.no_grad():
+        for i in range(repeat + 1):  # the first warms up
+            t0 = time.perf_counter()
+            F.linear(F.silu(F.linear(x, w_gate)) * F.linear(x, w_up), w_down)
+            if i:
+                times.append(time.perf_counter() - t0)
+    return L * statistics.median(times)
 
 
 def same(a, b) -> bool:
@@ -116,6 +144,7 @@ def header() -> dict:
         "torch": torch.__version__,
         "numpy": np.__version__,
         "backend_built": topk.BACKEND,
+        "load_1_5_15_min": [round(x, 2) for x in os.getloadavg()],
     }
 
 
@@ -134,9 +163,13 @@ def main(argv=None) -> int:
 
     head = header()
     print(" | ".join(f"{k}: {v}" for k, v in head.items()) + f" | repeat: {repeat} (median)")
-    print(f"{'case':<44} {'cpp_s':>8} {'torch_s':>8} {'speedup':>8}  identical")
+    print(f"{'case':<44} {'cpp_s':>8} {'torch_s':>8} {'speedup':>8}  identical  cpp/prefill")
     results = []
     for shape_name, (C, L, N) in shapes.items():
+        tokens = 128 if args.quick else PREFILL_TOKENS
+        prefill = prefill_mlps_s(L, HIDDEN[shape_name], N, tokens, repeat)
+        print(f"# {shape_name}: the decoder MLPs of one {tokens}-token prefill take "
+              f"{prefill:.3f} s here ({L} layers, hidden {HIDDEN[shape_name]}, {N} neurons)")
         st = random_stats(C, L, N)
         for name, r, fn in cases(st, ratios):
             t_cpp, t_torch, out_cpp, out_torch = timed_pair(fn, repeat)
@@ -146,10 +179,12 @@ def main(argv=None) -> int:
                 "case": case, "selector": name, "shape": shape, "model": shape_name,
                 "ratio": r, "cpp_s": round(t_cpp, 4), "torch_s": round(t_torch, 4),
                 "speedup": round(t_torch / t_cpp, 2), "identical": same(out_cpp, out_torch),
+                "prefill_s": round(prefill, 4), "prefill_tokens": tokens,
+                "cpp_over_prefill": round(t_cpp / prefill, 3),
             }  # fmt: skip
             results.append(row)
             print(f"{case:<44} {t_cpp:8.3f} {t_torch:8.3f} {row['speedup']:7.2f}x  "
-                  f"{row['identical']}", flush=True)  # fmt: skip
+                  f"{row['identical']!s:<9}  {row['cpp_over_prefill']:.3f}", flush=True)  # fmt: skip
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"header": head, "cases": results}, indent=1))

@@ -111,6 +111,16 @@ def decode_image(data: bytes) -> Any:
         return img.convert("RGB")
 
 
+def image_size(data: bytes) -> tuple[int, int]:
+    """``(height, width)`` of encoded image bytes from the header alone (PIL opens lazily), the
+    size :func:`decode_image` gives."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as img:
+        width, height = img.size
+    return height, width
+
+
 def check_image(data: bytes) -> None:
     """Cheap readability check (format header and, for PNG, chunk CRCs); no pixels decoded."""
     from PIL import Image

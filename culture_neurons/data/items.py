@@ -8,7 +8,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from culture_neurons.data.images import ImageRef, decode_image
+from culture_neurons.data.images import ImageRef, decode_image, image_size
 from culture_neurons.data.schema import HIDDEN_LABEL, LETTERS
 from culture_neurons.errors import DataError, UsageError
 
@@ -52,13 +52,22 @@ class Item:
     @property
     def image(self) -> Any:
         """The image as an RGB ``PIL.Image.Image``, decoded now."""
+        return self._read_image(decode_image, "decoded")
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """``(height, width)`` in pixels, read from the image's header (no pixels decoded)."""
+        return self._read_image(image_size, "read")
+
+    def _read_image(self, read, what: str):
+        """``read(bytes)``, a failure of the image's own data as a DataError naming the item."""
         try:
-            return decode_image(self.image_ref.read_bytes())
+            return read(self.image_ref.read_bytes())
         except DataError:
             raise
         except Exception as exc:  # PIL raises several types for corrupt data
             raise DataError(
-                f"item {self.id!r}: its image cannot be decoded ({exc}); "
+                f"item {self.id!r}: its image cannot be {what} ({exc}); "
                 "drop the item or re-download the data"
             ) from exc
 

@@ -238,21 +238,25 @@ def _polygon(motif: str, cx: float, cy: float, r: float) -> list[tuple[float, fl
     ]
 
 
-def draw_image(culture: SyntheticCulture, rng: random.Random, size: int = 64) -> bytes:
-    """PNG bytes: the culture's palette as background, 2-4 of its motifs, neutral clutter."""
+def draw_image(culture: SyntheticCulture, rng: random.Random,
+               size: int | tuple[int, int] = 64) -> bytes:  # fmt: skip
+    """PNG bytes: the culture's palette as background, 2-4 of its motifs, neutral clutter.
+    ``size``: the side of a square image, or ``(width, height)``."""
     from PIL import Image, ImageDraw
 
+    width, height = (size, size) if isinstance(size, int) else size
+    side = min(width, height)
     jitter = lambda: rng.uniform(-0.03, 0.03)  # noqa: E731  (small hue noise per image)
     background = _rgb(culture.hue + jitter(), 0.35, 0.92)
-    img = Image.new("RGB", (size, size), background)
+    img = Image.new("RGB", (width, height), background)
     draw = ImageDraw.Draw(img)
     for _ in range(rng.randint(1, 3)):  # clutter shared by all cultures: gray lines
         gray = rng.randint(90, 200)
-        points = [rng.uniform(0, size) for _ in range(4)]
+        points = [rng.uniform(0, extent) for extent in (width, height, width, height)]
         draw.line(points, fill=(gray, gray, gray), width=1)
     for _ in range(rng.randint(2, 4)):
-        r = rng.uniform(0.10, 0.20) * size
-        cx, cy = rng.uniform(r, size - r), rng.uniform(r, size - r)
+        r = rng.uniform(0.10, 0.20) * side
+        cx, cy = rng.uniform(r, width - r), rng.uniform(r, height - r)
         color = _rgb(culture.hue + 0.5 + jitter(), 0.8, rng.uniform(0.45, 0.7))
         _draw_motif(draw, culture.motif, cx, cy, r, color)
     buffer = io.BytesIO()
@@ -300,21 +304,25 @@ def synthetic_rows(
     items_per_culture: int = 64,
     *,
     seed: int = 0,
-    image_size: int = 64,
+    image_size: int | tuple[int, int] = 64,
     hidden_labels: bool = False,
     words_per_category: int = WORDS_PER_CATEGORY,
 ) -> Iterator[dict[str, Any]]:
     """Rows (dicts with exactly CVQA's columns) of synthetic CVQA, culture by culture.
 
-    ``words_per_category`` (1 to 6) limits each culture to its first words of every category:
-    fewer facts to know per culture (the trained toy uses 1)."""
+    ``image_size``: the side of every (square) image, or ``(smallest, largest)``: each image's
+    width and height drawn between them (CVQA's photos differ in size and shape, and so do
+    their prompts' image tokens). ``words_per_category`` (1 to 6) limits each culture to its
+    first words of every category: fewer facts to know per culture (the trained toy uses 1)."""
     if not 1 <= words_per_category <= WORDS_PER_CATEGORY:
         raise UsageError(f"words_per_category={words_per_category} must be in "
                          f"[1, {WORDS_PER_CATEGORY}]")  # fmt: skip
     if items_per_culture < 1:
         raise UsageError(f"items_per_culture={items_per_culture} must be >= 1")
-    if image_size < 16:
-        raise UsageError(f"image_size={image_size} must be >= 16 pixels to draw the motifs")
+    sides = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+    if len(sides) != 2 or min(sides) < 16 or sides[0] > sides[1]:
+        raise UsageError(f"image_size={image_size} must be a side >= 16 pixels (to draw the "
+                         "motifs) or (smallest, largest) sides with 16 <= smallest <= largest")  # fmt: skip
     resolved = resolve_cultures(cultures)
     categories = list(CATEGORIES)
     for culture in resolved:
@@ -331,8 +339,12 @@ def synthetic_rows(
             options = _distractors(answer, others, category, rng, words_per_category)
             options.insert(labels[i], answer)
             item_id = f"syn{seed}_{culture.language}_{culture.country}_{i:05d}"
+            size = image_size
+            if not isinstance(image_size, int):  # its own stream: square images stay as they were
+                shape = random.Random(stable_seed("image size", seed, culture.name, i))
+                size = (shape.randint(*sides), shape.randint(*sides))
             yield {
-                "image": {"bytes": draw_image(culture, rng, image_size), "path": f"{item_id}.png"},
+                "image": {"bytes": draw_image(culture, rng, size), "path": f"{item_id}.png"},
                 "ID": item_id,
                 "Subset": culture.subset,
                 "Question": culture.local_questions[category],
@@ -383,7 +395,7 @@ def write_synthetic_cvqa(
     items_per_culture: int = 64,
     *,
     seed: int = 0,
-    image_size: int = 64,
+    image_size: int | tuple[int, int] = 64,
     hidden_labels: bool = False,
     num_files: int = 1,
     rows_per_group: int = 100,
@@ -435,7 +447,7 @@ def make_synthetic_items(
     items_per_culture: int = 64,
     *,
     seed: int = 0,
-    image_size: int = 64,
+    image_size: int | tuple[int, int] = 64,
     hidden_labels: bool = False,
     grouping: str = "pair",
     language: str = "en",

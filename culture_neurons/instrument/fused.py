@@ -4,7 +4,8 @@
     y = down_proj(h)
 
 On CUDA the op is one Triton kernel (the activations are never written out for the
-statistics) that adds straight into the layer's int64 / fp64 totals; elsewhere the same math
+statistics) that adds straight into the layer's int64 / fp64 totals (or, for a staged batch,
+into per-item slots: the same kernel with item slots as its "cultures"); elsewhere the same math
 runs in PyTorch over token chunks (:mod:`culture_neurons.instrument.reduce`). No per-forward
 work besides the op: nothing to fold, zero or synchronise. Each layer's op is bound once, at
 attach (:class:`culture_neurons.kernels.ops.LayerOp`: totals, keep mask, activation and factor
@@ -48,9 +49,8 @@ class FusedHandle:
 
     def _forward(self, site):
         inst, mlp = self.inst, site.mlp
-        op = LayerOp(inst.fingerprint.num_neurons, site.device, act_fn=inst.act_fn,
-                     activation=inst.activation, factor=inst.factor, K=site.K, S=site.S,
-                     Q=site.Q, keep=site.keep)  # fmt: skip
+        op = self._op(site, (site.K, site.S, site.Q))
+        staged = [None, None]  # (slot sums, op bound to them): rebound when the slots grow
 
         def forward(x: torch.Tensor) -> torch.Tensor:
             if not self.attached:  # detached while a wrapper (e.g. nnsight) still calls us
@@ -59,10 +59,23 @@ class FusedHandle:
             g, u = mlp.gate_proj(x), mlp.up_proj(x)
             if _has_hooks(mlp.act_fn):
                 return mlp.down_proj(self._eager(site, g, u, culture, set_ids))
+            layer_op = op
+            if culture is not None and inst._batch.staged is not None:
+                if staged[0] is not site.sums:
+                    staged[:] = site.sums, self._op(site, site.sums)
+                layer_op = staged[1]
             one_culture = inst._batch.one_culture if culture is not None else -1
-            return mlp.down_proj(op(g, u, culture, set_ids, one_culture))
+            return mlp.down_proj(layer_op(g, u, culture, set_ids, one_culture))
 
         return forward
+
+    def _op(self, site, sums) -> LayerOp:
+        """The layer's op adding into ``sums`` (K, S, Q; None when not recording)."""
+        inst = self.inst
+        K, S, Q = sums
+        return LayerOp(inst.fingerprint.num_neurons, site.device, act_fn=inst.act_fn,
+                       activation=inst.activation, factor=inst.factor, K=K, S=S, Q=Q,
+                       keep=site.keep)  # fmt: skip
 
     def _eager(self, site, g, u, culture, set_ids) -> torch.Tensor:
         if not self._warned:

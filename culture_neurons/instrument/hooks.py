@@ -15,8 +15,9 @@ from culture_neurons.instrument import reduce
 
 
 def record(site, a, culture) -> None:
-    """Add the statistics of one layer's recorded activation ``a [..., N]`` into its totals."""
-    reduce.accumulate(site.K, site.S, site.Q, a.reshape(-1, a.shape[-1]), culture)
+    """Add the statistics of one layer's recorded activation ``a [..., N]`` where the forward
+    adds (``site.sums``: its totals, or the staging slots of a staged batch)."""
+    reduce.accumulate(*site.sums, a.reshape(-1, a.shape[-1]), culture)
 
 
 def ablated(site, a, set_ids):

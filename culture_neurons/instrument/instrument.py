@@ -11,6 +11,15 @@ source-by-target ablation matrix runs in few passes.
             rec(culture, **batch)                     # = rec.set_batch(...); model(**batch)
     stats = rec.stats()
 
+Staging (``set_batch(..., stage=True)``): the rows' statistics go into per-item slots instead
+of the totals, and :meth:`Instrument.commit` adds the items it is told to keep, once the caller
+knows which (identification counts the items the model answers right, known from the logits
+of the very forward that recorded them: one prefill per item)::
+
+    rec.set_batch(culture, stage=True, **batch)
+    logits = model(**batch).logits
+    rec.commit(predicted == label)                   # bool [B]: which items count
+
 Backends (``rec.backend``): ``hooks`` (plain PyTorch forward hooks, the reference) and
 ``fused`` (the MLP forward replaced on the instance by one fused op; see ``fused.py``). Both
 add straight into int64 / fp64 totals on each layer's device; nothing moves to the host until
@@ -60,6 +69,10 @@ class Batch:
     # The only culture id among the rows when the ids given on the CPU show it (then the kernel
     # skips its per-tile search); -1: several, none, or ids given on a device (never read).
     one_culture: int = -1
+    # Staged (set_batch(stage=True)): int64 [B] culture of each item; the rows' ids above are
+    # then item slots 0..B-1, their statistics held until commit(). None: not staged.
+    staged: torch.Tensor | None = None
+    ran: bool = False  # layer 0 has seen this batch (its counts are committed or staged)
     _cache: dict = field(default_factory=dict)
 
     def on(self, device: torch.device, tokens_per_row: int):
@@ -86,6 +99,8 @@ class Site:
         self.current = None  # (culture, set ids) of the forward in progress
         # int64 / float64 / float64 [C, N] on this layer's device (inst.totals'), if recording
         self.K = self.S = self.Q = None
+        # where the forward in progress adds: (K, S, Q) above, or the staging slots' [B', N]
+        self.sums = None
         self.keep = None  # uint8 [S, N] keep mask of this layer (0 = ablate), if ablating
 
     def begin(self, x: torch.Tensor):
@@ -120,6 +135,10 @@ class Site:
         if self.layer == 0 and batch.serial != self.last_serial:
             self.inst._commit_counts(batch)
         self.last_serial = batch.serial
+        if batch.culture is not None:
+            staging = self.inst._staging
+            self.sums = (self.K, self.S, self.Q) if batch.staged is None else \
+                staging.layer(self.layer, self.device)  # fmt: skip
         self.current = batch.on(x.device, rows // batch.batch_size)
         return self.current
 
@@ -171,6 +190,8 @@ class Instrument:
         self.options = dict(options or {})
         self._batch: Batch | None = None
         self._serial = 0
+        self._staging: Totals | None = None  # per-item slots of staged batches (see set_batch)
+        self._staged: Batch | None = None  # the staged batch awaiting commit()
         self.sites = [Site(self, i, mlp) for i, mlp in enumerate(adapters.decoder_mlps(model))]
         _refuse_second(self.sites)
         if masks is not None:
@@ -212,9 +233,10 @@ class Instrument:
 
     def reset_stats(self) -> None:
         """Zero the totals in place (the attached model is unchanged; the backends' per-layer
-        ops, bound to them at attach, stay valid)."""
+        ops, bound to them at attach, stay valid); a staged batch is dropped."""
         if self.recording:
             self.totals.reset()
+        self._drop_staged()
 
     def start_from(self, stats: Stats) -> None:
         """Continue accumulating from ``stats`` (a checkpoint of this same recording): the
@@ -222,6 +244,7 @@ class Instrument:
         if not self.recording:
             raise UsageError("this instrument does not record (no cultures were given)")
         self.totals.start_from(stats)
+        self._drop_staged()
 
     # -- per batch -----------------------------------------------------------------------
     def set_batch(
@@ -229,28 +252,43 @@ class Instrument:
         culture=None,
         *,
         set_ids=None,
+        stage: bool = False,
         input_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         **_unused,
     ) -> None:
         """Describe the next forward: one culture id (or name) per row, -1 = not counted;
         ``set_ids``: one mask-set id per row, -1 = none. Token weights come from
-        ``attention_mask`` (padding) and ``input_ids`` (image tokens) under the scope."""
+        ``attention_mask`` (padding) and ``input_ids`` (image tokens) under the scope.
+
+        ``stage=True``: the forward's statistics are held per item (row) until
+        :meth:`commit` says which items count; until then they are in no total.
+
+        Raises:
+            UsageError: ``stage=True`` without cultures, or while a staged batch that ran
+                awaits its :meth:`commit`.
+        """
         if "ablate" in _unused:  # the keyword before set_ids: never ignore an ablation silently
             raise UsageError("set_batch(ablate=...) is now set_batch(set_ids=...): one mask-set "
                              "id per row, -1 = none")  # fmt: skip
         if input_ids is None and attention_mask is None:
             raise UsageError("set_batch needs input_ids or attention_mask to know the rows")
         shape = (input_ids if input_ids is not None else attention_mask).shape
-        rows = items = None
+        rows = items = staged = None
         one_culture = -1
+        if stage and culture is None:
+            raise UsageError("set_batch(stage=True) stages the statistics of recorded rows; give "
+                             "their cultures (one id or name per row)")  # fmt: skip
         if culture is not None:
             if not self.recording:
                 raise UsageError("this instrument was built without cultures; it cannot record")
             weights = token_weights(attention_mask, input_ids, self.scope, self.image_token_ids)
             ids, one_culture = self._culture_ids(culture, shape[0], weights.device)
+            if stage:
+                staged, ids, one_culture = ids, self._slots(ids), -1
+            else:
+                items = count_per_culture(ids, len(self.cultures))
             rows = row_ids(ids, weights.shape, weights).reshape(-1).int()
-            items = count_per_culture(ids, len(self.cultures))
         ablation = None
         if set_ids is not None:
             if self.masks is None:
@@ -258,7 +296,53 @@ class Instrument:
             ablation = self._set_ids(set_ids, shape[0])
         self._serial += 1
         self._batch = Batch(shape[0], shape[0] * shape[1], rows, ablation, self._serial, items,
-                            one_culture)
+                            one_culture, staged)  # fmt: skip
+        if stage:
+            self._staged = self._batch
+
+    def commit(self, keep) -> None:
+        """Add the staged batch's items where ``keep`` (bool ``[B]``, one per row given to
+        ``set_batch(stage=True)``; a tensor on any device or a list) into the totals, T and
+        items included; the others are dropped. Nothing is read back to the host.
+
+        Raises:
+            UsageError: nothing staged, the staged batch never ran, or ``keep`` not ``[B]``.
+        """
+        batch = self._staged
+        if batch is None or not batch.ran:
+            raise UsageError("commit() adds a staged batch after its forward: call "
+                             "set_batch(culture, stage=True, ...), run the model, then "
+                             "commit(keep)" + ("" if batch is None else
+                                               "; the staged batch has not run yet"))  # fmt: skip
+        keep = torch.as_tensor(keep)
+        if keep.numel() != batch.batch_size or keep.is_floating_point():
+            raise UsageError(f"commit(keep) takes one bool per row of the staged batch "
+                             f"({batch.batch_size}), got {keep.numel()} {keep.dtype} values")  # fmt: skip
+        self.totals.add_slots(self._staging, batch.staged, keep)
+        self._staged = None
+
+    def _slots(self, ids: torch.Tensor) -> torch.Tensor:
+        """Slot ids ``[B]`` for a staged batch (row b -> slot b, -1 where ``ids`` is -1), the
+        staging slots grown to B if needed; refuses while a staged batch awaits commit."""
+        pending = self._staged
+        if pending is not None and pending.ran:
+            raise UsageError(
+                "the previous staged batch ran but was not committed: call commit(keep) first "
+                "(all False drops it)"
+            )
+        B = ids.numel()
+        if self._staging is None or len(self._staging.cultures) < B:
+            # New slot totals (the old ones hold nothing: every staged batch that ran was
+            # committed, which zeroes them); the fused ops bound to the old ones rebind.
+            self._staging = Totals([f"slot{b}" for b in range(B)], self.fingerprint,
+                                   self.activation, self.scope)  # fmt: skip
+        slots = torch.arange(B, device=ids.device)
+        return torch.where(ids >= 0, slots, -1)
+
+    def _drop_staged(self) -> None:
+        if self._staging is not None:
+            self._staging.reset()
+        self._staged = None
 
     def clear_batch(self) -> None:
         """Forget the rows set by set_batch (the next forward must set its own)."""
@@ -321,16 +405,24 @@ class Instrument:
         return ids.to(torch.int32).contiguous()
 
     def _commit_counts(self, batch: Batch) -> None:
-        # Committed when layer 0 runs, so a batch set but never run counts nothing.
-        if batch.culture is not None:
-            T, _ = self.totals.counts(batch.culture.device)
-            T += count_per_culture(batch.culture, len(self.cultures))
-            _, items = self.totals.counts(batch.items.device)
-            items += batch.items
+        # Committed when layer 0 runs, so a batch set but never run counts nothing. A staged
+        # batch counts its tokens per slot; its items are counted by commit().
+        batch.ran = True
+        if batch.culture is None:
+            return
+        if batch.staged is not None:
+            T, _ = self._staging.counts(batch.culture.device)
+            T += count_per_culture(batch.culture, len(self._staging.cultures))
+            return
+        T, _ = self.totals.counts(batch.culture.device)
+        T += count_per_culture(batch.culture, len(self.cultures))
+        _, items = self.totals.counts(batch.items.device)
+        items += batch.items
 
     # -- results -------------------------------------------------------------------------
     def stats(self) -> Stats:
-        """The statistics so far, on the CPU (the totals stay where they are)."""
+        """The statistics so far, on the CPU (the totals stay where they are; a staged batch
+        not yet committed is not in them)."""
         if not self.recording:
             raise UsageError("this instrument does not record (no cultures were given)")
         return self.totals.stats()

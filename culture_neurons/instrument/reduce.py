@@ -101,29 +101,57 @@ def accumulate(
     R = a.shape[0]
     if R == 0 or C == 0:
         return
-    a = a.detach()
-    culture = culture.to(a.device, non_blocking=True)
+    if a.requires_grad:
+        a = a.detach()
+    slots = _slots(culture, C, a.device)
     chunk_rows = chunk_rows or chunk_rows_for(a)
     # One [C + 1, N] fp32 buffer per statistic (row C collects the uncounted rows) and ONE
-    # [chunk, N] fp32 temporary, whatever a's dtype: the peak is bounded by the chunk.
-    sums = torch.empty(3, C + 1, N, dtype=torch.float32, device=a.device)
+    # [chunk, N] fp32 temporary, whatever a's dtype: the peak is bounded by the chunk. Views
+    # made once per call and no slicing for a call of one chunk (most calls): every layer of
+    # every forward runs this, and on a small model each small op counts (see bench_record).
+    sums = torch.zeros(3, C + 1, N, dtype=torch.float32, device=a.device)
+    k_sum, s_sum, q_sum = sums.unbind(0)
+    k_fold, s_fold, q_fold = sums[:, :C].unbind(0)
     scratch = torch.empty(min(R, chunk_rows), N, dtype=torch.float32, device=a.device)
     for start in range(0, R, chunk_rows):
-        x = a[start : start + chunk_rows]
-        c = culture[start : start + chunk_rows]
-        slot = torch.where((c >= 0) & (c < C), c, C).long()
-        buf = scratch[: x.shape[0]]
-        sums.zero_()
+        x, slot, buf = a, slots, scratch
+        if R > chunk_rows:
+            x, slot = a[start : start + chunk_rows], slots[start : start + chunk_rows]
+            buf = scratch[: x.shape[0]]
+            if start:
+                sums.zero_()
         if x.dtype == torch.float32:
-            sums[1].index_add_(0, slot, x)
+            s_sum.index_add_(0, slot, x)
             torch.mul(x, x, out=buf)
         else:  # the fp32 copy is the temporary; squared in place once S has it
             buf.copy_(x)
-            sums[1].index_add_(0, slot, buf)
+            s_sum.index_add_(0, slot, buf)
             buf.mul_(buf)
-        sums[2].index_add_(0, slot, buf)
+        q_sum.index_add_(0, slot, buf)
         torch.gt(x, 0, out=buf)  # a > 0 in a's own dtype: the fp32 conversion keeps the sign
-        sums[0].index_add_(0, slot, buf)
-        K.add_(sums[0, :C].to(torch.int64))
-        S.add_(sums[1, :C])
-        Q.add_(sums[2, :C])
+        k_sum.index_add_(0, slot, buf)
+        K.add_(k_fold.to(torch.int64))
+        S.add_(s_fold)
+        Q.add_(q_fold)
+
+
+# The last row ids made slots (see _slots): every layer of a forward passes the same ``culture``
+# tensor, so its slots are made once per forward, not once per layer (5 small ops each time).
+_last_slots: tuple = (None, -1, -1, None, None)
+
+
+def _slots(culture: torch.Tensor, C: int, device: torch.device) -> torch.Tensor:
+    """int64 ``[R]`` rows of the ``[C + 1, N]`` sums: the culture id, or C (not counted) for -1
+    and ids outside ``[0, C)``. Reused while ``culture`` is the same tensor, unchanged (its
+    version counter moves on any in-place write), for the same C and device."""
+    global _last_slots
+    # An inference-mode tensor has no version counter: its slots are made every time.
+    version = -1 if culture.is_inference() else culture._version
+    last, last_version, last_C, last_device, slots = _last_slots
+    if (last is culture and version >= 0 and last_version == version and last_C == C
+            and last_device == device):  # fmt: skip
+        return slots
+    c = culture.to(device, non_blocking=True)
+    slots = torch.where((c >= 0) & (c < C), c, C).long()
+    _last_slots = (culture, version, C, device, slots) if version >= 0 else (None, -1, -1, None, None)
+    return slots

@@ -15,6 +15,11 @@ keeps its totals here, and so can the functional API, nnsight and TransformerLen
     totals = Totals(cultures, models.fingerprint(model))
     ...  functional.accumulate(totals, l, a, culture, weights), count_tokens(totals, ...)
     stats = totals.stats()
+
+Totals whose "cultures" are the item slots of one batch stage statistics until the caller knows
+which items count (identification records only the items the model answers right, known once
+the same forward's logits are): :meth:`Totals.add_slots` then adds the kept slots into their
+cultures and zeroes the slots.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from __future__ import annotations
 import torch
 
 from culture_neurons.errors import StatsMismatchError
+from culture_neurons.instrument.rows import on_device
 from culture_neurons.stats import ACTIVATIONS, SCOPES, Fingerprint, Stats, check_choice
 
 
@@ -97,6 +103,46 @@ class Totals:
                 items.copy_(self._base.items)
             self._counts[device] = (T, items)
         return self._counts[device]
+
+    def add_slots(self, slots: Totals, culture: torch.Tensor, keep: torch.Tensor) -> None:
+        """Add slot ``b`` of ``slots`` (statistics staged per item, ``slots.cultures`` being
+        slot names) into culture ``culture[b]`` wherever ``keep[b]``, T and items included
+        (one item per kept slot), then zero ``slots``.
+
+        Args:
+            slots: totals of the same model with one "culture" per slot, at least B of them.
+            culture: int ``[B]``, slot b's culture (-1 = none: never added).
+            keep: bool ``[B]``, on any device (moved without waiting, as the ids of
+                :mod:`culture_neurons.instrument.rows`; nothing is read back).
+
+        Each device's slots are added where they are (``index_add_`` of ``[B, N]`` per
+        statistic and layer), so nothing moves to the host and nothing synchronises.
+        """
+        B = culture.numel()
+        kept: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+        def on(device):  # (slots that do not count [B, 1], the slots' cultures [B]), once
+            if device not in kept:
+                c = on_device(culture.reshape(-1), device).long()
+                take = on_device(keep.reshape(-1), device).bool() & (c >= 0)
+                kept[device] = ~take[:, None], c.clamp(min=0)
+            return kept[device]
+
+        for layer, per in enumerate(slots._layers):
+            for device, sums in per.items():
+                drop, idx = on(device)
+                for src, dst in zip(sums, self.layer(layer, device), strict=True):
+                    part = src[:B]
+                    part.masked_fill_(drop, 0)  # a dropped slot adds zeros: no sync to count
+                    dst.index_add_(0, idx, part)
+                    src.zero_()
+        for device, (T_slots, items_slots) in slots._counts.items():
+            drop, idx = on(device)
+            T, items = self.counts(device)
+            T.index_add_(0, idx, T_slots[:B].masked_fill(drop[:, 0], 0))
+            items.index_add_(0, idx, (~drop[:, 0]).long())
+            T_slots.zero_()
+            items_slots.zero_()
 
     # -- state ---------------------------------------------------------------------------
     def reset(self) -> None:

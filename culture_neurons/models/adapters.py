@@ -41,6 +41,10 @@ class Adapter:
     layer_paths: tuple[str, ...]  # dotted paths to the decoder layer list, tried in order
     vlm: bool  # prompts carry an image
     processor: str = ""  # transformers processor class (VLMs), to assemble one from parts
+    # How the processor writes an image into the prompt text (see expanded_prompts): "repeat",
+    # its image token once per image token; "sequence", its full_image_sequence (Gemma 3:
+    # begin / end-of-image tokens and blank lines around a fixed count of image tokens).
+    image_text: str = "repeat"
 
     def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
         return self._resolve(model)[1]
@@ -84,7 +88,8 @@ ADAPTERS: tuple[Adapter, ...] = (
     # LLaVA-1.6-Mistral and Pangea (LLaVA-NeXT on Qwen2) share this class.
     Adapter("llava_next", ("llava_next",), _VLM_LAYERS, vlm=True,
             processor="LlavaNextProcessor"),  # fmt: skip
-    Adapter("gemma3", ("gemma3",), _VLM_LAYERS, vlm=True, processor="Gemma3Processor"),
+    Adapter("gemma3", ("gemma3",), _VLM_LAYERS, vlm=True, processor="Gemma3Processor",
+            image_text="sequence"),  # fmt: skip
     Adapter("gemma3_text", ("gemma3_text",), _LM_LAYERS, vlm=False),
     Adapter("llama", ("llama",), _LM_LAYERS, vlm=False),
     Adapter("mistral", ("mistral",), _LM_LAYERS, vlm=False),
@@ -165,6 +170,30 @@ def image_token_ids(model_or_config) -> tuple[int, ...]:
     config = _config(model_or_config)
     ids = {getattr(config, f, None) for f in _IMAGE_TOKEN_FIELDS}
     return tuple(sorted(i for i in ids if isinstance(i, int)))
+
+
+def expanded_prompts(model_or_config, processor, texts: list[str],
+                     image_sizes: list[tuple[int, int]]) -> list[str] | None:  # fmt: skip
+    """Each prompt of a VLM with its image placeholder expanded as the family's processor
+    expands it for an image of ``image_sizes[i] = (height, width)``: tokenizing it gives the
+    processor's ``input_ids`` without resizing or normalising any pixels. The count of image
+    tokens comes from the size alone (the processor's ``_get_num_multimodal_tokens``, its
+    own formula). None where the processor cannot count from the size (no such method; Gemma
+    3 with pan-and-scan crops, which depend on the pixels): then only the processor knows.
+    Text-only families: the texts as given.
+    """
+    adapter = get_adapter(model_or_config)
+    if not adapter.vlm:
+        return list(texts)
+    count = getattr(processor, "_get_num_multimodal_tokens", None)
+    token = getattr(processor, "image_token", None)
+    image_processor = getattr(processor, "image_processor", None)
+    if count is None or token is None or getattr(image_processor, "do_pan_and_scan", False):
+        return None
+    if adapter.image_text == "sequence":
+        return [t.replace(token, processor.full_image_sequence) for t in texts]
+    counts = count(image_sizes=[list(size) for size in image_sizes])["num_image_tokens"]
+    return [t.replace(token, token * n) for t, n in zip(texts, counts, strict=True)]
 
 
 def fingerprint(model: nn.Module) -> Fingerprint:

@@ -45,7 +45,7 @@ from culture_neurons.errors import DataError, StatsMismatchError, UsageError
 from culture_neurons.instrument import Instrument
 from culture_neurons.masks import Masks, load_masks
 from culture_neurons.models import adapters
-from culture_neurons.pipeline import progress, rundir, screen
+from culture_neurons.pipeline import batching, progress, rundir, screen
 from culture_neurons.pipeline.config import RunConfig, identify_on_for
 from culture_neurons.pipeline.distributed import Partition
 from culture_neurons.pipeline.rundir import RUN_FILE, write_json
@@ -112,6 +112,7 @@ class Run:
         self.data_hash = rundir.data_hash(self.data)
         self.ident, self.evaluation = self.data.split(self.config.split_ratio, self.config.seed)
         self.task = TASKS[self.config.task](self.model, self.processor, self.config)
+        self._length_of: dict[str, int] = {}  # item id -> prompt tokens (see _lengths)
         if self.part.main:
             self._prepare_dir()
         self.part.barrier()
@@ -171,18 +172,31 @@ class Run:
                  "again", path.relative_to(self.out))  # fmt: skip
         return None
 
-    # -- step 1: full model on the identification half -------------------------------------
-    def identification_items(self) -> list:
-        """This part's items whose statistics are recorded (the correct ones, or all).
+    # -- step 1: the identification items -------------------------------------------------
+    @property
+    def one_pass(self) -> bool:
+        """Whether the forward that scores an identification item also records it (one
+        prefill per item; only the items answered right are committed): where the correct
+        items are kept and the answer comes from the prompt's logits. Generation scoring runs
+        a forward per new token after the prompt's, so it finds the correct items first and
+        records them in a second prefill; ``identify_on="all"`` needs no answer at all."""
+        return self.config.identify_on == "correct" and self.config.scoring == "logits"
 
-        With ``identify_on="correct"``, ranks share their predictions, so that the correct
+    def identification_items(self) -> list:
+        """This part's identification items in recording order, grouped by prompt length
+        within each culture (:mod:`culture_neurons.pipeline.batching`): every item where
+        :attr:`one_pass` (the correct ones are committed as they are scored), else the items
+        whose statistics are recorded: the correct ones, found by a first pass, or all.
+
+        Two-pass ``identify_on="correct"``: ranks share their predictions, so that the correct
         items are batched exactly as in one process; a ``--shard`` job cannot see the other
         shards' predictions and batches its own correct items among themselves.
         """
         bs = self.config.batch_size
-        everything = [it for c in self.cultures for it in self.ident.items_by_culture[c]]
+        everything = self._by_length([it for c in self.cultures
+                                      for it in self.ident.items_by_culture[c]])  # fmt: skip
         mine = self.part.mine(everything, bs)
-        if self.config.identify_on == "all":
+        if self.config.identify_on == "all" or self.one_pass:
             return mine
         preds = self._full_predictions(mine)
         if self.part.sharded and not self.part.ranks:
@@ -191,16 +205,35 @@ class Run:
             preds.update(other)
         correct = [it for it in everything if preds[it.id] == it.label]
         if not correct:
-            raise UsageError("no identification item is left: the full model answers none of "
-                             "them correctly; start again with --identify-on all "
-                             "--overwrite")  # fmt: skip
+            raise _nothing_correct()
         return self.part.mine(correct, bs)
+
+    def _by_length(self, items: list) -> list:
+        """``items`` in batching order (see :func:`batching.by_length`)."""
+        lengths = self._lengths(items)
+        return [items[i] for i in batching.by_length(items, lengths)]
+
+    def _lengths(self, items: list) -> list[int]:
+        """Prompt lengths of ``items``, each computed once per run."""
+        missing = [it for it in items if it.id not in self._length_of]
+        if missing:
+            self._length_of.update(zip([it.id for it in missing],
+                                       self.task.lengths(missing), strict=True))  # fmt: skip
+        return [self._length_of[it.id] for it in items]
+
+    def _log_padding(self, what: str, items: list, rows: int) -> None:
+        share = batching.padding_share(self._lengths(items), rows)
+        log.info("%s: %d prompts, %d per forward, %.1f %% of the prefilled rows are padding",
+                 what, len(items), rows, 100 * share)  # fmt: skip
+
+    def _predictions_key(self, items: list) -> str:
+        return self._key("identification predictions", self.config.scoring,
+                         self.config.batch_size, [it.id for it in items])  # fmt: skip
 
     def _full_predictions(self, items: list) -> dict[str, int]:
         """``{item id: predicted letter}`` of the full model (cached in progress/)."""
         path = self.out / "progress" / f"ident_full{self.part.tag}.json"
-        key = self._key("identification predictions", self.config.scoring,
-                        self.config.batch_size, [it.id for it in items])  # fmt: skip
+        key = self._predictions_key(items)
         cached = self._cached(path, key)
         if cached is not None:
             return dict(cached["preds"])
@@ -213,44 +246,70 @@ class Run:
 
     # -- step 2: statistics ------------------------------------------------------------------
     def identify(self) -> Stats:
-        """Record statistics on the identification items; checkpointed, resumable."""
+        """Record statistics on the identification items; checkpointed, resumable.
+
+        Where :attr:`one_pass`, each batch is prefilled once: its forward scores the items
+        and stages their statistics per item (``Instrument.set_batch(stage=True)``), and the
+        items answered right are committed once the logits are known. A checkpoint holds the
+        committed statistics and the predictions so far; ``progress/ident_full.json`` all the
+        predictions at the end.
+        """
         items = self.identification_items()
+        one_pass = self.one_pass
         options = {"items": self.config.identify_on, "split_ratio": self.config.split_ratio,
                    "seed": self.config.seed}  # fmt: skip
         ckpt_dir = self.out / "progress" / f"stats{self.part.tag}"
-        key = self._key("identification statistics", self.config.batch_size,
+        key = self._key("identification statistics", self.config.identify_on,
+                        self.config.scoring, self.config.batch_size,
                         [it.id for it in items])  # fmt: skip
-        done, prior = 0, None
+        done, prior, preds = 0, None, {}
         if self._cached(ckpt_dir / "stats.json", key) is not None:
             try:
                 prior = load_stats(ckpt_dir)
-                done = rundir.read_json(ckpt_dir / "stats.json")["batches_done"]
+                meta = rundir.read_json(ckpt_dir / "stats.json")
+                done, preds = meta["batches_done"], dict(meta.get("preds", {}))
             except DataError as e:
                 log.info("the statistics checkpoint is unreadable (%s): recording again", e)
-                prior, done = None, 0
+                prior, done, preds = None, 0, {}
         bs = self.config.batch_size
         batches = [items[i : i + bs] for i in range(0, len(items), bs)]
+        self._log_padding("identification", items, bs)
         device = next(self.model.parameters()).device
         with Instrument(self.model, self.cultures, activation=self.config.activation,
                         scope=self.config.scope, backend=self.config.backend,
                         options=options) as rec, torch.no_grad(), \
-                self._bar(len(items), "recording statistics") as bar:  # fmt: skip
+                self._bar(len(items), "identification (score + record)" if one_pass
+                          else "recording statistics") as bar:  # fmt: skip
             if prior is not None:  # continue the same sums in the same order: identical results
                 rec.start_from(prior)
             bar.update(sum(len(b) for b in batches[:done]))
             checkpoints = Checkpoints(self.config.checkpoint_minutes, self.config.checkpoint_every)
             for i in range(done, len(batches)):
-                batch = self.task.encode(batches[i], device)
-                rec([self.cultures.index(it.culture) for it in batches[i]], **batch)
-                bar.update(len(batches[i]))
+                chunk = batches[i]
+                culture = [self.cultures.index(it.culture) for it in chunk]
+                if one_pass:
+                    pred = self.task.group(chunk).predict_staged(rec, culture)
+                    rec.commit(pred == torch.tensor([it.label for it in chunk]))
+                    preds.update((it.id, int(p)) for it, p in zip(chunk, pred.tolist(),
+                                                                  strict=True))  # fmt: skip
+                else:
+                    rec(culture, **self.task.encode(chunk, device))
+                bar.update(len(chunk))
                 if i + 1 < len(batches) and checkpoints.due(i + 1):
-                    rec.stats().save(ckpt_dir, extra={"batches_done": i + 1, "key": key})
+                    extra = {"batches_done": i + 1, "key": key}
+                    rec.stats().save(ckpt_dir, extra={**extra, "preds": preds} if one_pass
+                                     else extra)  # fmt: skip
                     checkpoints.saved()
             stats = rec.stats()
+        if one_pass:  # which items counted, for the record (and as a two-pass run caches them)
+            write_json(self.out / "progress" / f"ident_full{self.part.tag}.json",
+                       {"key": self._predictions_key(items), "preds": preds})  # fmt: skip
         if self.part.ranks:
             stats = self.part.all_reduce_stats(stats)
         elif self.part.sharded:
             stats.shard = (self.part.index, self.part.count)
+        if one_pass and stats.shard is None and int(stats.items.sum()) == 0:
+            raise _nothing_correct()  # (a shard alone may hold none: the merge tells)
         if self.part.main:
             stats.save(self.out, extra={"items_counted": int(stats.items.sum())})
         return stats
@@ -359,6 +418,9 @@ class Run:
         group_size = max(1, self.config.batch_size // 4)
         per_forward = max(1, self.config.batch_size // group_size)
         name = "matrix" if confirmed is None else "screen"
+        # Groups of similar prompt length (see batching); results go back to items' order.
+        order = batching.by_length(items, self._lengths(items))
+        self._log_padding(f"ablation {name}", [items[j] for j in order], group_size)
         log_path = self.out / "progress" / f"{name}{self.part.tag}.jsonl"
         # Everything that changes an exact prediction: the bootstrap's resamples and the matrix
         # mode do not.
@@ -366,30 +428,31 @@ class Run:
                     if k not in ("resamples", "matrix", "screen_budget")}  # fmt: skip
         key = self._key("ablation matrix", combined.content_hash(), self.config.task,
                         self.config.scoring, self.config.reuse_vision, group_size, per_forward,
-                        settings, self.config.intervention, self.config.alpha,
+                        "by length", settings, self.config.intervention, self.config.alpha,
                         None if confirmed is None else confirmed.tolist())  # fmt: skip
         done = _read_groups(log_path, key) if self.resume else {}
         _rewrite_log(log_path, done)  # the log never mixes results of two keys
 
-        def conditions_of(chunk_start: int, size: int) -> list[int]:
+        def conditions_of(where: list[int]) -> list[int]:
             if confirmed is None:
                 return [-1] + list(range(S))
-            return screen.conditions(confirmed, culture[chunk_start : chunk_start + size].tolist())
+            return screen.conditions(confirmed, culture[where].tolist())
 
-        groups = [(g, s) for g, s in enumerate(range(0, n, group_size)) if self.part.owns(g)]
-        total = sum(len(items[s : s + group_size]) * len(conditions_of(s, group_size))
-                    for _, s in groups)  # fmt: skip
+        # (group, its items' positions in items) of this part
+        groups = [(g, order[s : s + group_size]) for g, s in enumerate(range(0, n, group_size))
+                  if self.part.owns(g)]  # fmt: skip
+        total = sum(len(where) * len(conditions_of(where)) for _, where in groups)
         with Instrument(self.model, masks=combined, backend=self.config.backend,
                         alpha=self.config.alpha) as ablator, \
                 self._bar(total, "ablation matrix") as bar, \
                 open(log_path, "a", encoding="utf-8") as log_file:  # fmt: skip
-            for g, start in groups:
-                chunk = items[start : start + group_size]
-                conditions = conditions_of(start, len(chunk))
-                rows = [c + 1 for c in conditions]
+            for g, where in groups:
+                chunk = [items[j] for j in where]
+                conditions = conditions_of(where)
+                cells = (torch.tensor([c + 1 for c in conditions])[:, None],
+                         torch.tensor(where)[None, :])  # fmt: skip  (preds cells [conditions, group])
                 if g in done and done[g]["items"] == [it.id for it in chunk]:
-                    preds[rows, start : start + len(chunk)] = torch.tensor(done[g]["preds"],
-                                                                       dtype=preds.dtype)
+                    preds[cells] = torch.tensor(done[g]["preds"], dtype=preds.dtype)
                     bar.update(len(chunk) * len(conditions))
                     continue
                 group = self.task.group(chunk)
@@ -399,7 +462,7 @@ class Run:
                     out.append(group.predict(part, ablator))
                     bar.update(len(chunk) * len(part))
                 block = torch.cat(out)  # [len(conditions), len(chunk)]
-                preds[rows, start : start + len(chunk)] = block
+                preds[cells] = block
                 _append(log_file, {"key": key, "group": g, "items": [it.id for it in chunk],
                                    "preds": block.tolist()})  # fmt: skip
         return self._gathered(preds)
@@ -460,6 +523,11 @@ class Run:
             log.info("resuming: %s already done", marker)
             return load()
         return compute()
+
+
+def _nothing_correct() -> UsageError:
+    return UsageError("no identification item is left: the full model answers none of them "
+                      "correctly; start again with --identify-on all --overwrite")  # fmt: skip
 
 
 def select_all(stats: Stats, config: RunConfig, out: Path | None = None) -> dict[str, Masks]:

@@ -30,7 +30,7 @@ from culture_neurons.scoring.metrics import (
     summaries,
 )
 from culture_neurons.scoring.multiple_choice import Group
-from culture_neurons.scoring.prompting import encode
+from culture_neurons.scoring.prompting import encode, prompt_lengths
 from culture_neurons.scoring.uncertainty import (
     CONFIDENCE,
     HIGHER,
@@ -57,6 +57,10 @@ class MCTask:
 
     def encode(self, items: list, device) -> dict:
         return encode(self.model, self.processor, items, device=device)
+
+    def lengths(self, items: list) -> list[int]:
+        """Each item's prompt tokens (no image processed; see prompting.prompt_lengths)."""
+        return prompt_lengths(self.model, self.processor, items)
 
     def group(self, items: list) -> Group:
         return Group(self.model, self.processor, items, scoring=self.config.scoring,
@@ -133,6 +137,9 @@ class LMTask:
 
     def encode(self, items: list, device) -> dict:
         return lm.encode_text(self.model, self.processor, items, device=device)
+
+    def lengths(self, items: list) -> list[int]:
+        return lm.text_lengths(self.model, self.processor, items)
 
     def group(self, items: list) -> lm.LMGroup:
         return lm.LMGroup(self.model, self.processor, items)

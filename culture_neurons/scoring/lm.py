@@ -63,6 +63,11 @@ def encode_text(model, processor, items, device=None) -> dict:
     return batch
 
 
+def text_lengths(model, processor, items) -> list[int]:
+    """Tokens of each item's text as :func:`encode_text` gives them, padding aside."""
+    return [len(ids) for ids in tokenizer_of(processor)([it.text for it in items])["input_ids"]]
+
+
 def target_counts(attention_mask: torch.Tensor) -> torch.Tensor:
     """int64 ``[B]``: predicted tokens per row (every real token but the first)."""
     return (attention_mask.long().sum(dim=1) - 1).clamp(min=0).cpu()

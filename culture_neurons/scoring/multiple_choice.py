@@ -74,6 +74,25 @@ class Group:
                     ablator.clear_batch()
         return preds.view(k, self.size)
 
+    def predict_staged(self, recorder, culture) -> torch.Tensor:
+        """The full model's predictions ``int64 [B]``, the forward that scores them also
+        staging each item's statistics in ``recorder`` (an Instrument that records; see
+        ``set_batch(stage=True)``) for the caller to ``recorder.commit(keep)`` once it knows
+        which items count. ``culture``: one culture id (or name) per item.
+
+        Raises:
+            UsageError: generation scoring (it runs one forward per new token besides the
+                prompt's, which is recorded apart: see ``Run.identify``).
+        """
+        if self.scoring != "logits":
+            raise UsageError(f"predict_staged scores from the prompt's logits; scoring="
+                             f"{self.scoring!r} generates tokens after it")  # fmt: skip
+        recorder.set_batch(culture, stage=True, **self.inputs)
+        try:
+            return self._score(self.inputs)
+        finally:
+            recorder.clear_batch()
+
     # -- inputs ------------------------------------------------------------------------------
     def _repeat(self, k: int) -> dict:
         """The group's inputs, k copies stacked on the batch dim; pixels dropped once the

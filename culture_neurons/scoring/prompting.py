@@ -8,6 +8,7 @@ chat template, so the model sees exactly the prompt format it was tuned on.
 from __future__ import annotations
 
 import re
+import warnings
 
 import torch
 
@@ -42,6 +43,37 @@ def render(model, processor, item) -> str:
             "processor (e.g. the '-Instruct' checkpoint), which ships one"
         )
     return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
+def prompt_lengths(model, processor, items) -> list[int]:
+    """Tokens of each item's prompt as :func:`encode` gives them, padding aside.
+
+    No image is processed where the family allows it (every supported one by default): the
+    chat-template text is tokenized with the image placeholder expanded for the image's size,
+    read from its header (:func:`culture_neurons.models.adapters.expanded_prompts`). That costs
+    the template, one batched tokenizer call and a header read per item: ~0.1 ms each on a CPU,
+    against the milliseconds of resizing and normalising the pixels. Where the processor cannot
+    count image tokens from the size, it runs per item on the real image (exact, at that
+    cost; one warning says so).
+    """
+    texts = [render(model, processor, it) for it in items]
+    tok = tokenizer_of(processor)
+    if adapters.get_adapter(model).vlm:
+        sizes = [it.image_size for it in items]
+        expanded = adapters.expanded_prompts(model, processor, texts, sizes)
+        if expanded is None:
+            global _WARNED_LENGTHS
+            if not _WARNED_LENGTHS:
+                warnings.warn(f"{type(processor).__name__} cannot count image tokens from an "
+                              "image's size: prompt lengths (for batching by length) run the "
+                              "processor on every image once more", stacklevel=2)  # fmt: skip
+                _WARNED_LENGTHS = True
+            return [int(encode(model, processor, [it])["input_ids"].shape[1]) for it in items]
+        texts = expanded
+    return [len(ids) for ids in tok(texts)["input_ids"]]
+
+
+_WARNED_LENGTHS = False
 
 
 def encode(model, processor, items, device=None) -> dict:

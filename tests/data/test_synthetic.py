@@ -131,3 +131,21 @@ def test_in_memory_items_match_the_loaded_parquet(tmp_path):
     assert loaded.cultures == memory.cultures
     assert list(loaded) == list(memory)  # compares every field except the image reference
     assert [it.image_bytes() for it in loaded] == [it.image_bytes() for it in memory]
+
+
+def test_image_sizes_vary_within_bounds_and_square_images_stay_as_they_were():
+    """A (smallest, largest) pair draws each image's width and height apart from the rest of
+    the item (its own stream), so square images are byte for byte those of before; the size
+    an item reads from its image's header is the decoded one."""
+    data = make_synthetic_items(cultures=2, items_per_culture=6, seed=3, image_size=(20, 90))
+    items = [it for c in data.cultures for it in data.items_by_culture[c]]
+    sizes = [it.image_size for it in items]
+    assert all(20 <= s <= 90 for hw in sizes for s in hw) and len(set(sizes)) > 6
+    assert all(it.image_size == (it.image.height, it.image.width) for it in items)
+    square = list(synthetic_rows(2, 6, seed=3))
+    varied = list(synthetic_rows(2, 6, seed=3, image_size=(20, 90)))
+    assert [r["Options"] for r in square] == [r["Options"] for r in varied]
+    assert list(synthetic_rows(2, 6, seed=3, image_size=64)) == square
+    for bad in (8, (10, 40), (50, 40)):
+        with pytest.raises(UsageError, match="image_size"):
+            list(synthetic_rows(1, 1, image_size=bad))

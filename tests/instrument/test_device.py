@@ -91,8 +91,8 @@ def test_set_batch_leaves_device_ids_where_they_are(backend):
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["hooks", "fused"])
 def test_no_host_sync_per_forward_on_cuda(backend):
-    """set_batch (CPU list and CUDA tensor ids), each decoder MLP of the Instrument, and the
-    functional calls, all under CUDA's sync debug mode "error". The model's own forward is
+    """set_batch (CPU list and CUDA tensor ids), each decoder MLP of the Instrument, staging
+    and its commit, and the functional calls, all under CUDA's sync debug mode "error". The model's own forward is
     left out (transformers' mask code may sync): the MLPs are called on captured inputs."""
     model = tiny_model("llama").cuda()
     inputs = {k: v.cuda() for k, v in short_batch().items()}
@@ -109,10 +109,14 @@ def test_no_host_sync_per_forward_on_cuda(backend):
     item = torch.tensor([0, 2, -1], device="cuda")
     w = inputs["attention_mask"]
     with cn.Instrument(model, CULTURES, masks, backend=backend) as inst, torch.no_grad():
-        for culture in ([0, 2, -1], item):  # warm: kernels compiled, totals allocated
-            inst.set_batch(culture, set_ids=[1, -1, 0], **inputs)
-            for mlp, x in zip(mlps, xs, strict=True):
-                mlp(x)
+        keep = torch.tensor([True, False, True], device="cuda")
+        for culture in ([0, 2, -1], item):  # warm: kernels compiled, totals and slots allocated
+            for stage in (False, True):
+                inst.set_batch(culture, set_ids=[1, -1, 0], stage=stage, **inputs)
+                for mlp, x in zip(mlps, xs, strict=True):
+                    mlp(x)
+                if stage:
+                    inst.commit(keep)
             F.count_tokens(totals, culture, w)
             for layer, x in enumerate(xs):
                 F.mlp_forward(mlps[layer], x, layer=layer, totals=totals, culture=culture,
@@ -124,6 +128,10 @@ def test_no_host_sync_per_forward_on_cuda(backend):
                 inst.set_batch(culture, set_ids=item, **inputs)
                 for mlp, x in zip(mlps, xs, strict=True):
                     mlp(x)
+                inst.set_batch(culture, set_ids=item, stage=True, **inputs)  # one prefill
+                for mlp, x in zip(mlps, xs, strict=True):
+                    mlp(x)
+                inst.commit(keep)  # keep on the device: the commit reads nothing back
                 F.count_tokens(totals, culture, w)
                 F.count_items(totals, culture)
                 for layer, x in enumerate(xs):  # (act_fn carries the hooks backend's hook)

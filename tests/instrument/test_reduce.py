@@ -45,6 +45,32 @@ def test_accumulate_matches_a_loop_for_every_chunk_and_dtype(dtype, chunk, R, N)
     torch.testing.assert_close(Q - Q0, Qr, rtol=1e-5, atol=1e-5 * float(Qr.max()) + 1e-9)
 
 
+def test_row_slots_made_once_follow_every_change_of_the_ids():
+    """Each layer passes the same culture tensor: its slots are reused, but never after an
+    in-place write, for another C, or for an inference tensor (no version counter)."""
+    gen = torch.Generator().manual_seed(5)
+    a = torch.randn(40, 9, generator=gen)
+    culture = torch.randint(-1, 4, (40,), generator=gen)
+
+    def check(C, ids):
+        K, S, Q = (torch.zeros(C, 9, dtype=d) for d in (torch.int64, torch.float64, torch.float64))
+        reduce.accumulate(K, S, Q, a, ids, chunk_rows=16)
+        Kr, Sr, _ = loop_reference(a, ids, C)
+        assert torch.equal(K, Kr)
+        torch.testing.assert_close(S, Sr, rtol=1e-5, atol=1e-5)  # fp32 sums of <= 40 values
+
+    check(4, culture)
+    check(4, culture)  # reused
+    culture[::3] = 3 - culture[::3]  # in place: the version counter moves
+    check(4, culture)
+    check(2, culture)  # ids 2 and 3 now out of range
+    with torch.inference_mode():
+        frozen = culture.clone()
+        check(4, frozen)
+        frozen[:20] = -1
+        check(4, frozen)
+
+
 def test_chunks_are_bounded_by_bytes_on_the_cpu():
     for N in (1, 96, 4736, 18944, 10**7):
         rows = reduce.chunk_rows_for(torch.empty(0, N))
@@ -64,7 +90,7 @@ def test_accumulate_allocates_one_chunk_temporary():
         a = torch.randn(R, N).to(dtype)
         peak = peak_bytes(lambda a=a: reduce.accumulate(K, S, Q, a, culture, chunk_rows=chunk))
         sums = 3 * (C + 1) * N * 4 + C * N * 8  # [3, C + 1, N] fp32 and the int64 count fold
-        ids = 8 * chunk * 8  # a few [chunk] int64 / bool vectors (slots, their masks)
+        ids = 4 * R * 8  # the rows' int64 slots, made once for all layers, and their masks
         assert peak <= chunk * N * 4 + sums + ids, f"{dtype}: {peak} bytes"
         assert peak < R * N * 4 / 8, "nothing of the size of the rows may be allocated"
 

@@ -239,45 +239,45 @@ def test_every_command_has_help(capsys):
 @pytest.mark.slow
 def test_default_identify_on_correct_end_to_end(tmp_path, monkeypatch):
     """The default path (the items the full model answers correctly) through the command
-    line, interrupted after the full model's pass: the resume reads its predictions back, and
-    every culture's statistics count exactly the items an independent pass gets right.
-    (That a resumed run ends with the uninterrupted numbers is tested above.)"""
+    line, in one prefill per item, interrupted mid-identification: the resume scores only the
+    batches after the checkpoint, the predictions are the full model's, and every culture's
+    statistics count exactly the items an independent pass gets right.
+    (That a resumed run ends with the uninterrupted numbers is tested in test_run.py.)"""
     from culture_neurons.data import load_cvqa
     from culture_neurons.models.loading import load_model
-    from culture_neurons.pipeline import run as run_module
-    from culture_neurons.pipeline import tasks
-    from culture_neurons.scoring.multiple_choice import predict
+    from culture_neurons.pipeline.batching import by_length
+    from culture_neurons.scoring.multiple_choice import Group, predict
+    from culture_neurons.scoring.prompting import prompt_lengths
 
     # 12 items per culture, data seed 1: the random tiny model gets some of every culture right
     a = save_cli_assets(tmp_path / "assets", "qwen2_5_vl", items=12, seed=1)
     argv = ["run", "--model", a["model"], "--data", a["data"], "--min-items", "4",
             "--batch-size", "4", "--ratio", "0.05", "--methods", "cas", "--rnd-draws", "1",
-            "--quiet", "--out", str(tmp_path / "out")]  # fmt: skip
+            "--checkpoint-every", "1", "--quiet", "--out", str(tmp_path / "out")]  # fmt: skip
     out = tmp_path / "out"
-    encode = tasks.encode
+    staged, calls = Group.predict_staged, []
 
-    def stop(*args, **kw):  # the first batch of recording: after the full model's pass
-        raise KeyboardInterrupt
+    def stop(self, *args, **kw):  # the second batch: the first is scored and checkpointed
+        calls.append(len(self.items))
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return staged(self, *args, **kw)
 
-    monkeypatch.setattr(tasks, "encode", stop)
+    monkeypatch.setattr(Group, "predict_staged", stop)
     assert cli.main(argv) == 130
-    monkeypatch.setattr(tasks, "encode", encode)
-    cached = json.loads((out / "progress" / "ident_full.json").read_text())
+    assert not (out / "stats.json").exists()
     data = load_cvqa(a["data"], min_items=4)
     items = [it for c in data.cultures for it in data.split(0.5, 0)[0].items_by_culture[c]]
     model, processor = load_model(a["model"])
-    ref = predict(model, processor, items, batch_size=4).tolist()
-    assert cached["preds"] == {it.id: p for it, p in zip(items, ref, strict=True)}
-
-    calls = {"n": 0}
-
-    def counted(*args, **kw):
-        calls["n"] += 1
-        return predict(*args, **kw)
-
-    monkeypatch.setattr(run_module, "predict", counted)
+    items = [items[i] for i in by_length(items, prompt_lengths(model, processor, items))]
+    ref = predict(model, processor, items, batch_size=4).tolist()  # the run's batches
+    calls.clear()
+    monkeypatch.setattr(Group, "predict_staged", lambda self, *a, **kw: (
+        calls.append(len(self.items)), staged(self, *a, **kw))[1])  # fmt: skip
     main_ok([*argv, "--resume"])
-    assert calls["n"] == 0, "the resumed run predicted the identification half again"
+    assert len(calls) == -(-len(items) // 4) - 1, "the resumed run scored a checkpointed batch"
+    cached = json.loads((out / "progress" / "ident_full.json").read_text())
+    assert cached["preds"] == {it.id: p for it, p in zip(items, ref, strict=True)}
     stats = load_stats(out)
     correct = [sum(p == it.label for it, p in zip(items, ref, strict=True) if it.culture == c)
                for c in data.cultures]  # fmt: skip

@@ -22,7 +22,7 @@ from culture_neurons.models import adapters
 from culture_neurons.models.loading import save_processor
 from culture_neurons.pipeline import cli
 from culture_neurons.pipeline.run import RunConfig
-from culture_neurons.scoring.lm import LMGroup, culture_nll, encode_text
+from culture_neurons.scoring.lm import LMGroup, culture_nll, encode_text, text_lengths
 from culture_neurons.testing.tiny import tiny_model, tiny_processor
 
 pytest.importorskip("faker")
@@ -224,3 +224,13 @@ def test_runconfig_lm_records_every_item():
     assert RunConfig().identify_on == "correct" and RunConfig().task == "mc"
     with pytest.raises(UsageError, match="task"):
         RunConfig(task="qa")
+
+
+def test_text_lengths_equal_the_encoded_sentences(tiny):
+    """The lengths the LM task batches by: each sentence's real tokens in a padded batch."""
+    model, processor = tiny
+    items = sample_items(4)
+    batch = encode_text(model, processor, items)
+    want = batch["attention_mask"].sum(dim=1).tolist()
+    assert len(set(want)) > 2  # sentences of different lengths: the test can fail
+    assert text_lengths(model, processor, items) == want

@@ -1,0 +1,35 @@
+"""Items in batches of similar prompt length: less padding prefilled for nothing.
+
+CVQA's prompts differ in length mostly by their image (Qwen2.5-VL: one token per 28 x 28
+pixels; LLaVA-NeXT: one tile grid per aspect ratio), and a padded batch prefills every row to
+its longest prompt. Within each culture's share of the items (cultures keep their order, so
+batches mix cultures only where one culture's items end), items are sorted by ``(prompt length,
+id)``: the batches, and every number computed from them, are the same whatever order the items
+came in. Lengths come from the task without processing any image (see
+:func:`culture_neurons.scoring.prompting.prompt_lengths`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+
+def by_length(items: Sequence, lengths: Sequence[int]) -> list[int]:
+    """Positions of ``items`` in batching order: each culture's run of items (in the order the
+    cultures first appear) sorted by ``(length, id)``."""
+    cultures: dict[str, list[int]] = {}
+    for i, it in enumerate(items):
+        cultures.setdefault(it.culture, []).append(i)
+    return [i for share in cultures.values()
+            for i in sorted(share, key=lambda i: (lengths[i], items[i].id))]  # fmt: skip
+
+
+def padding_share(lengths: Sequence[int], rows: int) -> float:
+    """Padded share of the token rows when ``lengths`` (in batching order) are cut into
+    batches of ``rows`` prompts, each padded to its longest: ``padded / (padded + real)``."""
+    total = padded = 0
+    for start in range(0, len(lengths), rows):
+        batch = lengths[start : start + rows]
+        total += len(batch) * max(batch)
+        padded += len(batch) * max(batch) - sum(batch)
+    return padded / total if total else 0.0
