@@ -471,22 +471,26 @@ class Run:
         """[1 + S, n] scores as :meth:`_matrix_predictions`, row 0 the full model (exact: the
         forward the gradients come from), every other row the first-order estimate
         (:mod:`culture_neurons.scoring.estimate`): one forward and backward per batch of
-        ``batch_size`` items for every set at once. Resumable like the exact matrix
-        (``progress/estimate.jsonl``)."""
+        ``batch_size`` items for every set at once, in batches of similar prompt length as
+        the exact matrix. Resumable like the exact matrix (``progress/estimate.jsonl``)."""
         S, n = len(combined), len(items)
         preds = self.task.empty((1 + S, n))
         bs = self.config.batch_size
+        order = batching.by_length(items, self._lengths(items))
+        self._log_padding("estimated matrix", [items[j] for j in order], bs)
         log_path = self.out / "progress" / f"estimate{self.part.tag}.jsonl"
         key = self._key("estimated matrix", combined.content_hash(), self.config.task, bs,
-                        self.config.intervention, self.config.alpha)  # fmt: skip
+                        "by length", self.config.intervention, self.config.alpha)  # fmt: skip
         done = _read_groups(log_path, key) if self.resume else {}
         _rewrite_log(log_path, done)
-        batches = [(g, s) for g, s in enumerate(range(0, n, bs)) if self.part.owns(g)]
-        total = sum(len(items[s : s + bs]) for _, s in batches)
+        # (batch, its items' positions in items) of this part
+        batches = [(g, order[s : s + bs]) for g, s in enumerate(range(0, n, bs))
+                   if self.part.owns(g)]  # fmt: skip
+        total = sum(len(where) for _, where in batches)
         with self._bar(total, "estimated matrix (forward + backward)") as bar, \
                 open(log_path, "a", encoding="utf-8") as log_file:  # fmt: skip
-            for g, start in batches:
-                chunk = items[start : start + bs]
+            for g, where in batches:
+                chunk = [items[j] for j in where]
                 if g in done and done[g]["items"] == [it.id for it in chunk]:
                     block = torch.tensor(done[g]["preds"], dtype=preds.dtype)
                 else:
@@ -495,7 +499,7 @@ class Run:
                                                   task=self.config.task).to(preds.dtype)  # fmt: skip
                     _append(log_file, {"key": key, "group": g, "items": [it.id for it in chunk],
                                        "preds": block.tolist()})  # fmt: skip
-                preds[:, start : start + len(chunk)] = block
+                preds[:, where] = block
                 bar.update(len(chunk))
         return self._gathered(preds)
 
