@@ -360,10 +360,10 @@ def _print_summary(results: dict, out) -> None:
             continue
         interval = "" if None in ci else f" [{ci[0]:+.{decimals}f}, {ci[1]:+.{decimals}f}]"
         vs_rnd = "" if p is None else f", p vs its RND {p:.3g}"
-        how = {"estimate": "~", "screen": "~"}.get(r.get("matrix"), "")  # estimated cells
         note = {"estimate": "; first-order estimate", "screen": "; estimated off the screened "
                 "cells"}.get(r.get("matrix"), "")  # fmt: skip
-        print(f"{name:>5}: {prefix}gap {how}{gap:+.{decimals}f}{interval} ({unit}; 95 % "
+        mark = "~" if note else ""  # as the report marks estimated numbers
+        print(f"{name:>5}: {prefix}gap {mark}{gap:+.{decimals}f}{interval} ({unit}; 95 % "
               f"interval{vs_rnd}{note})")  # fmt: skip
     made = [n for n in ("report.md", "eval/", "figures/") if (Path(out) / n).exists()]
     later = "" if "report.md" in made else f"; report: culture-neurons report --out {out}"

@@ -398,7 +398,8 @@ class Run:
         C = len(self.cultures)
         point = self.task.point(full, estimated[1:], items, culture, C, self.data)
         for name, res in results.items():
-            rows = slice(names.index(name) * C, (names.index(name) + 1) * C)
+            first = names.index(name) * C  # its sets' rows (see _combine)
+            rows = slice(first, first + C)
             res["screen_budget"] = self.config.screen_budget
             res["confirmed"] = confirmed[rows].tolist()
             res["estimate"] = {k: nan_to_none(point[k][rows].tolist())

@@ -152,9 +152,8 @@ class LMTask:
         return torch.isnan(preds)
 
     def tokens(self, items: list) -> torch.Tensor:
-        """int64 [n]: each sentence's predicted tokens."""
-        return torch.cat([lm.target_counts(lm.encode_text(self.model, self.processor, [it])
-                                           ["attention_mask"]) for it in items])  # fmt: skip
+        """int64 [n]: each sentence's predicted tokens (from one tokenizer call, no encoding)."""
+        return lm.predicted_tokens(torch.tensor(self.lengths(items)))
 
     def point(self, full, scores, items, culture, C, data) -> dict:
         """As :meth:`MCTask.point`: NLL and NLL-change matrices."""

@@ -70,7 +70,12 @@ def text_lengths(model, processor, items) -> list[int]:
 
 def target_counts(attention_mask: torch.Tensor) -> torch.Tensor:
     """int64 ``[B]``: predicted tokens per row (every real token but the first)."""
-    return (attention_mask.long().sum(dim=1) - 1).clamp(min=0).cpu()
+    return predicted_tokens(attention_mask.long().sum(dim=1).cpu())
+
+
+def predicted_tokens(lengths: torch.Tensor) -> torch.Tensor:
+    """int64: the predicted tokens of texts of ``lengths`` tokens (all but the first)."""
+    return (lengths.long() - 1).clamp(min=0)
 
 
 @torch.no_grad()
