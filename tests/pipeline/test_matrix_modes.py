@@ -16,6 +16,7 @@ from culture_neurons.errors import UsageError
 from culture_neurons.pipeline import cli, screen
 from culture_neurons.pipeline.config import RunConfig
 from culture_neurons.pipeline.run import Run
+from culture_neurons.report import write_report
 from culture_neurons.testing.tiny import tiny_model, tiny_processor
 
 CONFIG = RunConfig(methods=("cas", "lap"), ratio=0.05, rnd_draws=1, batch_size=4,
@@ -166,3 +167,23 @@ def test_lm_screen_after_an_exact_run(tmp_path):
     assert cli.main(["report", "--out", str(out), "--quiet"]) == 0
     report = (out / "report.md").read_text()
     assert "Matrix mode `screen`" in report and "## Estimate against exact" in report
+
+
+def test_screen_on_hidden_labels_ranks_by_flips(exact, tmp_path):
+    """Public CVQA hides its labels: screening ranks cells by estimated flips, reports flips
+    only (no accuracy, estimated or not), and equals the exact flips where it confirms."""
+    hidden = make_synthetic_items(cultures=3, items_per_culture=8, seed=2, hidden_labels=True)
+    run = Run(exact["model"], exact["processor"], hidden, tmp_path, replace(CONFIG,
+              matrix="screen", screen_budget=1), progress=False)  # fmt: skip
+    results = run.evaluate(exact["masks"])
+    for method, ev in results.items():
+        assert ev["labels_available"] is False and ev["delta"] is None
+        assert set(ev["estimate"]) == {"flip"}
+        confirmed = torch.tensor(ev["confirmed"])
+        assert int(confirmed.sum()) == 3 + 1
+        want = exact["results"][method]["flip"]  # the same items and masks, labels aside
+        for s, c in torch.nonzero(confirmed).tolist():
+            assert ev["flip"][s][c] == want[s][c], (method, s, c)
+    report = write_report(tmp_path).read_text()
+    assert "Labels are hidden" in report and "Matrix mode `screen`" in report
+    assert "where the flip rate is known both ways" in report
