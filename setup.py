@@ -1,12 +1,28 @@
-"""Build: the pure-Python package, the Triton kernels (``kernels/`` installed as
-``culture_neurons.kernels``) and the optional C++ selection extension ``culture_neurons._C``.
+"""Build: the pure-Python package, the Triton kernels (the top-level ``kernels/`` folder's
+modules installed into ``culture_neurons/kernels/`` beside its ``__init__``; never a top-level
+``kernels`` package, see that ``__init__``) and the optional C++ selection extension
+``culture_neurons._C``.
 
 The extension is ``optional``: where no compiler exists the install still succeeds and
 ``culture_neurons.topk`` says at import that it uses the PyTorch fallback.
 """
 
+from pathlib import Path
+
 from pybind11.setup_helpers import Pybind11Extension, build_ext
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
+
+
+class build_py_with_kernels(build_py):
+    """``culture_neurons.kernels`` = its ``__init__`` + the modules of the top-level ``kernels/``."""
+
+    def find_package_modules(self, package, package_dir):
+        modules = super().find_package_modules(package, package_dir)
+        if package == "culture_neurons.kernels":
+            modules += [(package, f.stem, str(f)) for f in sorted(Path("kernels").glob("*.py"))]
+        return modules
+
 
 ext_modules = [
     Pybind11Extension(
@@ -26,10 +42,9 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=find_packages(include=["culture_neurons", "culture_neurons.*"]) + ["culture_neurons.kernels"],
-    package_dir={"culture_neurons": "culture_neurons", "culture_neurons.kernels": "kernels"},
+    packages=find_packages(include=["culture_neurons", "culture_neurons.*"]),
     ext_modules=ext_modules,
-    cmdclass={"build_ext": build_ext},
+    cmdclass={"build_ext": build_ext, "build_py": build_py_with_kernels},
     install_requires=[
         # Ranges, never pins: the GPU image has torch 2.11 / triton 3.6 / transformers 5.17,
         # CPU machines torch 2.13 / triton 3.7.1 / transformers 5.2x.

@@ -52,7 +52,7 @@ from pathlib import Path  # noqa: E402
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 # Run from the repository root, culture_neurons imports from this checkout (kernels/ included,
-# see culture_neurons/_source_tree.py) or from an install.
+# see culture_neurons/kernels/__init__.py) or from an install.
 sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402

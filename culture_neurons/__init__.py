@@ -16,17 +16,13 @@ and ``testing`` (tiny and planted models) stand apart and are never imported by 
 
 __version__ = "0.1.0"
 
-from culture_neurons import _source_tree
-
-_source_tree.find_kernels()
-
-from culture_neurons.errors import CultureNeuronsError  # noqa: E402
-from culture_neurons.instrument import Instrument, ablate, record, steer  # noqa: E402
-from culture_neurons.masks import Masks, load_masks  # noqa: E402
-from culture_neurons.pipeline import Run, RunConfig  # noqa: E402
-from culture_neurons.scoring import evaluate  # noqa: E402
-from culture_neurons.selection import select  # noqa: E402
-from culture_neurons.stats import Stats, load_stats  # noqa: E402
+from culture_neurons.errors import CultureNeuronsError
+from culture_neurons.instrument import Instrument, ablate, record, steer
+from culture_neurons.masks import Masks, load_masks
+from culture_neurons.pipeline import Run, RunConfig
+from culture_neurons.scoring import evaluate
+from culture_neurons.selection import select
+from culture_neurons.stats import Stats, load_stats
 
 __all__ = [
     "CultureNeuronsError",

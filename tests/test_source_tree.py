@@ -1,6 +1,7 @@
 """The package runs from a source checkout as installed: ``python -m culture_neurons``,
 ``torchrun -m culture_neurons`` and ``python -m pytest`` in the repository root import the
-source tree, whose ``kernels/`` sits at the root (culture_neurons/_source_tree.py)."""
+source tree, whose kernel modules sit in the root's ``kernels/`` (culture_neurons/kernels/
+__init__.py), and that folder never shadows Hugging Face's ``kernels`` package."""
 
 from __future__ import annotations
 
@@ -25,12 +26,27 @@ def in_repo_root(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
 
 def test_kernels_import_from_the_source_tree():
     code = ("import json, culture_neurons, culture_neurons.kernels as k; "
-            "print(json.dumps([culture_neurons.__file__, k.__file__]))")  # fmt: skip
+            "print(json.dumps([culture_neurons.__file__, k.__file__, k.ops.__file__]))")  # fmt: skip
     proc = in_repo_root(sys.executable, "-c", code)
     assert proc.returncode == 0, proc.stderr
-    package, kernels = json.loads(proc.stdout)
+    package, kernels, ops = json.loads(proc.stdout)
     assert Path(package).resolve() == REPO / "culture_neurons" / "__init__.py"
-    assert Path(kernels).resolve() == REPO / "kernels" / "__init__.py"
+    assert Path(kernels).resolve() == REPO / "culture_neurons" / "kernels" / "__init__.py"
+    assert Path(ops).resolve() == REPO / "kernels" / "ops.py"
+
+
+def test_the_root_kernels_folder_never_shadows_a_top_level_kernels():
+    """transformers >= 5.25 imports Hugging Face's ``kernels`` when ``modeling_utils`` loads; a
+    regular package in the root's ``kernels/`` would win from the root (issue #21)."""
+    assert not (REPO / "kernels" / "__init__.py").exists(), "the root kernels/ must stay a plain folder"
+    code = ("import importlib.util, json, transformers.modeling_utils; "
+            "spec = importlib.util.find_spec('kernels'); "
+            "print(json.dumps(spec and spec.origin))")  # fmt: skip
+    proc = in_repo_root(sys.executable, "-c", code)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    origin = json.loads(proc.stdout)
+    # Hugging Face's package where it is installed; else at most a namespace (origin None).
+    assert origin is None or REPO / "kernels" not in Path(origin).resolve().parents, origin
 
 
 def test_importing_the_package_imports_no_test_or_demo_model():
