@@ -45,6 +45,10 @@ class Adapter:
     # its image token once per image token; "sequence", its full_image_sequence (Gemma 3:
     # begin / end-of-image tokens and blank lines around a fixed count of image tokens).
     image_text: str = "repeat"
+    # How a budget of image tokens per image is applied (culture_neurons.models.image_budget):
+    # "pixels" (the processor's pixel bounds), "pinpoints" (LLaVA-NeXT's tile grids), "fixed"
+    # (every image has the same count), "none" (text-only).
+    image_budget: str = "none"
 
     def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
         return self._resolve(model)[1]
@@ -81,15 +85,17 @@ _VLM_LAYERS = ("model.language_model.layers", "language_model.layers", "model.la
 _LM_LAYERS = ("model.layers", "layers")
 
 ADAPTERS: tuple[Adapter, ...] = (
-    Adapter("qwen2_vl", ("qwen2_vl",), _VLM_LAYERS, vlm=True, processor="Qwen2VLProcessor"),
+    Adapter("qwen2_vl", ("qwen2_vl",), _VLM_LAYERS, vlm=True, processor="Qwen2VLProcessor",
+            image_budget="pixels"),  # fmt: skip
     Adapter("qwen2_5_vl", ("qwen2_5_vl",), _VLM_LAYERS, vlm=True,
-            processor="Qwen2_5_VLProcessor"),  # fmt: skip
-    Adapter("llava", ("llava",), _VLM_LAYERS, vlm=True, processor="LlavaProcessor"),
+            processor="Qwen2_5_VLProcessor", image_budget="pixels"),  # fmt: skip
+    Adapter("llava", ("llava",), _VLM_LAYERS, vlm=True, processor="LlavaProcessor",
+            image_budget="fixed"),  # fmt: skip
     # LLaVA-1.6-Mistral and Pangea (LLaVA-NeXT on Qwen2) share this class.
     Adapter("llava_next", ("llava_next",), _VLM_LAYERS, vlm=True,
-            processor="LlavaNextProcessor"),  # fmt: skip
+            processor="LlavaNextProcessor", image_budget="pinpoints"),  # fmt: skip
     Adapter("gemma3", ("gemma3",), _VLM_LAYERS, vlm=True, processor="Gemma3Processor",
-            image_text="sequence"),  # fmt: skip
+            image_text="sequence", image_budget="fixed"),  # fmt: skip
     Adapter("gemma3_text", ("gemma3_text",), _LM_LAYERS, vlm=False),
     Adapter("llama", ("llama",), _LM_LAYERS, vlm=False),
     Adapter("mistral", ("mistral",), _LM_LAYERS, vlm=False),

@@ -73,6 +73,9 @@ class RunConfig:
     screen_budget: int = setting(SCREEN_BUDGET, "evaluate")  # screen: extra exact cells per mask
     reuse_vision: bool = setting(True, "exec")  # same numbers, fewer vision-tower passes
     task: str = setting("mc", "identify")  # "mc": multiple choice; "lm": sentences (NLL)
+    # Image tokens per image at most (None: the processor's default); how each family applies
+    # it: culture_neurons.models.image_budget. Identification and evaluation share it.
+    max_image_tokens: int | None = setting(None, "identify")
 
     def __post_init__(self) -> None:
         self.methods = tuple(self.methods)
@@ -105,6 +108,12 @@ class RunConfig:
             raise UsageError(f"--batch-size must be >= 1, got {self.batch_size}")
         if self.resamples < 1:
             raise UsageError(f"--resamples must be >= 1, got {self.resamples}")
+        if self.max_image_tokens is not None and (
+            isinstance(self.max_image_tokens, bool) or not isinstance(self.max_image_tokens, int)
+            or self.max_image_tokens < 1
+        ):
+            raise UsageError(f"--max-image-tokens must be a positive int, got "
+                             f"{self.max_image_tokens!r}")  # fmt: skip
         self._check_matrix()
         for name in ("rnd_draws", "checkpoint_every", "checkpoint_minutes", "screen_budget"):
             if getattr(self, name) < 0:

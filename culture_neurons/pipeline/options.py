@@ -100,6 +100,12 @@ OPTIONS: tuple[Option, ...] = (
                     "kernel on GPU)", "hooks": "plain PyTorch forward hooks (the reference)"}),
     Option("batch_size", "rows per forward", MODEL, "model", type=int, minimum=1,
            default_text="8; 128 on the embedded toy"),
+    Option("max_image_tokens", "at most this many image tokens per image, applied as the "
+           "family's processor allows: Qwen2-VL / Qwen2.5-VL lower max_pixels (tiles of 28 x "
+           "28 pixels, one token each), LLaVA-NeXT keeps the tile grids within it, LLaVA-1.5 "
+           "and Gemma 3 have a fixed count (a smaller budget is refused)", MODEL, "model",
+           type=int, minimum=1, default_text="the processor's own (Qwen2.5-VL: up to 16,384 "
+           "tokens for one image)"),
     # -- data -------------------------------------------------------------------------------
     Option("task", "what the items are", RECORD, "data",
            choices={"mc": "multiple-choice questions about images, scored by accuracy",

@@ -44,7 +44,7 @@ from culture_neurons.data import stable_seed
 from culture_neurons.errors import DataError, StatsMismatchError, UsageError
 from culture_neurons.instrument import Instrument
 from culture_neurons.masks import Masks, load_masks
-from culture_neurons.models import adapters
+from culture_neurons.models import adapters, image_budget
 from culture_neurons.pipeline import batching, progress, rundir, screen
 from culture_neurons.pipeline.config import RunConfig, identify_on_for
 from culture_neurons.pipeline.distributed import Partition
@@ -110,6 +110,9 @@ class Run:
         # Not part of the fingerprint (one model in fp32 or bf16), but of every cached result.
         self.dtype = str(next(self.model.parameters()).dtype).removeprefix("torch.")
         self.data_hash = rundir.data_hash(self.data)
+        # After the fingerprint: a budget changes how images are tiled, not which model it is.
+        self.image_budget = image_budget.apply(self.model, self.processor,
+                                               self.config.max_image_tokens)  # fmt: skip
         self.ident, self.evaluation = self.data.split(self.config.split_ratio, self.config.seed)
         self.task = TASKS[self.config.task](self.model, self.processor, self.config)
         self._length_of: dict[str, int] = {}  # item id -> prompt tokens (see _lengths)
@@ -155,8 +158,10 @@ class Run:
         return progress.bar(total, desc, enabled=self.progress and self.part.main)
 
     def _key(self, *parts) -> str:
-        """The key of a cached result: this model (weights and dtype) and ``parts``."""
-        return rundir.digest(asdict(self.fingerprint), self.dtype, *parts)
+        """The key of a cached result: this model (weights and dtype), its image-token budget
+        (every prompt's tokens) and ``parts``."""
+        return rundir.digest(asdict(self.fingerprint), self.dtype, self.config.max_image_tokens,
+                             *parts)  # fmt: skip
 
     def _cached(self, path: Path, key: str) -> dict | None:
         """The JSON progress file ``path`` if it was written under ``key`` (and resuming)."""
@@ -220,6 +225,23 @@ class Run:
             self._length_of.update(zip([it.id for it in missing],
                                        self.task.lengths(missing), strict=True))  # fmt: skip
         return [self._length_of[it.id] for it in items]
+
+    def _token_summary(self, items: list) -> dict:
+        """Prompt and image tokens per item of ``items`` (mean, max) and the image tokens'
+        share of all prompt tokens, padding aside (image tokens None where the processor
+        cannot count them from sizes, or there are no images)."""
+        prompt = torch.tensor(self._lengths(items), dtype=torch.float64)
+        out = {"items": len(items), "prompt_mean": float(prompt.mean()),
+               "prompt_max": int(prompt.max()), "image_mean": None, "image_max": None,
+               "image_share": None}  # fmt: skip
+        counts = image_budget.image_tokens(self.model, self.processor,
+                                           [it.image_size for it in items]) \
+            if items and adapters.get_adapter(self.model).vlm else None  # fmt: skip
+        if counts:
+            image = torch.tensor(counts, dtype=torch.float64)
+            out.update(image_mean=float(image.mean()), image_max=int(image.max()),
+                       image_share=float(image.sum() / prompt.sum()))  # fmt: skip
+        return out
 
     def _log_padding(self, what: str, items: list, rows: int) -> None:
         share = batching.padding_share(self._lengths(items), rows)
@@ -362,6 +384,11 @@ class Run:
         full_record, results = self.task.results(masks, per_set, preds[0], items, culture,
                                                  self.cultures, self.data, nulls)  # fmt: skip
         full_record["matrix"] = self.config.matrix
+        full_record["tokens"] = {"budget": self.image_budget,
+                                 "evaluation": self._token_summary(items),
+                                 "identification": self._token_summary(
+                                     [it for c in self.cultures
+                                      for it in self.ident.items_by_culture[c]])}  # fmt: skip
         if screened is not None:
             self._add_screened(results, screened, names, preds[0], items, culture)
         write_json(self.out / "eval" / "full.json", full_record)

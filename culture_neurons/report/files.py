@@ -25,6 +25,7 @@ class RunFiles:
     meta: dict  # run.json: config, cultures, fingerprint, data ({} if absent)
     stats: dict  # stats.json: fingerprint, items, tokens, ... ({} if absent)
     evals: dict[str, dict]  # method -> eval/<method>.json, in the run's order
+    full: dict = field(default_factory=dict)  # eval/full.json: items, predictions, tokens
     cultures: list[str] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -78,7 +79,7 @@ def load_run(out_dir: str | os.PathLike) -> RunFiles:
     configured = [m for m in meta.get("config", {}).get("methods", []) if m in found]
     order = configured + [m for m in found if m not in configured]
     evals = {m: read_json(eval_dir / f"{m}.json") for m in order}
-    return RunFiles(out, meta, stats, evals)
+    return RunFiles(out, meta, stats, evals, read_json(eval_dir / "full.json", {}))
 
 
 def read_json(path: Path, default: dict | None = None) -> dict:

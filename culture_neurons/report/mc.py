@@ -52,7 +52,7 @@ from culture_neurons.report.files import (
     write_text,
 )
 from culture_neurons.report.layers import TOP_LAYERS, layer_totals, overlap, top_layers
-from culture_neurons.report.settings import settings_line
+from culture_neurons.report.settings import settings_line, tokens_line
 from culture_neurons.report.tables import fmt_count, fmt_flip, table
 
 log = logging.getLogger(__name__)
@@ -185,6 +185,8 @@ def _what_was_run(run: RunFiles, description: str) -> list[str]:
         )
     lines.append(f"- **Data**: {run.meta.get('data') or 'not recorded'}")
     lines.append("- **Settings**: " + settings_line(run))
+    if (tokens := tokens_line(run)) is not None:
+        lines.append("- **Tokens**: " + tokens)
     first = run.first
     ident, tokens = st.get("items"), st.get("tokens")
     n_eval = first.get("items_per_culture") or []

@@ -42,3 +42,26 @@ def settings_line(run: RunFiles) -> str:
         ("seed", cfg.get("seed")),
     ]  # fmt: skip
     return "; ".join(f"{k} = {v}" for k, v in items if v is not None)
+
+
+def tokens_line(run: RunFiles) -> str | None:
+    """Image and prompt tokens per item of the evaluation and identification items, and the
+    image-token budget (``eval/full.json``'s ``tokens``); None for runs from before it."""
+    tokens = run.full.get("tokens")
+    if not tokens:
+        return None
+    budget = tokens.get("budget") or {}
+    parts = []
+    for split in ("identification", "evaluation"):
+        t = tokens.get(split) or {}
+        if not t.get("items"):
+            continue
+        text = f"{split}: {t['prompt_mean']:.0f} prompt tokens per item (max {t['prompt_max']})"
+        if t.get("image_mean") is not None:
+            text += (f", of them {t['image_mean']:.0f} image tokens (max {t['image_max']}; "
+                     f"{100 * t['image_share']:.0f} % of all prompt tokens)")  # fmt: skip
+        parts.append(text)
+    limit = budget.get("max_image_tokens")
+    how = f"at most {limit} image tokens per image ({budget.get('how')})" if limit else \
+        "the processor's default image size (no --max-image-tokens)"  # fmt: skip
+    return "; ".join(parts) + f". Budget: {how}."
