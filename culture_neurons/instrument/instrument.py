@@ -52,6 +52,14 @@ from culture_neurons.stats import ACTIVATIONS, Stats, check_choice
 
 log = logging.getLogger(__name__)
 BACKENDS = ("auto", "hooks", "fused")
+
+
+def auto_backend(device: torch.device) -> str:
+    """What ``backend="auto"`` runs on ``device`` (a model's first decoder layer's): the path
+    measured faster there. On CUDA the fused Triton kernel; elsewhere plain hooks, which leave
+    the MLP to PyTorch (bench/RESULTS.md, 2-core CPU: hooks 1.01x plain at hidden 896 x 4736
+    against the fused CPU path's 1.09x, and 1.21x against 1.28x on the toy)."""
+    return "fused" if torch.device(device).type == "cuda" else "hooks"
 _OWNER = "_culture_neurons_instrument"  # attribute on each instrumented MLP: weakref to its owner
 
 
@@ -154,7 +162,8 @@ class Instrument:
             (default) ablates (exactly 0, SPEC's ``a := 0``), e.g. ``0.5`` amplifies by half.
         activation: ``gate`` (``act(gate_proj(x))``) or ``post`` (``act(...) * up_proj(x)``).
         scope: ``all`` / ``text`` / ``image`` / ``last``: which tokens count.
-        backend: ``auto`` (fused), ``fused`` or ``hooks``.
+        backend: ``auto`` (:func:`auto_backend`: fused on CUDA, hooks elsewhere), ``fused``
+            or ``hooks``.
         options: further settings stored in the stats (must agree for a merge).
 
     Raises:
@@ -204,7 +213,7 @@ class Instrument:
             self.totals = Totals(self.cultures, self.fingerprint, activation, scope, self.options)
             for site in self.sites:  # on each layer's device, for the life of the Instrument
                 site.K, site.S, site.Q = self.totals.layer(site.layer, site.device)
-        self.backend = "fused" if backend == "auto" else backend
+        self.backend = auto_backend(self.sites[0].device) if backend == "auto" else backend
         self._impl = importlib.import_module(f"culture_neurons.instrument.{self.backend}")
         self._impl = self._impl.attach(self)
         for site in self.sites:  # so that print(model) shows what is instrumented

@@ -96,7 +96,8 @@ OPTIONS: tuple[Option, ...] = (
            "under torchrun), cpu, cuda, cuda:N, or map (spread a model larger than one GPU "
            "over all of them)", MODEL, "model", default="auto"),
     Option("backend", "how the decoder MLPs are instrumented (same numbers)", MODEL, "model",
-           choices={"auto": "fused", "fused": "the MLP's forward replaced by one op (a Triton "
+           choices={"auto": "fused on CUDA (the Triton kernel), hooks elsewhere (measured faster on "
+                    "CPUs, bench/RESULTS.md)", "fused": "the MLP's forward replaced by one op (a Triton "
                     "kernel on GPU)", "hooks": "plain PyTorch forward hooks (the reference)"}),
     Option("batch_size", "rows per forward", MODEL, "model", type=int, minimum=1,
            default_text="8; 128 on the embedded toy"),
