@@ -401,7 +401,7 @@ def _plant_rows(
     calibration = []
     for layer, mlp in enumerate(adapters.decoder_mlps(model)):
         x = _mlp_inputs(model, layer, batches)  # [R, H], after this layer's RMSNorm
-        W = mlp.gate_proj.weight.detach()  # [N, H]
+        W = adapters.gate_weight(mlp).detach()  # [N, H]
         sigma = float((x @ W.T).std())  # random pre-activation scale of this layer
         sigma_w = float(W.std())
         plan, gaps = _layer_plan(config, layer, truth, x, groups, dirs)

@@ -10,12 +10,12 @@ import warnings
 
 import pytest
 import torch
-from culture_neurons.kernels import act_and_record, dispatch
 from culture_neurons.kernels.dispatch import KernelFallbackWarning
 from culture_neurons.kernels.ops import LayerOp
 from culture_neurons.kernels.reference import act_and_record_reference
 
 from culture_neurons.errors import KernelError, UsageError
+from culture_neurons.kernels import act_and_record, dispatch
 
 act_record = pytest.importorskip("culture_neurons.kernels.act_record")
 

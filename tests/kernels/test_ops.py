@@ -5,11 +5,11 @@ import functools
 
 import pytest
 import torch
-from culture_neurons.kernels import act_and_record, custom_op
 from culture_neurons.kernels.ops import LayerOp, act_and_record_torch
 from culture_neurons.kernels.reference import act_and_record_reference
 
 from culture_neurons.errors import UsageError
+from culture_neurons.kernels import act_and_record, custom_op
 
 OP = torch.ops.culture_neurons.act_and_record.default
 
