@@ -207,35 +207,31 @@ def mlp_hooks(env: MlpEnv):
     return run, lambda: [h.remove() for h in handles]
 
 
-def _fused_forward(env: MlpEnv, layer: int, mlp, record: bool, ablate: bool):
-    g, u = mlp.gate_proj(env.x), mlp.up_proj(env.x)
-    stats = dict(culture=env.culture, K=env.K[layer], S=env.S[layer],
-                 Q=env.Q[layer]) if record else {}
-    mask = dict(keep=env.keep, set_ids=env.set_ids) if ablate else {}
-    h = act_and_record(g, u, act_fn=env.shape.act_fn, activation="gate", **stats, **mask)
-    return mlp.down_proj(h)
+def _fused_stack(env: MlpEnv, record: bool, ablate: bool):
+    """Every MLP as gate/up linears + act_and_record + down_proj: ``run() -> y``."""
+    op = dict(act_fn=env.shape.act_fn, activation="gate")
+    if ablate:
+        op.update(keep=env.keep, set_ids=env.set_ids)
+
+    def run():
+        for layer, mlp in enumerate(env.mlps):
+            g, u = mlp.gate_proj(env.x), mlp.up_proj(env.x)
+            stats = dict(culture=env.culture, K=env.K[layer], S=env.S[layer],
+                         Q=env.Q[layer]) if record else {}  # fmt: skip
+            y = mlp.down_proj(act_and_record(g, u, **op, **stats))
+        return y
+
+    return run
 
 
 def mlp_fused_record(env: MlpEnv):
     """gate/up linears + act_and_record (statistics) + down_proj."""
-
-    def run():
-        for layer, mlp in enumerate(env.mlps):
-            y = _fused_forward(env, layer, mlp, record=True, ablate=False)
-        return y
-
-    return run, _no_cleanup
+    return _fused_stack(env, record=True, ablate=False), _no_cleanup
 
 
 def mlp_fused_ablate(env: MlpEnv):
     """gate/up linears + act_and_record (mask only, no statistics) + cuBLAS down_proj."""
-
-    def run():
-        for layer, mlp in enumerate(env.mlps):
-            y = _fused_forward(env, layer, mlp, record=False, ablate=True)
-        return y
-
-    return run, _no_cleanup
+    return _fused_stack(env, record=False, ablate=True), _no_cleanup
 
 
 def mlp_masked_gemm(env: MlpEnv):
