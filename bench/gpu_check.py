@@ -152,7 +152,7 @@ def section(name: str, fn, *args) -> None:
 
 
 def verdict(check):
-    """``check`` (returning ``(ok, name, details)``, see gpu_checks.py) with its verdict reported."""
+    """``check`` (returning ``(ok, name, details)``, see gpu_checks.py), its verdict reported."""
     return lambda *args, **kwargs: report(*check(*args, **kwargs))
 
 
@@ -171,12 +171,13 @@ def run_checks(dev, dtype, quick: bool, deadline: float) -> None:
     if quick:
         cases = [c for c in cases if c[0] != (1000, 4099)]
     for (R, N), act_fn, record in cases:
-        guarded(deadline, f"check:act_and_record {R}x{N}", verdict(check_act_and_record), dev, dtype, R,
-                N, 25, act_fn, record, seed=R)  # fmt: skip
-    guarded(deadline, "check:gelu_saturation", verdict(check_gelu_saturation), dev, 67 if quick else 4099)
+        guarded(deadline, f"check:act_and_record {R}x{N}", verdict(check_act_and_record), dev,
+                dtype, R, N, 25, act_fn, record, seed=R)  # fmt: skip
+    guarded(deadline, "check:gelu_saturation", verdict(check_gelu_saturation), dev,
+            67 if quick else 4099)  # fmt: skip
     for R, N, H in [(1, 1, 1), (130, 67, 40)] + ([] if quick else [(257, 4099, 1031)]):
-        guarded(deadline, f"check:masked_down {R}x{N}", verdict(check_masked_down), dev, dtype, R, N, H,
-                seed=R)  # fmt: skip
+        guarded(deadline, f"check:masked_down {R}x{N}", verdict(check_masked_down), dev, dtype,
+                R, N, H, seed=R)  # fmt: skip
     R, N = big
     guarded(deadline, "check:masked_down big", verdict(check_masked_down), dev, dtype, R, N,
             64 if quick else 3584, vs="reference" if quick else "fp32 cuBLAS")  # fmt: skip

@@ -23,7 +23,8 @@ from culture_neurons.kernels import reference as ref
 
 def kernel_path(dev, dtype) -> tuple:
     """The kernel runs (forced) and passes its self-check on this device, for the variants the
-    later sections use (section 1). On --quick: the interpreter on CPU tensors, forced for this step only."""
+    later sections use (section 1). On --quick: the interpreter on CPU tensors, forced for this
+    step only."""
     scoped = dev.type != "cuda"
     saved = os.environ.get(dispatch.MODE_ENV)
     os.environ[dispatch.MODE_ENV] = "triton"

@@ -115,7 +115,8 @@ def check(args: OpArgs) -> None:
 
 
 def check_act_and_record_args(gate, up, culture, K, S, Q, keep, set_ids, act_fn: str,
-                              activation: str, do_record: bool, do_ablate: bool) -> None:  # fmt: skip
+                              activation: str, do_record: bool,
+                              do_ablate: bool) -> None:  # fmt: skip
     """:func:`check` for the op's arguments given one by one (the public positional face)."""
     check(OpArgs(gate, up, culture, K, S, Q, keep, set_ids, act_fn, activation, do_record,
                  do_ablate))  # fmt: skip

@@ -35,7 +35,9 @@ def first_mismatch(got: torch.Tensor, want: torch.Tensor, atol: float = 0.0, rto
     if not bad.any():
         return None
     idx = tuple(int(i) for i in bad.nonzero()[0])
-    where = f"({', '.join(f'{d} {i}' for d, i in zip(dims, idx, strict=True))})" if dims else str(idx)
+    where = str(idx)
+    if dims:
+        where = "(" + ", ".join(f"{d} {i}" for d, i in zip(dims, idx, strict=True)) + ")"
     return (f"{int(bad.sum())} of {bad.numel()} values; first at {where}: "
             f"{names[0]} {got[idx].item():.9g}, {names[1]} {want[idx].item():.9g} "
             f"(atol {atol:.3g}, rtol {rtol:g})")

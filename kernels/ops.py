@@ -170,7 +170,8 @@ class LayerOp:
                 or gate.dtype not in FLOAT_DTYPES or gate.device != self.device):
             _fail("gate and up must be [..., N] of one float dtype on the layer's device",
                   f"{tuple(gate.shape)} {gate.dtype} {gate.device} and {tuple(up.shape)} "
-                  f"{up.dtype}; N={N} on {self.device}", "pass this layer's gate and up projections")
+                  f"{up.dtype}; N={N} on {self.device}",
+                  "pass this layer's gate and up projections")  # fmt: skip
         flat = gate.dim() == 2  # the usual case: no reshapes (each costs a few us)
         gate2, up2 = (gate, up) if flat else (gate.reshape(-1, N), up.reshape(-1, N))
         R = gate2.shape[0]

@@ -2,9 +2,9 @@
 
 Symbols: R token rows, N neurons of one layer, C cultures, S ablation sets.
 Every path that does not run the Triton kernel goes through here: the hooks backend, the fused
-backend's eager path, the fused op on CPU (``torch_path.py`` beside it) and the functional API, so they
-cannot disagree. For one layer's recorded activation ``a [R, N]`` and per-row ``culture [R]``
-(-1 = not counted):
+backend's eager path, the fused op on CPU (``torch_path.py`` beside it) and the functional API,
+so they cannot disagree. For one layer's recorded activation ``a [R, N]`` and per-row
+``culture [R]`` (-1 = not counted):
 
     K[c, n] += sum_{r: culture[r] = c} [a[r, n] > 0]     int64, exact
     S[c, n] += sum_{r: culture[r] = c} a[r, n]           fp32 within a chunk, fp64 totals

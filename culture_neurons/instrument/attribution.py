@@ -63,10 +63,10 @@ def attribute(
     mlps = adapters.decoder_mlps(model)
     if len({id(adapters.act_module(m)) for m in mlps}) != len(mlps):
         raise UnsupportedModelError(
-            "the decoder MLPs share one activation module, so attribution hooks cannot tell layers "
-            "apart"
+            "the decoder MLPs share one activation module, so attribution hooks cannot tell "
+            "layers apart"
         )
-    # A fused Instrument replaces the forward (no activation module call); hooks would count twice.
+    # A fused Instrument replaces the forward (its activation module is never called).
     refuse_live_instrument(mlps, "attribution needs the model's own forward")
     lm = adapters.get_adapter(model).language_model(model)
     if weights is None:
@@ -74,7 +74,8 @@ def attribute(
     state = _State(len(mlps), weights)
     saved = {p: p.requires_grad for p in model.parameters()}
     handles = [lm.register_forward_pre_hook(_embeds_leaf, with_kwargs=True)]
-    handles += [adapters.act_module(m).register_forward_hook(state.act_hook(l)) for l, m in enumerate(mlps)]
+    handles += [adapters.act_module(m).register_forward_hook(state.act_hook(l))
+                for l, m in enumerate(mlps)]  # fmt: skip
     model.requires_grad_(False)
     try:
         with torch.enable_grad():

@@ -36,15 +36,16 @@ class HooksHandle:
         acts = [adapters.act_module(site.mlp) for site in inst.sites]
         if len({id(a) for a in acts}) != len(acts):
             raise UnsupportedModelError(
-                "the decoder MLPs share one activation module, so hooks cannot tell layers apart; "
-                "use backend='fused'"
+                "the decoder MLPs share one activation module, so hooks cannot tell layers "
+                "apart; use backend='fused'"
             )
         self.handles = []
         for site, act in zip(inst.sites, acts, strict=True):
             self.handles.append(act.register_forward_hook(self._act_hook(inst, site)))
             if inst.recording and inst.activation == "post":
                 hook = self._down_pre_hook(site)
-                self.handles.append(adapters.down_module(site.mlp).register_forward_pre_hook(hook))
+                down = adapters.down_module(site.mlp)
+                self.handles.append(down.register_forward_pre_hook(hook))
 
     @staticmethod
     def _act_hook(inst, site):
