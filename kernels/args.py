@@ -56,7 +56,8 @@ class OpArgs:
                 self.do_ablate and self.factor != 0.0)  # fmt: skip
 
 
-def _fail(what: str, given: str, todo: str) -> None:
+def refuse(what: str, given: str, todo: str) -> None:
+    """UsageError ``act_and_record: {what} (given: {given}); {todo}``."""
     raise UsageError(f"act_and_record: {what} (given: {given}); {todo}")
 
 
@@ -69,48 +70,48 @@ def check(args: OpArgs) -> None:
     """
     gate, up, culture, keep, set_ids = args.gate, args.up, args.culture, args.keep, args.set_ids
     if args.act_fn not in ACT_FNS:
-        _fail("unknown act_fn", repr(args.act_fn), f"use one of {ACT_FNS}")
+        refuse("unknown act_fn", repr(args.act_fn), f"use one of {ACT_FNS}")
     if args.activation not in ACTIVATIONS:
-        _fail("unknown activation", repr(args.activation), f"use one of {ACTIVATIONS}")
+        refuse("unknown activation", repr(args.activation), f"use one of {ACTIVATIONS}")
     if gate.dim() != 2 or gate.shape != up.shape:
-        _fail("gate and up must be [R, N] of the same shape",
+        refuse("gate and up must be [R, N] of the same shape",
               f"{tuple(gate.shape)} and {tuple(up.shape)}", "flatten the token dims first")
     if gate.dtype not in FLOAT_DTYPES or up.dtype != gate.dtype:
-        _fail("gate and up must share a float dtype (fp32/fp16/bf16)",
+        refuse("gate and up must share a float dtype (fp32/fp16/bf16)",
               f"{gate.dtype} and {up.dtype}", "cast one of them")
     if up.device != gate.device:
-        _fail("gate and up on different devices", f"{gate.device}, {up.device}", "move them")
+        refuse("gate and up on different devices", f"{gate.device}, {up.device}", "move them")
     R, N = gate.shape
     if args.do_record:
         if culture.shape != (R,) or culture.dtype not in (torch.int32, torch.int64):
-            _fail("culture must be [R] int32/int64",
+            refuse("culture must be [R] int32/int64",
                   f"{tuple(culture.shape)} {culture.dtype} for R={R}",
                   "pass one culture id per row, -1 = not counted")
         K = args.K
         for name, acc, dtype in (("K", K, torch.int64), ("S", args.S, torch.float64),
                                  ("Q", args.Q, torch.float64)):
             if acc.dim() != 2 or acc.shape[1] != N or acc.shape[0] != K.shape[0]:
-                _fail(f"{name} must be [C, N] with N={N} and the same C as K",
+                refuse(f"{name} must be [C, N] with N={N} and the same C as K",
                       f"{name}{tuple(acc.shape)}, K{tuple(K.shape)}", "allocate [C, N]")
             if acc.dtype != dtype:
-                _fail(f"{name} must be {dtype} (the statistics' totals)", str(acc.dtype),
+                refuse(f"{name} must be {dtype} (the statistics' totals)", str(acc.dtype),
                       f"allocate it as {dtype}")
             if not acc.is_contiguous():
-                _fail(f"{name} must be contiguous [C, N]", f"strides {acc.stride()}",
+                refuse(f"{name} must be contiguous [C, N]", f"strides {acc.stride()}",
                       "use a per-layer contiguous accumulator and copy into [C, L, N] at the end")
             if acc.device != gate.device or culture.device != gate.device:
-                _fail(f"{name} and culture must be on gate's device",
+                refuse(f"{name} and culture must be on gate's device",
                       f"{acc.device}, {culture.device} vs {gate.device}", "move them")
     if args.do_ablate:
         if keep.dim() != 2 or keep.shape[1] != N:
-            _fail("keep must be [num_sets, N]", f"{tuple(keep.shape)} for N={N}",
+            refuse("keep must be [num_sets, N]", f"{tuple(keep.shape)} for N={N}",
                   "pass one keep mask row per ablation set (1 keep, 0 ablate)")
         if set_ids.shape != (R,) or set_ids.dtype not in (torch.int32, torch.int64):
-            _fail("set_ids must be [R] int32/int64",
+            refuse("set_ids must be [R] int32/int64",
                   f"{tuple(set_ids.shape)} {set_ids.dtype} for R={R}",
                   "pass one set id per row, -1 = no ablation")
         if keep.device != gate.device or set_ids.device != gate.device:
-            _fail("keep and set_ids must be on gate's device",
+            refuse("keep and set_ids must be on gate's device",
                   f"{keep.device}, {set_ids.device} vs {gate.device}", "move them")
 
 

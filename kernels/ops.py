@@ -32,9 +32,9 @@ from .args import (
     ACTIVATIONS,
     FLOAT_DTYPES,
     OpArgs,
-    _fail,
     check,
     check_act_and_record_args,
+    refuse,
 )
 from .check import self_check
 from .custom_op import run, via_op
@@ -168,7 +168,7 @@ class LayerOp:
         N = self.N
         if (gate.shape != up.shape or gate.shape[-1] != N or gate.dtype != up.dtype
                 or gate.dtype not in FLOAT_DTYPES or gate.device != self.device):
-            _fail("gate and up must be [..., N] of one float dtype on the layer's device",
+            refuse("gate and up must be [..., N] of one float dtype on the layer's device",
                   f"{tuple(gate.shape)} {gate.dtype} {gate.device} and {tuple(up.shape)} "
                   f"{up.dtype}; N={N} on {self.device}",
                   "pass this layer's gate and up projections")  # fmt: skip
@@ -178,11 +178,11 @@ class LayerOp:
         do_record = culture is not None
         do_ablate = set_ids is not None
         if do_record and (self.K is None or culture.numel() != R):
-            _fail("culture must give one id per row of a recording op",
+            refuse("culture must give one id per row of a recording op",
                   f"{None if culture is None else culture.numel()} ids for R={R}, "
                   f"recording={self.K is not None}", "pass culture only to a recording op")
         if do_ablate and (self.keep is None or set_ids.numel() != R):
-            _fail("set_ids must give one id per row of an ablating op",
+            refuse("set_ids must give one id per row of an ablating op",
                   f"{set_ids.numel()} ids for R={R}, ablating={self.keep is not None}",
                   "pass set_ids only to an op bound to a keep mask")
         if do_record and culture.dim() != 1:
