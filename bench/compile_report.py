@@ -67,8 +67,9 @@ def parse_ptxas(log: str) -> dict:
 
 def compile_act_record(variant, arch: int, tile) -> dict:
     """Compile the act_record kernel for ``sm_<arch>`` with ``tile``; its ptxas numbers."""
-    from culture_neurons.kernels import act_record as m
     from triton.compiler import ASTSource
+
+    from culture_neurons.kernels import act_record as m
 
     act_fn, record, do_record, do_ablate, steer, dtype = variant
     p = PTR[dtype]

@@ -44,7 +44,6 @@ os.environ["TRITON_INTERPRET"] = "1" if QUICK else "0"
 import argparse  # noqa: E402
 import json  # noqa: E402
 import statistics  # noqa: E402
-import subprocess  # noqa: E402
 import time  # noqa: E402
 import traceback  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -56,12 +55,31 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from culture_neurons.kernels import LayerOp, act_and_record, dispatch  # noqa: E402
-from culture_neurons.kernels import reference as ref  # noqa: E402
+from environment import header  # noqa: E402
+from gpu_checks import (  # noqa: E402
+    check_act_and_record,
+    check_gelu_saturation,
+    check_hooks_vs_fused,
+    check_masked_down,
+    gpu_tests,
+    kernel_path,
+)
+from providers import (  # noqa: E402
+    MLP_PROVIDERS,
+    MlpEnv,
+    Provider,
+    build_mlps,
+    build_model,
+    mlp_provider,
+    model_masks,
+    model_providers,
+    op_providers,
+    sweep_providers,
+    sync,
+)
 from shapes import QWEN25_VL_7B, TINY, DecoderShape  # noqa: E402
 
-import culture_neurons as cn  # noqa: E402
+from culture_neurons.kernels import dispatch  # noqa: E402
 
 RESULTS: dict = {"header": None, "sections": {}, "checks": [], "tests": None, "timings": [],
                  "sweep": [], "dispatch": None}  # fmt: skip
@@ -133,185 +151,15 @@ def section(name: str, fn, *args) -> None:
     inject(f"kill:{name}")
 
 
-def sync(dev) -> None:
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-
-
-# --- data --------------------------------------------------------------------------------------
-
-
-def batch_ids(R: int, C: int, num_sets: int, gen: torch.Generator, item_len=(1, 10)):
-    """Per-row culture and ablation-set ids in runs, like items of a batch: [R] int32 each.
-
-    ~10% of runs are -1 (padding / out of scope) for cultures; sets are -1 or 0..num_sets-1.
-    """
-    cultures, sets = [], []
-    while len(cultures) < R:
-        run = int(torch.randint(item_len[0], item_len[1], (1,), generator=gen))
-        c = int(torch.randint(0, C, (1,), generator=gen))
-        if float(torch.rand(1, generator=gen)) < 0.1:
-            c = -1
-        cultures += [c] * run
-        sets += [int(torch.randint(-1, num_sets, (1,), generator=gen))] * run
-    return torch.tensor(cultures[:R], dtype=torch.int32), torch.tensor(sets[:R], dtype=torch.int32)
-
-
-def first_mismatch(got, want, atol=0.0, rtol=0.0):
-    """``None`` or a line naming the first differing (culture, neuron) / (row, neuron)."""
-    got, want = got.detach().cpu().double(), want.detach().cpu().double()
-    bad = ((got - want).abs() > atol + rtol * want.abs()) | (got.isnan() != want.isnan())
-    if not bad.any():
-        return None
-    idx = tuple(int(i) for i in bad.nonzero()[0])
-    return (f"{int(bad.sum())} bad, first at {idx}: got {got[idx].item():.6g}, "
-            f"want {want[idx].item():.6g}")
-
-
-def zeros_stats(C: int, N: int, dev, L: int | None = None):
-    shape = (C, N) if L is None else (L, C, N)
-    return (torch.zeros(shape, dtype=torch.int64, device=dev),
-            torch.zeros(shape, dtype=torch.float64, device=dev),
-            torch.zeros(shape, dtype=torch.float64, device=dev))  # fmt: skip
+def verdict(check):
+    """``check`` (returning ``(ok, name, details)``, see gpu_checks.py), its verdict reported."""
+    return lambda *args, **kwargs: report(*check(*args, **kwargs))
 
 
 # --- 1. kernel path ----------------------------------------------------------------------------
 
 
-def kernel_path(dev, dtype) -> None:
-    """The kernel runs (forced) and passes its self-check on this device, for the variants the
-    later sections use. On --quick: the interpreter on CPU tensors, forced for this step only."""
-    scoped = dev.type != "cuda"
-    saved = os.environ.get(dispatch.MODE_ENV)
-    os.environ[dispatch.MODE_ENV] = "triton"
-    dispatch.reset()
-    try:
-        gen = torch.Generator().manual_seed(0)
-        R, N, C = 70, 300, 5
-        g = (torch.randn(R, N, generator=gen) * 2).to(dtype).to(dev)
-        u = torch.randn(R, N, generator=gen).to(dtype).to(dev)
-        rc, rs = batch_ids(R, C, 3, gen)
-        keep = (torch.rand(3, N, generator=gen) > 0.3).to(dev)
-        K, S, Q = zeros_stats(C, N, dev)
-        for record, ablate in ((True, False), (False, True), (True, True)):
-            act_and_record(g, u, culture=rc.to(dev) if record else None,
-                           K=K if record else None, S=S if record else None,
-                           Q=Q if record else None, keep=keep if ablate else None,
-                           set_ids=rs.to(dev) if ablate else None)  # fmt: skip
-        sync(dev)
-        status = dispatch.status()
-        ok = bool(status["checked"]) and not status["fallbacks"]
-        report(ok, "kernel path", f"Triton kernel self-checked on {len(status['checked'])} "
-               f"variants: {status['checked'][:1]}... fallbacks: {status['fallbacks'] or 'none'}")
-    finally:
-        if scoped:  # --quick: the later sections time the CPU's own path (PyTorch)
-            if saved is None:
-                os.environ.pop(dispatch.MODE_ENV, None)
-            else:
-                os.environ[dispatch.MODE_ENV] = saved
-            dispatch.reset()
-
-
 # --- 2. checks ---------------------------------------------------------------------------------
-
-
-EPS = {torch.float32: 2.0**-23, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
-
-
-def check_act_and_record(dev, dtype, R, N, C, act_fn, record, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    gate = torch.randn(R, N, generator=gen) * 2
-    if act_fn == "gelu_tanh" and record == "post":
-        # Below g ~ -5.06 fp32 GELU-tanh rounds to 0 (torch and the kernel) where fp64 has a
-        # tiny a with the sign of -u: the count there is rounding, checked vs eager instead.
-        gate.clamp_(min=-4.5)
-    gate, up = gate.to(dtype), torch.randn(R, N, generator=gen).to(dtype)
-    culture, set_ids = batch_ids(R, C, 3, gen)
-    keep = torch.rand(3, N, generator=gen) > 0.3
-    K, S, Q = zeros_stats(C, N, dev)
-    h = act_and_record(gate.to(dev), up.to(dev), act_fn=act_fn, activation=record,
-                       culture=culture.to(dev), K=K, S=S, Q=Q, keep=keep.to(dev),
-                       set_ids=set_ids.to(dev))
-    h_ref, K_ref, S_ref, Q_ref = ref.act_and_record_reference(gate, up, culture, C, act_fn,
-                                                              record, keep, set_ids)
-    # fp32 sums over <= R rows in another order than fp64, plus ~1e-6 relative error of the
-    # GPU's fast exp per term: 1e-4 of the largest sum of squares' scale is generous and still
-    # catches a lost or doubled row.
-    scale = float((Q_ref.max() * R).sqrt()) + 1e-6
-    errs = {
-        "K": first_mismatch(K, K_ref),
-        "S": first_mismatch(S, S_ref, atol=1e-4 * scale, rtol=1e-4),
-        "Q": first_mismatch(Q, Q_ref, atol=1e-4 * float(Q_ref.max()) + 1e-6, rtol=1e-4),
-        # h is the fp32 value rounded to the dtype: within one ulp of the fp64 value.
-        "h": first_mismatch(h, h_ref, atol=1e-6, rtol=EPS[dtype]),
-    }
-    bad = {k: v for k, v in errs.items() if v}
-    s_err = float((S.cpu().double() - S_ref).abs().max())
-    details = (f"K exact {'no' if 'K' in bad else 'yes'}, S max abs err {s_err:.2e}"
-               + "".join(f"; {k}: {v}" for k, v in bad.items()))
-    return report(not bad, f"act_and_record {R}x{N} C={C} {act_fn}/{record} {dtype}", details)
-
-
-def check_gelu_saturation(dev, N=4099):
-    """Over g in [-9, 3] (fp32 GELU-tanh is exactly 0 below ~-5.06) count as eager torch does."""
-    R = 256
-    gen = torch.Generator().manual_seed(3)
-    gate = torch.linspace(-9, 3, R * N).reshape(R, N)
-    up = torch.randn(R, N, generator=gen)
-    rc = torch.randint(0, 4, (R,), generator=gen, dtype=torch.int32)
-    K, S, Q = zeros_stats(4, N, dev)
-    act_and_record(gate.to(dev), up.to(dev), act_fn="gelu_tanh", activation="post",
-                   culture=rc.to(dev), K=K, S=S, Q=Q)
-    a = F.gelu(gate.to(dev), approximate="tanh") * up.to(dev)  # eager torch on the same device
-    K_eager = torch.stack([(a[rc.to(dev) == c] > 0).sum(0) for c in range(4)])
-    diff = int((K.long() - K_eager.long()).abs().sum())
-    # The boundary rows differ only if the fast exp and tanhf round one ulp apart there.
-    return report(True if diff == 0 else None, "gelu_tanh/post counts vs eager torch in the "
-                  "fp32-saturating band", f"{diff} of {R * N} signs differ")
-
-
-def check_masked_down(dev, dtype, R, N, H, seed=0, vs="reference"):
-    from masked_down import masked_down_proj, masked_down_reference  # bench/
-
-    gen = torch.Generator().manual_seed(seed)
-    h = torch.randn(R, N, generator=gen).to(dtype)
-    weight = (torch.randn(H, N, generator=gen) / N**0.5).to(dtype)  # outputs ~ N(0, 1)
-    keep = torch.rand(4, N, generator=gen) > 0.005
-    _, set_ids = batch_ids(R, 25, 4, gen)
-    out = masked_down_proj(h.to(dev), weight.to(dev), keep.to(dev), set_ids.to(dev))
-    if vs == "reference":
-        want = masked_down_reference(h, weight, keep, set_ids)
-    else:  # fp32 cuBLAS: the fp64 reference is minutes of CPU time at 7B shapes
-        hd, kd, rsd = h.to(dev).float(), keep.to(dev), set_ids.to(dev).long()
-        mask = torch.where((rsd >= 0)[:, None], kd[rsd.clamp(min=0)].float(), 1.0)
-        want = F.linear(hd * mask, weight.to(dev).float())
-    # Output rounded to the dtype (half an ulp) after fp32 accumulation in another order.
-    err = first_mismatch(out, want, atol=1e-2, rtol=EPS[dtype])
-    return report(err is None, f"masked_down_proj {R}x{N}->{H} {dtype} vs {vs}", err or "ok")
-
-
-def check_hooks_vs_fused(dev, dtype, shape: DecoderShape, R: int):
-    """On a real Qwen2MLP: the hooks provider and fused_record count the same (gate, exact)."""
-    mlps = build_mlps(shape, 1, dev, dtype)
-    env = MlpEnv(shape, mlps, R, dev, dtype)
-    outs = {}
-    for name in ("hooks", "fused_record"):
-        env.zero_stats()
-        run, cleanup = MLP_PROVIDERS[name](env)
-        y = run()
-        cleanup()
-        outs[name] = (y.float(), env.K[0].clone(), env.S[0].clone())
-    (y_h, K_h, S_h), (y_f, K_f, S_f) = outs["hooks"], outs["fused_record"]
-    errs = {
-        "K": first_mismatch(K_f, K_h),
-        # hooks see act in bf16 (the module's output), fused in fp32: 2^-8 relative per term.
-        "S": first_mismatch(S_f, S_h, atol=1e-2 * float(S_h.abs().max()) + 1e-3, rtol=1e-2),
-        "y": first_mismatch(y_f, y_h, atol=1e-2 * float(y_h.abs().max()), rtol=2 * EPS[dtype]),
-    }
-    bad = {k: v for k, v in errs.items() if v}
-    return report(not bad, f"hooks vs fused_record on Qwen2MLP, {R} tokens, {dtype}",
-                  "K exact, S and y close" if not bad else "; ".join(
-                      f"{k}: {v}" for k, v in bad.items()))
 
 
 @torch.no_grad()
@@ -323,17 +171,18 @@ def run_checks(dev, dtype, quick: bool, deadline: float) -> None:
     if quick:
         cases = [c for c in cases if c[0] != (1000, 4099)]
     for (R, N), act_fn, record in cases:
-        guarded(deadline, f"check:act_and_record {R}x{N}", check_act_and_record, dev, dtype, R,
-                N, 25, act_fn, record, seed=R)  # fmt: skip
-    guarded(deadline, "check:gelu_saturation", check_gelu_saturation, dev, 67 if quick else 4099)
+        guarded(deadline, f"check:act_and_record {R}x{N}", verdict(check_act_and_record), dev,
+                dtype, R, N, 25, act_fn, record, seed=R)  # fmt: skip
+    guarded(deadline, "check:gelu_saturation", verdict(check_gelu_saturation), dev,
+            67 if quick else 4099)  # fmt: skip
     for R, N, H in [(1, 1, 1), (130, 67, 40)] + ([] if quick else [(257, 4099, 1031)]):
-        guarded(deadline, f"check:masked_down {R}x{N}", check_masked_down, dev, dtype, R, N, H,
-                seed=R)  # fmt: skip
+        guarded(deadline, f"check:masked_down {R}x{N}", verdict(check_masked_down), dev, dtype,
+                R, N, H, seed=R)  # fmt: skip
     R, N = big
-    guarded(deadline, "check:masked_down big", check_masked_down, dev, dtype, R, N,
+    guarded(deadline, "check:masked_down big", verdict(check_masked_down), dev, dtype, R, N,
             64 if quick else 3584, vs="reference" if quick else "fp32 cuBLAS")  # fmt: skip
     shape = TINY if quick else QWEN25_VL_7B
-    guarded(deadline, "check:hooks_vs_fused", check_hooks_vs_fused, dev, dtype, shape,
+    guarded(deadline, "check:hooks_vs_fused", verdict(check_hooks_vs_fused), dev, dtype, shape,
             shape.tokens[0])  # fmt: skip
 
 
@@ -341,42 +190,12 @@ def run_checks(dev, dtype, quick: bool, deadline: float) -> None:
 
 
 def run_gpu_tests(timeout_s: float) -> None:
-    """The gpu-marked tests (interpreter off), bounded: a hang is a FAIL, not a lost run."""
-    cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider",
-           "tests/kernels", "tests/bench"]  # fmt: skip
-    env = dict(os.environ, CULTURE_NEURONS_GPU_TESTS="1")
-    env.pop("TRITON_INTERPRET", None)
-    env.pop(dispatch.MODE_ENV, None)  # the tests choose their own paths
-    try:
-        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True,
-                              timeout=max(10.0, timeout_s))  # fmt: skip
-    except subprocess.TimeoutExpired as exc:
-        RESULTS["tests"] = {"command": "pytest -m gpu", "rc": None, "summary": "timeout",
-                            "tail": (exc.stdout or b"")[-2000:] if isinstance(exc.stdout, bytes)
-                            else (exc.stdout or "")[-2000:]}  # fmt: skip
-        report(False, "pytest -m gpu", f"timed out after {timeout_s:.0f} s")
-        return
-    lines = [ln for ln in proc.stdout.splitlines() if ln.strip()]
-    summary = lines[-1] if lines else "(no output)"
-    RESULTS["tests"] = {"command": " ".join(cmd[2:]), "rc": proc.returncode, "summary": summary,
-                        "tail": (proc.stdout + proc.stderr)[-4000:]}  # fmt: skip
-    print(proc.stdout[-3000:], flush=True)
-    if proc.returncode != 0:
-        report(False, "pytest -m gpu", f"rc {proc.returncode}: {summary}")
-    elif torch.cuda.is_available() and " passed" not in summary:
-        report(False, "pytest -m gpu", f"nothing ran on the GPU: {summary}")
-    else:  # on a CPU every gpu test skips: the step itself worked
-        report(True if torch.cuda.is_available() else None, "pytest -m gpu", summary)
+    """Section 3: the gpu-marked tests (see gpu_checks.gpu_tests), recorded and reported."""
+    RESULTS["tests"], result = gpu_tests(REPO, timeout_s)
+    report(*result)
 
 
 # --- timing ------------------------------------------------------------------------------------
-
-
-class Provider:
-    """``setup() -> run`` (untimed: attach, allocate), ``run()`` timed, ``cleanup()`` untimed."""
-
-    def __init__(self, setup, cleanup=None):
-        self.setup, self.cleanup = setup, cleanup or (lambda: None)
 
 
 def interleaved(case: dict, providers: dict[str, Provider], dev, reps: int,
@@ -448,94 +267,6 @@ def interleaved(case: dict, providers: dict[str, Provider], dev, reps: int,
 # --- 4 and 5. model through the real backend ---------------------------------------------------
 
 
-def build_model(shape: DecoderShape, dev, dtype):
-    """A random-weight Qwen2ForCausalLM of ``shape`` built on the device in ``dtype``."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    cfg = Qwen2Config(hidden_size=shape.hidden, intermediate_size=shape.intermediate,
-                      num_hidden_layers=shape.layers, num_attention_heads=shape.heads,
-                      num_key_value_heads=shape.kv_heads, vocab_size=shape.vocab,
-                      hidden_act=shape.act_fn, tie_word_embeddings=False)  # fmt: skip
-    torch.manual_seed(0)
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)  # built in bf16: no fp32 copy of 7B weights on the way
-    try:
-        with torch.device(dev):
-            model = Qwen2ForCausalLM(cfg)
-    finally:
-        torch.set_default_dtype(default)
-    return model.to(dev, dtype).eval()
-
-
-def model_masks(model, num_sets: int = 4, share: float = 0.005):
-    """``num_sets`` random sets of ``share`` of all L x N neurons (0.5 %: the paper's ratio)."""
-    from culture_neurons.masks import Masks
-    from culture_neurons.models import adapters
-
-    fp = adapters.fingerprint(model)
-    total = fp.num_layers * fp.num_neurons
-    gen = torch.Generator().manual_seed(1)
-    sets = [torch.randperm(total, generator=gen)[: max(1, int(share * total))]
-            for _ in range(num_sets)]  # fmt: skip
-    return Masks.from_sets([f"s{i}" for i in range(num_sets)], sets, fp, method="gpu_check")
-
-
-def model_providers(model, inputs: dict, cultures: list[str], masks, kinds) -> dict:
-    """Providers through the package's real backends; each attaches before and detaches after
-    its timed forward (attach is not timed; set_batch and every per-forward cost are)."""
-    B = inputs["input_ids"].shape[0]
-    culture = [i % len(cultures) for i in range(B)]
-    set_ids = [i % (len(masks) + 1) - 1 for i in range(B)]  # -1 (none) and every set
-    held = {}
-
-    def plain():
-        return lambda: model(**inputs)
-
-    def recorder(backend):
-        def setup():
-            held["inst"] = cn.record(model, cultures, backend=backend)
-            return lambda: held["inst"](culture, **inputs)
-
-        return Provider(setup, lambda: held.pop("inst").detach() if "inst" in held else None)
-
-    def ablator(backend):
-        def setup():
-            held["inst"] = cn.ablate(model, masks, backend=backend)
-            return lambda: held["inst"](set_ids=set_ids, **inputs)
-
-        return Provider(setup, lambda: held.pop("inst").detach() if "inst" in held else None)
-
-    table = {"plain": Provider(plain), "hooks_record": recorder("hooks"),
-             "fused_record": recorder("fused"), "hooks_ablate": ablator("hooks"),
-             "fused_ablate": ablator("fused")}  # fmt: skip
-    return {k: table[k] for k in kinds}
-
-
-def op_providers(shape: DecoderShape, dev, dtype, R: int) -> dict:
-    """The fused op alone, once per layer over ``shape.layers`` layers at R rows (ablation):
-    what an eager decode step pays per MLP beside its GEMMs."""
-    gen = torch.Generator().manual_seed(2)
-    N, L = shape.intermediate, shape.layers
-    g = torch.randn(R, N, generator=gen).to(dtype).to(dev)
-    u = torch.randn(R, N, generator=gen).to(dtype).to(dev)
-    keep = (torch.rand(L, 4, N, generator=gen) > 0.005).to(torch.uint8).to(dev)
-    set_ids = (torch.arange(R) % 5 - 1).to(torch.int32).to(dev)
-    ops = [LayerOp(N, dev, act_fn=shape.act_fn, keep=keep[layer]) for layer in range(L)]
-
-    def op_plain():
-        return lambda: [F.silu(g) * u for _ in range(L)]
-
-    def op_layer():
-        return lambda: [op(g, u, None, set_ids) for op in ops]
-
-    def op_face():
-        return lambda: [act_and_record(g, u, act_fn=shape.act_fn, keep=keep[layer],
-                                       set_ids=set_ids) for layer in range(L)]  # fmt: skip
-
-    return {"op_plain": Provider(op_plain), "op_layer": Provider(op_layer),
-            "op_face": Provider(op_face)}  # fmt: skip
-
-
 @torch.no_grad()
 def run_model(dev, dtype, shape: DecoderShape, reps: int, deadline: float) -> None:
     model = guarded(deadline, "setup:model", build_model, shape, dev, dtype)
@@ -590,137 +321,6 @@ def run_decode(dev, dtype, shape: DecoderShape, reps: int, deadline: float) -> N
 # --- 6. MLP stack ------------------------------------------------------------------------------
 
 
-def build_mlps(shape: DecoderShape, layers: int, dev, dtype):
-    """``layers`` random-weight transformers ``Qwen2MLP``s (initialised on the device: fast)."""
-    from transformers import Qwen2Config
-    from transformers.models.qwen2.modeling_qwen2 import Qwen2MLP
-
-    cfg = Qwen2Config(hidden_size=shape.hidden, intermediate_size=shape.intermediate,
-                      hidden_act=shape.act_fn, num_hidden_layers=layers,
-                      num_attention_heads=4, num_key_value_heads=4)  # divide any hidden size
-    torch.manual_seed(0)
-    with torch.device(dev):
-        return [Qwen2MLP(cfg).to(dtype).eval() for _ in range(layers)]
-
-
-class MlpEnv:
-    """What every MLP provider gets: the MLPs, one batch and per-layer accumulators."""
-
-    def __init__(self, shape, mlps, R: int, dev, dtype):
-        gen = torch.Generator().manual_seed(R)
-        self.shape, self.mlps = shape, mlps
-        self.x = torch.randn(R, shape.hidden, generator=gen).to(dtype).to(dev)
-        # Items of 50..400 tokens, as CVQA prompts with an image; 4 ablation sets.
-        culture, set_ids = batch_ids(R, shape.cultures, 4, gen, item_len=(50, 400))
-        self.culture, self.set_ids = culture.to(dev), set_ids.to(dev)
-        self.keep = (torch.rand(4, shape.intermediate, generator=gen) > 0.005).to(dev)
-        # [L, C, N]: K[l] is the contiguous [C, N] total the op adds into.
-        self.K, self.S, self.Q = zeros_stats(shape.cultures, shape.intermediate, dev, len(mlps))
-
-    def zero_stats(self):
-        self.K.zero_()
-        self.S.zero_()
-        self.Q.zero_()
-
-
-def _no_cleanup():
-    return None
-
-
-def mlp_plain(env: MlpEnv):
-    """transformers' Qwen2MLP as is."""
-
-    def run():
-        for mlp in env.mlps:
-            y = mlp(env.x)
-        return y
-
-    return run, _no_cleanup
-
-
-def mlp_hooks(env: MlpEnv):
-    """What people write by hand: a forward hook on act_fn reducing K/S/Q with index_add_."""
-    counted = (env.culture >= 0).nonzero().squeeze(1)
-    culture = env.culture[counted].long()
-    N = env.shape.intermediate
-    handles = []
-    for layer, mlp in enumerate(env.mlps):
-
-        def hook(module, inputs, out, layer=layer):
-            a = out.reshape(-1, N)[counted].float()
-            env.K[layer].index_add_(0, culture, (a > 0).long())
-            env.S[layer].index_add_(0, culture, a.double())
-            env.Q[layer].index_add_(0, culture, (a * a).double())
-
-        handles.append(mlp.act_fn.register_forward_hook(hook))
-    run, _ = mlp_plain(env)
-    return run, lambda: [h.remove() for h in handles]
-
-
-def _fused_forward(env: MlpEnv, layer: int, mlp, record: bool, ablate: bool):
-    g, u = mlp.gate_proj(env.x), mlp.up_proj(env.x)
-    stats = dict(culture=env.culture, K=env.K[layer], S=env.S[layer],
-                 Q=env.Q[layer]) if record else {}
-    mask = dict(keep=env.keep, set_ids=env.set_ids) if ablate else {}
-    h = act_and_record(g, u, act_fn=env.shape.act_fn, activation="gate", **stats, **mask)
-    return mlp.down_proj(h)
-
-
-def mlp_fused_record(env: MlpEnv):
-    """gate/up linears + act_and_record (statistics) + down_proj."""
-
-    def run():
-        for layer, mlp in enumerate(env.mlps):
-            y = _fused_forward(env, layer, mlp, record=True, ablate=False)
-        return y
-
-    return run, _no_cleanup
-
-
-def mlp_fused_ablate(env: MlpEnv):
-    """gate/up linears + act_and_record (mask only, no statistics) + cuBLAS down_proj."""
-
-    def run():
-        for layer, mlp in enumerate(env.mlps):
-            y = _fused_forward(env, layer, mlp, record=False, ablate=True)
-        return y
-
-    return run, _no_cleanup
-
-
-def mlp_masked_gemm(env: MlpEnv):
-    """gate/up linears + act_and_record (plain act * u) + masked_down_proj (mask in the GEMM)."""
-    from masked_down import masked_down_proj  # bench/
-
-    def run():
-        for mlp in env.mlps:
-            g, u = mlp.gate_proj(env.x), mlp.up_proj(env.x)
-            h = act_and_record(g, u, act_fn=env.shape.act_fn)
-            y = masked_down_proj(h, mlp.down_proj.weight, env.keep, env.set_ids)
-        return y
-
-    return run, _no_cleanup
-
-
-MLP_PROVIDERS = {
-    "plain": mlp_plain,
-    "hooks": mlp_hooks,
-    "fused_record": mlp_fused_record,
-    "fused_ablate": mlp_fused_ablate,
-    "masked_gemm": mlp_masked_gemm,
-}
-
-
-def _mlp_provider(env: MlpEnv, make) -> Provider:
-    held = {}
-
-    def setup():
-        run, held["cleanup"] = make(env)
-        return run
-
-    return Provider(setup, lambda: held.pop("cleanup", _no_cleanup)())
-
-
 @torch.no_grad()
 def run_mlp(dev, dtype, shape: DecoderShape, providers: list[str], reps: int,
             deadline: float) -> None:  # fmt: skip
@@ -735,7 +335,7 @@ def run_mlp(dev, dtype, shape: DecoderShape, providers: list[str], reps: int,
                 continue
             case = {"section": "mlp", "case": f"mlp {layers}L {R} tokens", "layers": layers,
                     "tokens": R}  # fmt: skip
-            interleaved(case, {name: _mlp_provider(env, MLP_PROVIDERS[name])
+            interleaved(case, {name: mlp_provider(env, MLP_PROVIDERS[name])
                                for name in providers}, dev, reps, deadline)  # fmt: skip
             del env
     del mlps
@@ -744,10 +344,6 @@ def run_mlp(dev, dtype, shape: DecoderShape, providers: list[str], reps: int,
 
 
 # --- 7. tile sweep of the fused kernel (GPU only) ----------------------------------------------
-
-SWEEP_TILES = [(32, 128, 4), (64, 128, 8), (16, 128, 2), (32, 64, 2), (16, 64, 1), (64, 64, 4),
-               (32, 256, 8), (128, 128, 8)]  # fmt: skip
-
 
 @torch.no_grad()
 def run_sweep(dev, dtype, reps: int, deadline: float, R: int = 8192, N: int = 18944,
@@ -758,33 +354,11 @@ def run_sweep(dev, dtype, reps: int, deadline: float, R: int = 8192, N: int = 18
     says how close each tile runs to the memory bound; the K/S/Q atomics are C_tile x N per
     row tile. Also: a one-culture batch with the kernel's search vs the host naming the culture.
     """
-    from culture_neurons.kernels.act_record import act_and_record_triton, tile_for
+    from culture_neurons.kernels.act_record import tile_for
 
-    gen = torch.Generator().manual_seed(0)
-    g = (torch.randn(R, N, generator=gen) * 2).to(dtype).to(dev)
-    u = torch.randn(R, N, generator=gen).to(dtype).to(dev)
-    rc, rs = batch_ids(R, C, 4, gen, item_len=(50, 400))
-    rc, rs = rc.to(dev), rs.to(dev)
-    one = torch.where(rc >= 0, 7, -1).to(torch.int32)
-    keep = (torch.rand(4, N, generator=gen) > 0.005).to(dev)
-    K, S, Q = zeros_stats(C, N, dev)
-    args = (g, u, rc, K, S, Q, keep, rs, "silu", "gate")
-    gbytes = 3 * R * N * g.element_size() / 1e9
+    providers = sweep_providers(dev, dtype, R, N, C)
+    gbytes = 3 * R * N * torch.empty(0, dtype=dtype).element_size() / 1e9
     tile = tile_for(dev)
-    providers = {
-        "plain": Provider(lambda: lambda: F.silu(g) * u),
-        "no record, no ablation": Provider(lambda: lambda: act_and_record_triton(*args, False,
-                                                                                 False)),
-        "ablation only": Provider(lambda: lambda: act_and_record_triton(*args, False, True)),
-        "one culture, searched": Provider(lambda: lambda: act_and_record_triton(
-            g, u, one, K, S, Q, keep, rs, "silu", "gate", True, False)),
-        "one culture, host-known": Provider(lambda: lambda: act_and_record_triton(
-            g, u, one, K, S, Q, keep, rs, "silu", "gate", True, False, one_culture=7)),
-    }  # fmt: skip
-    for br, bn, w in SWEEP_TILES:
-        providers[f"record {br}x{bn}x{w}"] = Provider(
-            lambda b=(br, bn, w): lambda: act_and_record_triton(
-                *args, True, False, block_r=b[0], block_n=b[1], num_warps=b[2]))
     case = {"section": "sweep", "case": f"kernel {R}x{N} C={C}, production tile "
             f"{tile.block_r}x{tile.block_n}x{tile.num_warps}", "layers": 1, "tokens": R}
     rows = interleaved(case, providers, dev, reps, deadline)
@@ -801,38 +375,6 @@ def run_sweep(dev, dtype, reps: int, deadline: float, R: int = 8192, N: int = 18
 
 
 # --- main --------------------------------------------------------------------------------------
-
-
-def header(dev) -> dict:
-    info = {"torch": torch.__version__, "device": str(dev),
-            "kernel_mode": os.environ.get(dispatch.MODE_ENV, "auto"),
-            "TRITON_INTERPRET": os.environ.get("TRITON_INTERPRET", "0")}  # fmt: skip
-    try:
-        import triton
-
-        info["triton"] = triton.__version__
-    except Exception as exc:
-        info["triton"] = f"absent ({type(exc).__name__}: {exc})"
-    try:
-        import transformers
-
-        info["transformers"] = transformers.__version__
-    except Exception as exc:
-        info["transformers"] = f"absent ({exc})"
-    if dev.type == "cuda":
-        info["name"] = torch.cuda.get_device_name(dev)
-        major, minor = torch.cuda.get_device_capability(dev)
-        info["capability"] = f"sm_{major}{minor}"
-        try:
-            from culture_neurons.kernels.act_record import tile_for
-
-            t = tile_for(dev)
-            info["tile"] = f"{t.block_r}x{t.block_n}x{t.num_warps}"
-        except Exception as exc:
-            info["tile"] = f"unavailable ({type(exc).__name__}: {exc})"
-    else:
-        info["name"] = f"CPU ({os.cpu_count()} cores)"
-    return info
 
 
 def print_table(rows: list[dict]) -> None:
@@ -905,7 +447,7 @@ def main(argv=None) -> int:
         return min(budget_end, time.monotonic() + share * args.budget_s)
 
     plan = [
-        ("kernel_path", lambda: kernel_path(dev, dtype)),
+        ("kernel_path", lambda: verdict(kernel_path)(dev, dtype)),
         ("checks", lambda: run_checks(dev, dtype, args.quick, until(0.20))),
         ("tests", lambda: run_gpu_tests(min(150.0, max(10.0, budget_end - time.monotonic())))),
         ("model", lambda: run_model(dev, dtype, shape, reps, until(0.15))),
@@ -942,3 +484,4 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+

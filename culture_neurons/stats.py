@@ -27,8 +27,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from culture_neurons.errors import DataError, StatsMismatchError, UsageError, first_line
+from culture_neurons.kernels.args import ACTIVATIONS  # owned by the kernels: "gate" / "post"
 
-ACTIVATIONS = ("gate", "post")
 SCOPES = ("all", "text", "image", "last")
 STATS_FILE = "stats.safetensors"
 META_FILE = "stats.json"

@@ -24,6 +24,7 @@ only culture of the whole call (``one_culture``), which spares the tile its sear
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 from dataclasses import dataclass
 
@@ -33,7 +34,7 @@ import triton.language as tl
 
 from culture_neurons.errors import UsageError
 
-from .ops import ACT_FNS, check_act_and_record_args
+from .args import ACT_FNS, OpArgs, check
 
 # Activation ids passed as constexpr (ints compile the same on every triton >= 3.0).
 ACT_IDS = {name: i for i, name in enumerate(ACT_FNS)}  # silu: 0, gelu_tanh: 1
@@ -235,53 +236,42 @@ def _act_record_kernel(
 # --- launcher ----------------------------------------------------------------------------------
 
 
-def prepare(gate, up, culture, K, S, Q, keep, set_ids, do_record: bool, do_ablate: bool):
+def prepare(args: OpArgs) -> OpArgs:
     """The op's arguments as the kernel reads them: unit column strides, int32 ids, uint8 keep,
-    and ``gate`` standing in for every unused pointer (never dereferenced). Free when they
-    already are (the bound per-layer path of ``ops.LayerOp`` passes them that way)."""
+    and ``gate`` standing in for every unused pointer (never dereferenced). The same record
+    when they already are (the bound per-layer path of ``ops.LayerOp`` passes them that way)."""
+    gate, up, culture, K, S, Q = args.gate, args.up, args.culture, args.K, args.S, args.Q
+    keep, set_ids = args.keep, args.set_ids
     if gate.stride(1) != 1:
         gate = gate.contiguous()
     if up.stride(1) != 1:
         up = up.contiguous()
-    if not do_record:
+    if not args.do_record:
         culture = K = S = Q = gate
     elif culture.dtype != torch.int32:
         culture = culture.to(torch.int32)
-    if not do_ablate:
+    if not args.do_ablate:
         keep = set_ids = gate
     else:
         if set_ids.dtype != torch.int32:
             set_ids = set_ids.to(torch.int32)
         if keep.dtype == torch.bool:
             keep = keep.view(torch.uint8)  # same bytes; triton loads uint8 everywhere
-    return gate, up, culture, K, S, Q, keep, set_ids
+    return dataclasses.replace(args, gate=gate, up=up, culture=culture, K=K, S=S, Q=Q, keep=keep,
+                               set_ids=set_ids)  # fmt: skip
 
 
-def launch(
-    gate: torch.Tensor,  # [R, N], unit column stride
-    up: torch.Tensor,  # [R, N], unit column stride
-    culture: torch.Tensor,  # [R] int32 (or gate if not do_record)
-    K: torch.Tensor,  # [C, N] int64 contiguous (or gate)
-    S: torch.Tensor,  # [C, N] fp64 contiguous (or gate)
-    Q: torch.Tensor,  # [C, N] fp64 contiguous (or gate)
-    keep: torch.Tensor,  # [num_sets, N] uint8/float (or gate if not do_ablate)
-    set_ids: torch.Tensor,  # [R] int32 (or gate)
-    act_fn: str,
-    activation: str,
-    do_record: bool,
-    do_ablate: bool,
-    factor: float = 0.0,
-    one_culture: int = -1,
-    tile: Tile | None = None,
-) -> torch.Tensor:
-    """Allocate ``h`` and launch, nothing else: arguments as :func:`prepare` returns them,
-    already checked (by :func:`act_and_record_triton` or once per layer by ``ops.LayerOp``)."""
+def launch(args: OpArgs, one_culture: int = -1, tile: Tile | None = None) -> torch.Tensor:
+    """Allocate ``h`` and launch, nothing else: arguments as :func:`prepare` returns them (unit
+    column strides; int32 ids; ``gate`` for every unused tensor), already checked (by
+    :func:`act_and_record_triton` or once per layer by ``ops.LayerOp``)."""
+    gate, keep, do_record, do_ablate = args.gate, args.keep, args.do_record, args.do_ablate
     R, N = gate.shape
     h = torch.empty((R, N), dtype=gate.dtype, device=gate.device)
     if R == 0 or N == 0:
         return h
     tile = tile or tile_for(gate.device)
-    C = K.shape[0] if do_record else 0
+    C = args.K.shape[0] if do_record else 0
     if do_record and C * N >= 2**31:
         raise UsageError(f"act_and_record: accumulators [C={C}, N={N}] pass 2^31 elements; "
                          "record fewer cultures per call")
@@ -289,17 +279,17 @@ def launch(
     grid = (-(-R // tile.block_r) * -(-N // tile.block_n),)
     with device_of(gate):
         _act_record_kernel[grid](
-            gate, up, culture, keep, set_ids,
+            gate, args.up, args.culture, keep, args.set_ids,
             h,
-            K, S, Q,
-            R, N, C, keep.shape[0] if do_ablate else 0, one_culture, float(factor),
-            gate.stride(0), up.stride(0), h.stride(0),
+            args.K, args.S, args.Q,
+            R, N, C, keep.shape[0] if do_ablate else 0, one_culture, float(args.factor),
+            gate.stride(0), args.up.stride(0), h.stride(0),
             keep.stride(0) if do_ablate else 0, keep.stride(1) if do_ablate else 0,
-            ACT_FN=ACT_IDS[act_fn],
-            RECORD_POST=activation == "post",
+            ACT_FN=ACT_IDS[args.act_fn],
+            RECORD_POST=args.activation == "post",
             DO_RECORD=do_record,
             DO_ABLATE=do_ablate,
-            STEER=do_ablate and factor != 0.0,
+            STEER=do_ablate and args.factor != 0.0,
             BLOCK_R=tile.block_r,
             BLOCK_N=tile.block_n,
             num_warps=tile.num_warps,
@@ -335,9 +325,9 @@ def act_and_record_triton(
     ``block_r``/``block_n``/``num_warps`` override the tile (tests use small tiles to get
     several tiles and masked edges on tiny shapes; bench/gpu_check.py sweeps them).
     """
-    check_act_and_record_args(gate, up, culture, K, S, Q, keep, set_ids, act_fn, activation,
-                              do_record, do_ablate)
+    args = OpArgs(gate, up, culture, K, S, Q, keep, set_ids, act_fn, activation, do_record,
+                  do_ablate, factor)  # fmt: skip
+    check(args)
     tile = tile_for(gate.device)
     tile = Tile(block_r or tile.block_r, block_n or tile.block_n, num_warps or tile.num_warps)
-    args = prepare(gate, up, culture, K, S, Q, keep, set_ids, do_record, do_ablate)
-    return launch(*args, act_fn, activation, do_record, do_ablate, factor, one_culture, tile)
+    return launch(prepare(args), one_culture, tile)

@@ -3,7 +3,7 @@
 The Triton kernel is the default for CUDA tensors; every other device runs the PyTorch path
 (that is the design, not a fallback). The first time the kernel would run on a (device, dtype,
 variant), where variant = (act_fn, activation, record, ablate, steer), it first runs a
-self-check (``ops.self_check``: a small case through the kernel and through the PyTorch path
+self-check (``check.self_check``: a small case through the kernel and through the PyTorch path
 on that device; counts must agree exactly, sums and ``h`` within rounding). If the check finds
 a difference, or triton is missing, or the kernel raises, that is one loud event (an ERROR log
 line and a :class:`KernelFallbackWarning` naming the device and the difference) and that

@@ -15,9 +15,7 @@ import math
 
 import torch
 
-from culture_neurons.stats import ACTIVATIONS
-
-from .ops import ACT_FNS
+from .args import ACT_FNS, ACTIVATIONS
 
 
 def act_reference(g: torch.Tensor, act_fn: str) -> torch.Tensor:

@@ -14,6 +14,7 @@ if not GPU_TESTS:
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from culture_neurons.kernels.check import H_RTOL, first_mismatch  # noqa: E402
 
 
 def kernel_device() -> str:
@@ -39,21 +40,6 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.get_closest_marker("gpu") is not None:
             item.add_marker(skip)
-
-
-def first_mismatch(got: torch.Tensor, want: torch.Tensor, atol: float = 0.0,
-                   rtol: float = 0.0) -> str | None:
-    """Describe the first index ((culture, neuron) for K, S, Q; (row, neuron) for h) where got
-    and want differ beyond atol + rtol * |want|; None when they agree."""
-    got, want = got.cpu().double(), want.cpu().double()
-    if got.shape != want.shape:
-        return f"shape {tuple(got.shape)} != {tuple(want.shape)}"
-    bad = ((got - want).abs() > atol + rtol * want.abs()) | (got.isnan() != want.isnan())
-    if not bad.any():
-        return None
-    idx = tuple(int(i) for i in bad.nonzero()[0])
-    return (f"{int(bad.sum())} mismatches; first at {idx}: "
-            f"got {got[idx].item()!r}, want {want[idx].item()!r} (atol {atol}, rtol {rtol})")
 
 
 @pytest.fixture
@@ -102,12 +88,6 @@ def mlp_case():
     return make_mlp_case
 
 
-# Tolerances of h against eager PyTorch: the kernels compute act as g / (1 + exp(-z)), torch as
-# g * sigmoid(g) or 0.5 g (1 + tanh z): a few fp32 ulp apart, so fp32 h agrees to ~1e-6
-# relative; a half-precision h can then round to the neighbouring value (one ulp = 2 eps).
-H_RTOL = {torch.float32: 1e-5, torch.float16: 2 * 2.0**-10, torch.bfloat16: 2 * 2.0**-7}
-
-
 def check_act_and_record(op, case: dict, act_fn: str, record: str, do_record: bool = True,
                          do_ablate: bool = True, factor: float = 0.0) -> None:
     """Run ``op`` (the 2D op contract) on ``case`` and compare with the fp64 reference.
@@ -145,7 +125,7 @@ def check_act_and_record(op, case: dict, act_fn: str, record: str, do_record: bo
     mask = keep_rows_reference(ref_keep, ref_set, R, N, factor)
     h = h.cpu()
 
-    # Ablated neurons are exactly zero; the rest match eager act(g) * u (tolerance: H_RTOL).
+    # Ablated neurons are exactly zero; the rest match eager act(g) * u (H_RTOL: kernels/check).
     assert (h[mask == 0] == 0).all(), "ablated h must be exactly 0"
     h_eager = (act(gate.cpu().float(), act_fn) * up.cpu().float() * mask.float())
     h_eager = h_eager.to(gate.dtype)

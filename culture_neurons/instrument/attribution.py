@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from culture_neurons.errors import UnsupportedModelError, UsageError
-from culture_neurons.instrument.instrument import live_instrument
+from culture_neurons.instrument.instrument import refuse_live_instrument
 from culture_neurons.models import adapters
 
 # Rows per chunk of the token reduction: bounds the ``a * grad`` temporary to CHUNK_ITEMS x T x N.
@@ -61,23 +61,21 @@ def attribute(
         UsageError: ``quantities`` returned something that is not ``[B, Q]``.
     """
     mlps = adapters.decoder_mlps(model)
-    if len({id(m.act_fn) for m in mlps}) != len(mlps):
+    if len({id(adapters.act_module(m)) for m in mlps}) != len(mlps):
         raise UnsupportedModelError(
-            "the decoder MLPs share one act_fn module, so attribution hooks cannot tell layers "
-            "apart"
+            "the decoder MLPs share one activation module, so attribution hooks cannot tell "
+            "layers apart"
         )
-    for layer, mlp in enumerate(mlps):  # a fused Instrument replaces the forward: no act_fn call
-        live = live_instrument(mlp)
-        if live is not None:
-            raise UsageError(f"decoder layer {layer}'s MLP carries {live!r}: attribution needs "
-                             "the model's own forward; detach it first")  # fmt: skip
+    # A fused Instrument replaces the forward (its activation module is never called).
+    refuse_live_instrument(mlps, "attribution needs the model's own forward")
     lm = adapters.get_adapter(model).language_model(model)
     if weights is None:
         weights = inputs.get("attention_mask")
     state = _State(len(mlps), weights)
     saved = {p: p.requires_grad for p in model.parameters()}
     handles = [lm.register_forward_pre_hook(_embeds_leaf, with_kwargs=True)]
-    handles += [m.act_fn.register_forward_hook(state.act_hook(l)) for l, m in enumerate(mlps)]
+    handles += [adapters.act_module(m).register_forward_hook(state.act_hook(l))
+                for l, m in enumerate(mlps)]  # fmt: skip
     model.requires_grad_(False)
     try:
         with torch.enable_grad():

@@ -33,7 +33,7 @@ for the statistics on CUDA)::
         y = down_proj(h)
 
 ``mlp_forward(mlp, x, ...)`` does the whole gated MLP of one HF decoder layer, recording and/or
-ablating. Every statistic goes through :mod:`culture_neurons.instrument.reduce` (or the fused
+ablating. Every statistic goes through :mod:`culture_neurons.kernels.reduce` (or the fused
 op on CUDA), as the Instrument's do: counts exact int64, sums fp32 within a row chunk then fp64.
 
 Where things live. A :class:`Totals` keeps each layer's ``[C, N]`` totals on the device of
@@ -59,9 +59,9 @@ import torch
 from torch import nn
 
 from culture_neurons.errors import StatsMismatchError, UsageError
-from culture_neurons.instrument import reduce
 from culture_neurons.instrument.rows import check_ids, count_per_culture, per_row, row_ids
 from culture_neurons.instrument.totals import Totals
+from culture_neurons.kernels import reduce
 from culture_neurons.kernels.ops import ACT_FNS, act_and_record
 from culture_neurons.masks import Masks
 from culture_neurons.models import adapters
@@ -393,17 +393,16 @@ def mlp_forward(
     Returns:
         ``[..., H]`` the MLP output.
     """
-    parts = [getattr(mlp, p, None) for p in ("gate_proj", "up_proj", "down_proj")]
-    if any(p is None for p in parts):
+    projections = adapters.MLP_PARTS[:3]
+    if adapters.missing_mlp_parts(mlp, projections):
         raise UsageError(
-            f"mlp_forward needs a gated MLP (gate_proj, up_proj, down_proj), got "
+            f"mlp_forward needs a gated MLP ({', '.join(projections)}), got "
             f"{type(mlp).__name__}; use models.decoder_mlps(model)[layer]"
         )
-    gate_proj, up_proj, down_proj = parts
     if act_fn is None and totals is None:
         act_fn = adapters.mlp_activation(mlp)
     h = accumulate_mlp(
-        totals, layer, gate_proj(x), up_proj(x), culture, weights,
+        totals, layer, *adapters.gate_up(mlp, x), culture, weights,
         act_fn=act_fn, masks=masks, set_ids=set_ids,
     )  # fmt: skip
-    return down_proj(h)
+    return adapters.down(mlp, h)

@@ -6,7 +6,7 @@
 On CUDA the op is one Triton kernel (the activations are never written out for the
 statistics) that adds straight into the layer's int64 / fp64 totals (or, for a staged batch,
 into per-item slots: the same kernel with item slots as its "cultures"); elsewhere the same math
-runs in PyTorch over token chunks (:mod:`culture_neurons.instrument.reduce`). No per-forward
+runs in PyTorch over token chunks (:mod:`culture_neurons.kernels.reduce`). No per-forward
 work besides the op: nothing to fold, zero or synchronise. Each layer's op is bound once, at
 attach (:class:`culture_neurons.kernels.ops.LayerOp`: totals, keep mask, activation and factor
 checked there), so a forward checks only its inputs and launches (no custom-op dispatch outside
@@ -27,6 +27,7 @@ import torch
 
 from culture_neurons.instrument import hooks
 from culture_neurons.kernels.ops import LayerOp
+from culture_neurons.models import adapters
 
 log = logging.getLogger(__name__)
 
@@ -56,16 +57,16 @@ class FusedHandle:
             if not self.attached:  # detached while a wrapper (e.g. nnsight) still calls us
                 return type(mlp).forward(mlp, x)
             culture, set_ids = site.begin(x)
-            g, u = mlp.gate_proj(x), mlp.up_proj(x)
-            if _has_hooks(mlp.act_fn):
-                return mlp.down_proj(self._eager(site, g, u, culture, set_ids))
+            g, u = adapters.gate_up(mlp, x)
+            if _has_hooks(adapters.act_module(mlp)):
+                return adapters.down(mlp, self._eager(site, g, u, culture, set_ids))
             layer_op = op
             if culture is not None and inst._batch.staged is not None:
                 if staged[0] is not site.sums:
                     staged[:] = site.sums, self._op(site, site.sums)
                 layer_op = staged[1]
             one_culture = inst._batch.one_culture if culture is not None else -1
-            return mlp.down_proj(layer_op(g, u, culture, set_ids, one_culture))
+            return adapters.down(mlp, layer_op(g, u, culture, set_ids, one_culture))
 
         return forward
 
@@ -85,7 +86,7 @@ class FusedHandle:
                 stacklevel=3,
             )
             self._warned = True
-        a = site.mlp.act_fn(g)
+        a = adapters.act_module(site.mlp)(g)
         if set_ids is not None:
             a = hooks.ablated(site, a, set_ids)
         h = a * u

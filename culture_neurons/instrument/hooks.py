@@ -3,7 +3,7 @@
 A forward hook on each MLP's ``act_fn`` sees ``a = act(gate_proj(x))`` ``[B, T, N]``; it
 zeroes the ablated neurons of each row (SPEC: ``a := 0``, so ``h = a * up`` is zero too) and
 adds the gate statistics. With ``activation="post"`` a pre-hook on ``down_proj`` records its
-input ``h = a * up``. Both go through :mod:`culture_neurons.instrument.reduce` (row chunks,
+input ``h = a * up``. Both go through :mod:`culture_neurons.kernels.reduce` (row chunks,
 fp32 within a chunk, int64 / fp64 totals on the layer's device), so this backend fits a 7B
 model on one GPU and agrees with the fused backend's PyTorch path by construction.
 """
@@ -11,7 +11,8 @@ model on one GPU and agrees with the fused backend's PyTorch path by constructio
 from __future__ import annotations
 
 from culture_neurons.errors import UnsupportedModelError
-from culture_neurons.instrument import reduce
+from culture_neurons.kernels import reduce
+from culture_neurons.models import adapters
 
 
 def record(site, a, culture) -> None:
@@ -32,18 +33,19 @@ def ablated(site, a, set_ids):
 
 class HooksHandle:
     def __init__(self, inst):
-        acts = [site.mlp.act_fn for site in inst.sites]
+        acts = [adapters.act_module(site.mlp) for site in inst.sites]
         if len({id(a) for a in acts}) != len(acts):
             raise UnsupportedModelError(
-                "the decoder MLPs share one act_fn module, so hooks cannot tell layers apart; "
-                "use backend='fused'"
+                "the decoder MLPs share one activation module, so hooks cannot tell layers "
+                "apart; use backend='fused'"
             )
         self.handles = []
-        for site in inst.sites:
-            self.handles.append(site.mlp.act_fn.register_forward_hook(self._act_hook(inst, site)))
+        for site, act in zip(inst.sites, acts, strict=True):
+            self.handles.append(act.register_forward_hook(self._act_hook(inst, site)))
             if inst.recording and inst.activation == "post":
                 hook = self._down_pre_hook(site)
-                self.handles.append(site.mlp.down_proj.register_forward_pre_hook(hook))
+                down = adapters.down_module(site.mlp)
+                self.handles.append(down.register_forward_pre_hook(hook))
 
     @staticmethod
     def _act_hook(inst, site):

@@ -102,7 +102,7 @@ class Site:
 
     def __init__(self, inst: Instrument, layer: int, mlp: nn.Module):
         self.inst, self.layer, self.mlp = inst, layer, mlp
-        self.device = mlp.gate_proj.weight.device
+        self.device = adapters.gate_weight(mlp).device
         self.last_serial = -1
         self.current = None  # (culture, set ids) of the forward in progress
         # int64 / float64 / float64 [C, N] on this layer's device (inst.totals'), if recording
@@ -202,7 +202,10 @@ class Instrument:
         self._staging: Totals | None = None  # per-item slots of staged batches (see set_batch)
         self._staged: Batch | None = None  # the staged batch awaiting commit()
         self.sites = [Site(self, i, mlp) for i, mlp in enumerate(adapters.decoder_mlps(model))]
-        _refuse_second(self.sites)
+        refuse_live_instrument([site.mlp for site in self.sites],
+                               "a model carries one Instrument at a time",
+                               alternative=", or record and ablate with one "
+                               "Instrument(model, cultures=..., masks=...)")  # fmt: skip
         if masks is not None:
             masks.require_model(self.fingerprint, "these masks")
             keep = masks.keep_mask(device="cpu", dtype=torch.uint8)  # [L, S, N]
@@ -461,15 +464,17 @@ def live_instrument(mlp: nn.Module) -> Instrument | None:
     return inst if inst is not None and inst.attached else None
 
 
-def _refuse_second(sites: list[Site]) -> None:
-    for site in sites:
-        live = live_instrument(site.mlp)
-        if live is not None:
-            raise UsageError(
-                f"decoder layer {site.layer}'s MLP already carries {live!r}; detach it first "
-                "(inst.detach() or leave its with-block), or record and ablate with one "
-                "Instrument(model, cultures=..., masks=...)"
-            )
+def refuse_live_instrument(mlps: list[nn.Module], conflict: str, backend: str | None = None,
+                           alternative: str = "") -> None:  # fmt: skip
+    """The one check that a model's decoder MLPs carry no live Instrument (of ``backend`` only,
+    when given): UsageError naming the layer, the Instrument, ``conflict`` (why that cannot
+    work) and what to do (detach, or ``alternative``)."""
+    for layer, mlp in enumerate(mlps):
+        live = live_instrument(mlp)
+        if live is not None and backend in (None, live.backend):
+            raise UsageError(f"decoder layer {layer}'s MLP already carries {live!r}, and "
+                             f"{conflict}; detach it first (inst.detach() or leave its "
+                             f"with-block){alternative}")  # fmt: skip
 
 
 def record(model: nn.Module, cultures: list[str], **kwargs) -> Instrument:

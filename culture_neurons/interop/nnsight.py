@@ -23,7 +23,7 @@ from torch import nn
 
 from culture_neurons.errors import UsageError
 from culture_neurons.instrument import functional as F
-from culture_neurons.instrument.instrument import live_instrument
+from culture_neurons.instrument.instrument import refuse_live_instrument
 from culture_neurons.masks import Masks
 from culture_neurons.models import adapters
 
@@ -105,11 +105,12 @@ def record_in_trace(
     ids = None
     for layer, path in enumerate(mlp_paths(model)):
         mlp = model.get(path)
-        a = mlp.act_fn.output
+        act = adapters.act_module(mlp)  # nnsight's Envoy of the activation module
+        a = act.output
         if masks is not None:
             if a.requires_grad and torch.is_grad_enabled():  # autograd needs a's old value
                 a = F.ablate(a, masks, layer, set_ids)
-                mlp.act_fn.output = a
+                act.output = a
             else:  # in place: no [B, T, N] copy per layer
                 F.ablate_(a, masks, layer, set_ids)
         if totals is None:
@@ -119,21 +120,17 @@ def record_in_trace(
             if count:
                 _count(totals, culture, ids)
         if totals.activation == "post":
-            a = mlp.down_proj.input
+            a = adapters.down_module(mlp).input
         F.accumulate(totals, layer, a, ids)
 
 
 def _refuse_fused(model) -> None:
     """UsageError if a fused-backend Instrument is attached: its MLP forward never calls
     ``act_fn``, so nnsight would report the layer's ``act_fn.output`` as never reached."""
-    for layer, mlp in enumerate(adapters.decoder_mlps(hf_model(model))):
-        live = live_instrument(mlp)
-        if live is not None and live.backend == "fused":
-            raise UsageError(
-                f"decoder layer {layer}'s MLP carries an Instrument with the fused backend, which "
-                "bypasses act_fn; detach it (inst.detach()) before record_in_trace, or use "
-                "backend='hooks' if both must run"
-            )
+    refuse_live_instrument(adapters.decoder_mlps(hf_model(model)),
+                           "its fused backend bypasses the activation nnsight reads",
+                           backend="fused", alternative=" before record_in_trace, or use "
+                           "backend='hooks' if both must run")  # fmt: skip
 
 
 def _count(totals: F.Target, culture, ids: torch.Tensor) -> None:

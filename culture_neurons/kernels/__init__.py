@@ -6,7 +6,15 @@
 - ``act``: SiLU / GELU-tanh by name (``ACT_FNS``).
 - ``dispatch``: which path runs: the Triton kernel, self-checked once per device, dtype and
   variant, or PyTorch; a fallback is loud (``CULTURE_NEURONS_KERNEL=triton`` makes it an error).
+- ``check``: the self-check, its tolerances and ``first_mismatch`` (the tests and
+  ``bench/gpu_check.py`` compare with them too).
 - ``reference``: fp64 PyTorch references the tests compare against.
+- the parts of the op, one concern each: ``args`` (``OpArgs``, the checks), ``torch_path`` and
+  ``reduce`` (the PyTorch path and the reduction every non-Triton path shares), ``act_record``
+  (Triton), ``custom_op`` (``culture_neurons::act_and_record``).
+
+The modules import nothing from ``culture_neurons`` but ``culture_neurons.errors``: the
+instrument and the statistics import from here, never the reverse.
 
 Importing this package never imports triton: the Triton module (``act_record``) loads when a
 CUDA tensor first reaches the op.

@@ -141,13 +141,49 @@ def decoder_mlps(model: nn.Module) -> list[nn.Module]:
     adapter = get_adapter(model)
     mlps = [getattr(layer, "mlp", None) for layer in adapter.decoder_layers(model)]
     for i, mlp in enumerate(mlps):
-        parts = [getattr(mlp, p, None) for p in ("gate_proj", "up_proj", "down_proj", "act_fn")]
-        if any(p is None for p in parts):
+        if missing_mlp_parts(mlp):
             raise UnsupportedModelError(
                 f"decoder layer {i} of {type(model).__name__} has no gated MLP "
-                f"(gate_proj/up_proj/down_proj/act_fn); supported families: {SUPPORTED}"
+                f"({'/'.join(MLP_PARTS)}); supported families: {SUPPORTED}"
             )
     return mlps
+
+
+# --- a gated MLP's parts: down_proj(act_fn(gate_proj(x)) * up_proj(x)) -------------------------
+# Every other module reaches a decoder MLP's parts through these functions (they work on an
+# nnsight Envoy of the MLP too), so a family that names them otherwise changes only this file.
+
+MLP_PARTS = ("gate_proj", "up_proj", "down_proj", "act_fn")
+
+
+def missing_mlp_parts(mlp, parts: tuple[str, ...] = MLP_PARTS) -> list[str]:
+    """The names of ``parts`` that ``mlp`` lacks (``[]``: a gated MLP)."""
+    return [p for p in parts if getattr(mlp, p, None) is None]
+
+
+def gate_up(mlp, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(gate_proj(x), up_proj(x))``, each ``[..., N]``."""
+    return mlp.gate_proj(x), mlp.up_proj(x)
+
+
+def down(mlp, h: torch.Tensor) -> torch.Tensor:
+    """``down_proj(h)``: ``[..., N] -> [..., H]``."""
+    return mlp.down_proj(h)
+
+
+def act_module(mlp) -> nn.Module:
+    """The activation module whose output is ``a = act(gate_proj(x))`` (hooks attach here)."""
+    return mlp.act_fn
+
+
+def down_module(mlp) -> nn.Module:
+    """The down projection, whose input is ``h = a * up_proj(x)``."""
+    return mlp.down_proj
+
+
+def gate_weight(mlp) -> torch.Tensor:
+    """``[N, H]`` weight of the gate projection (its rows are the neurons)."""
+    return mlp.gate_proj.weight
 
 
 def mlp_activation(mlp: nn.Module) -> str:
@@ -155,7 +191,7 @@ def mlp_activation(mlp: nn.Module) -> str:
     its ``act_fn`` through transformers' own name -> class table (no guessing from names)."""
     from transformers.activations import ACT2CLS
 
-    cls = type(getattr(mlp, "act_fn", None))
+    cls = type(act_module(mlp) if not missing_mlp_parts(mlp, ("act_fn",)) else None)
     for name, entry in ACT2CLS.items():
         entry_cls = entry[0] if isinstance(entry, tuple) else entry
         if entry_cls is cls and name in _ACT_FNS:

@@ -15,6 +15,7 @@ log = logging.getLogger(__name__)
 DTYPES = {"auto": "auto", "float32": torch.float32, "fp32": torch.float32,
           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}  # fmt: skip
+DTYPE_CHOICES = ("auto", "bfloat16", "float16", "float32")  # the names offered (DTYPES: aliases)
 
 
 def resolve_device(device: str = "auto") -> torch.device:

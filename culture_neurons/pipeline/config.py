@@ -17,12 +17,12 @@ from dataclasses import dataclass, field, fields
 
 from culture_neurons.errors import UsageError
 from culture_neurons.scoring.uncertainty import DEFAULT_RESAMPLES
-from culture_neurons.selection import METHODS
-from culture_neurons.selection.methods import CONTRASTS
+from culture_neurons.selection.methods import CONTRASTS, SELECTORS
 
 TASKS = ("mc", "lm")
 STEPS = ("identify", "select", "evaluate", "exec")
 INTERVENTIONS = ("ablate", "steer")
+IDENTIFY_ON = ("correct", "all")  # the items whose statistics are recorded
 # How the ablation matrix is computed (SPEC "Matrix modes", culture_neurons.pipeline.screen).
 MATRIX_MODES = ("exact", "estimate", "screen")
 # screen: off-diagonal cells per mask (each method's and each RND draw's) confirmed exactly, the
@@ -36,46 +36,74 @@ STEER_ALPHA = 0.5  # steering's default alpha: the authors' follow-up work uses 
 RND_DRAWS = 5
 
 
-def setting(default, step: str):
-    """A RunConfig field of ``step`` (one of :data:`STEPS`)."""
-    return field(default=default, metadata={"step": step})
+def setting(default, step: str, minimum: float | None = None, share: bool = False):
+    """A RunConfig field of ``step`` (one of :data:`STEPS`) and its bound, if any: ``minimum``
+    (value >= minimum) or ``share`` (0 < value < 1). The bound is stated here only: RunConfig
+    and the command line (``options.check``) both check it through :func:`check_bound`."""
+    return field(default=default, metadata={"step": step, "minimum": minimum, "share": share})
+
+
+def _metadata(name: str) -> dict:
+    return next((f.metadata for f in fields(RunConfig) if f.name == name), {})
+
+
+def minimum_of(name: str) -> float | None:
+    """The lower bound of RunConfig field ``name`` (None: none, or not a field)."""
+    return _metadata(name).get("minimum")
+
+
+def check_minimum(value, minimum: float | None, where: str) -> None:
+    """UsageError ``{where} must be >= {minimum}`` (the one wording of a lower bound)."""
+    if minimum is not None and value is not None and value < minimum:
+        raise UsageError(f"{where} must be >= {minimum:g}, got {value}")
+
+
+def check_bound(name: str, value, where: str | None = None) -> None:
+    """UsageError if ``value`` is outside RunConfig field ``name``'s bound; ``where`` names
+    its source (default: the flag)."""
+    where = where or flag(name)
+    meta = _metadata(name)
+    if meta.get("share") and (isinstance(value, bool) or not isinstance(value, (int, float))
+                              or not 0 < value < 1):  # fmt: skip
+        raise UsageError(f"{where} must be a share in (0, 1) (0.005 = 0.5 %), got {value!r}")
+    check_minimum(value, meta.get("minimum"), where)
 
 
 @dataclass
 class RunConfig:
     """Every option that changes the numbers of a run (stored in ``OUT/run.json``)."""
 
-    methods: tuple[str, ...] = setting(("cas", "lap", "lape", "mad"), "select")
-    ratio: float = setting(0.005, "select")  # share of L*N per culture of cas, lap, mad
+    methods: tuple[str, ...] = setting(SELECTORS, "select")
+    ratio: float = setting(0.005, "select", share=True)  # share of L*N per culture: cas, lap, mad
     per_layer: bool = setting(False, "select")
     cas_normalize: bool = setting(False, "select")  # cas ranks P normalised over cultures
     mad_contrast: str = setting("mean", "select")  # mad: M[c] minus the others' mean or max
-    lape_top_rate: float = setting(0.01, "select")  # lape: share of L*N kept (Tang et al.)
-    lape_filter_rate: float = setting(0.95, "select")  # lape: P order statistic to survive
-    lape_bar_ratio: float = setting(0.95, "select")  # lape: P order statistic to belong
+    lape_top_rate: float = setting(0.01, "select", share=True)  # lape: share of L*N kept
+    lape_filter_rate: float = setting(0.95, "select", share=True)  # lape: P order statistic
+    lape_bar_ratio: float = setting(0.95, "select", share=True)  # lape: P order statistic
     scope: str = setting("all", "identify")
     activation: str = setting("gate", "identify")
     identify_on: str = setting("correct", "identify")  # "correct": answered right; or "all"
-    split_ratio: float = setting(0.5, "identify")  # identification share of each culture
+    split_ratio: float = setting(0.5, "identify", share=True)  # identification share
     seed: int = setting(0, "identify")  # the split's (and RND's and the bootstrap's) seed
-    rnd_draws: int = setting(RND_DRAWS, "select")  # RND sets per distinct set-size vector
-    resamples: int = setting(DEFAULT_RESAMPLES, "evaluate")  # bootstrap resamples of the items
+    rnd_draws: int = setting(RND_DRAWS, "select", minimum=0)  # RND sets per set-size vector
+    resamples: int = setting(DEFAULT_RESAMPLES, "evaluate", minimum=1)  # bootstrap resamples
     # A run holds one intervention ("identify": another one is another run, in its own --out,
     # so a steering run's files never mix with an ablation run's).
     intervention: str = setting("ablate", "identify")  # ablate: a := 0; steer: (1 + alpha) a
     alpha: float | None = setting(None, "identify")  # steer only (default 0.5); ablate: -1
     scoring: str = setting("logits", "identify")  # also picks the correct items
-    batch_size: int = setting(8, "exec")  # rows per forward
+    batch_size: int = setting(8, "exec", minimum=1)  # rows per forward
     backend: str = setting("auto", "exec")
-    checkpoint_every: int = setting(0, "exec")  # batches between checkpoints (0: by time only)
-    checkpoint_minutes: float = setting(10.0, "exec")  # wall time between them (run.Checkpoints)
+    checkpoint_every: int = setting(0, "exec", minimum=0)  # batches between checkpoints (0: time)
+    checkpoint_minutes: float = setting(10.0, "exec", minimum=0)  # wall time between them
     matrix: str = setting("exact", "evaluate")  # exact, estimate or screen (MATRIX_MODES)
-    screen_budget: int = setting(SCREEN_BUDGET, "evaluate")  # screen: extra exact cells per mask
+    screen_budget: int = setting(SCREEN_BUDGET, "evaluate", minimum=0)  # extra exact cells/mask
     reuse_vision: bool = setting(True, "exec")  # same numbers, fewer vision-tower passes
     task: str = setting("mc", "identify")  # "mc": multiple choice; "lm": sentences (NLL)
     # Image tokens per image at most (None: the processor's default); how each family applies
     # it: culture_neurons.models.image_budget. Identification and evaluation share it.
-    max_image_tokens: int | None = setting(None, "identify")
+    max_image_tokens: int | None = setting(None, "identify", minimum=1)
 
     def __post_init__(self) -> None:
         self.methods = tuple(self.methods)
@@ -85,39 +113,24 @@ class RunConfig:
             # A sentence has no right answer: every identification item is recorded. "correct"
             # is only RunConfig's default here (the CLI refuses it when given for lm).
             self.identify_on = "all"
-        unknown = [m for m in self.methods if m not in METHODS or m == "rnd"]
+        unknown = [m for m in self.methods if m not in SELECTORS]
         if unknown:
             raise UsageError(
-                f"--methods: unknown method(s) {', '.join(unknown)}; choose from cas, lap, "
-                "lape, mad (rnd runs as every method's size-matched control, see --rnd-draws)"
+                f"--methods: unknown method(s) {', '.join(unknown)}; choose from "
+                f"{', '.join(SELECTORS)} (rnd runs as every method's size-matched control, see "
+                "--rnd-draws)"
             )
         if not self.methods:
-            raise UsageError("--methods is empty; give at least one of cas, lap, lape, mad")
-        for name in ("ratio", "split_ratio", "lape_top_rate", "lape_filter_rate",
-                     "lape_bar_ratio"):  # fmt: skip
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
-                raise UsageError(f"{flag(name)} must be a share in (0, 1) (0.005 = 0.5 %), got "
-                                 f"{value!r}")  # fmt: skip
+            raise UsageError(f"--methods is empty; give at least one of {', '.join(SELECTORS)}")
+        for f in fields(self):  # every bound, as the command line checks it
+            check_bound(f.name, getattr(self, f.name))
         if self.mad_contrast not in CONTRASTS:
             raise UsageError(f"--mad-contrast must be one of {', '.join(CONTRASTS)}, got "
                              f"{self.mad_contrast!r}")  # fmt: skip
-        if self.identify_on not in ("correct", "all"):
-            raise UsageError(f"--identify-on must be correct or all, got {self.identify_on!r}")
-        if self.batch_size < 1:
-            raise UsageError(f"--batch-size must be >= 1, got {self.batch_size}")
-        if self.resamples < 1:
-            raise UsageError(f"--resamples must be >= 1, got {self.resamples}")
-        if self.max_image_tokens is not None and (
-            isinstance(self.max_image_tokens, bool) or not isinstance(self.max_image_tokens, int)
-            or self.max_image_tokens < 1
-        ):
-            raise UsageError(f"--max-image-tokens must be a positive int, got "
-                             f"{self.max_image_tokens!r}")  # fmt: skip
+        if self.identify_on not in IDENTIFY_ON:
+            raise UsageError(f"--identify-on must be {' or '.join(IDENTIFY_ON)}, got "
+                             f"{self.identify_on!r}")  # fmt: skip
         self._check_matrix()
-        for name in ("rnd_draws", "checkpoint_every", "checkpoint_minutes", "screen_budget"):
-            if getattr(self, name) < 0:
-                raise UsageError(f"{flag(name)} must be >= 0, got {getattr(self, name)}")
         self._check_intervention()
 
     def _check_matrix(self) -> None:

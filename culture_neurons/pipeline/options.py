@@ -24,8 +24,25 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
+from culture_neurons.data.schema import GROUPINGS, LANGUAGES, ON_ERROR
 from culture_neurons.errors import UsageError
-from culture_neurons.pipeline.config import RunConfig, flag, step_of
+from culture_neurons.instrument.instrument import BACKENDS
+from culture_neurons.models.loading import DTYPE_CHOICES
+from culture_neurons.pipeline.config import (
+    IDENTIFY_ON,
+    INTERVENTIONS,
+    MATRIX_MODES,
+    TASKS,
+    RunConfig,
+    check_minimum,
+    flag,
+    minimum_of,
+    step_of,
+)
+from culture_neurons.scoring.multiple_choice import SCORINGS
+from culture_neurons.selection.methods import CONTRASTS
+from culture_neurons.selection.methods import SELECTORS as SELECTOR_NAMES
+from culture_neurons.stats import ACTIVATIONS, SCOPES
 
 COMMANDS = {
     "run": "the whole experiment: record, select, evaluate, report",
@@ -43,10 +60,23 @@ RECORD = ("run", "record")  # the commands that read the data and record statist
 FROM_CONFIG = object()  # default: the RunConfig field's
 FAKER_DATA = "faker"  # --data value of the lm task's generated sentences
 FAKER_SENTENCES = 16  # lm task: sentences per culture unless --max-items says otherwise
-SELECTORS = {"cas": "ConAct margin of the top culture's firing probability over the runner-up",
-             "lap": "firing probability", "lape": "low entropy of the probability across "
-             "cultures (Tang et al. 2024)", "mad": "mean activation minus the other cultures' "
-             "mean"}  # fmt: skip
+
+
+def described(owned: tuple[str, ...], meanings: dict[str, str]) -> dict[str, str]:
+    """The choices of an option: its owner's tuple, in the owner's order, each with what it
+    means here ("" where the name says it). A meaning for a name the owner does not have is a
+    mistake of this table, refused when the package loads."""
+    stray = set(meanings) - set(owned)
+    if stray:
+        raise RuntimeError(f"option choices {sorted(stray)} are not among {owned}")
+    return {name: meanings.get(name, "") for name in owned}
+
+
+SELECTORS = described(SELECTOR_NAMES, {
+    "cas": "ConAct margin of the top culture's firing probability over the runner-up",
+    "lap": "firing probability",
+    "lape": "low entropy of the probability across cultures (Tang et al. 2024)",
+    "mad": "mean activation minus the other cultures' mean"})  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -60,7 +90,7 @@ class Option:
     type: type = str  # str, int, float, bool (--x / --no-x), list (comma-separated strings)
     default: object = FROM_CONFIG
     choices: dict[str, str] = field(default_factory=dict)  # value -> what it means
-    minimum: float | None = None
+    minimum: float | None = None  # options that are not RunConfig fields (theirs: RunConfig's)
     default_text: str = ""  # how --help states the default where the value alone misleads
     switch: bool = False  # a bare flag (--resume), never a setting of the run
     step: str = "exec"  # for options that are not RunConfig fields
@@ -90,28 +120,31 @@ OPTIONS: tuple[Option, ...] = (
            default_text="the embedded toy VLM when --data is not given either; evaluate: the "
            "run's"),
     Option("dtype", "weights' dtype", MODEL, "model", default="auto",
-           choices={"auto": "the checkpoint's own on GPU, float32 on CPU", "bfloat16": "",
-                    "float16": "", "float32": ""}),
+           choices=described(DTYPE_CHOICES, {"auto": "the checkpoint's own on GPU, float32 "
+                                                 "on CPU"})),
     Option("device", "where the model runs: auto (a GPU if there is one, the local rank's "
            "under torchrun), cpu, cuda, cuda:N, or map (spread a model larger than one GPU "
            "over all of them)", MODEL, "model", default="auto"),
     Option("backend", "how the decoder MLPs are instrumented (same numbers)", MODEL, "model",
-           choices={"auto": "fused on CUDA (the Triton kernel), hooks elsewhere (measured faster on "
-                    "CPUs, bench/RESULTS.md)", "fused": "the MLP's forward replaced by one op (a Triton "
-                    "kernel on GPU)", "hooks": "plain PyTorch forward hooks (the reference)"}),
-    Option("batch_size", "rows per forward", MODEL, "model", type=int, minimum=1,
+           choices=described(BACKENDS, {
+               "auto": "fused on CUDA (the Triton kernel), hooks elsewhere (measured faster "
+               "on CPUs, bench/RESULTS.md)",
+               "fused": "the MLP's forward replaced by one op (a Triton kernel on GPU)",
+               "hooks": "plain PyTorch forward hooks (the reference)"})),
+    Option("batch_size", "rows per forward", MODEL, "model", type=int,
            default_text="8; 128 on the embedded toy"),
     Option("max_image_tokens", "at most this many image tokens per image, applied as the "
            "family's processor allows: Qwen2-VL / Qwen2.5-VL lower max_pixels (tiles of 28 x "
            "28 pixels, one token each), LLaVA-NeXT keeps the tile grids within it, LLaVA-1.5 "
            "and Gemma 3 have a fixed count (a smaller budget is refused)", MODEL, "model",
-           type=int, minimum=1, default_text="the processor's own (Qwen2.5-VL: up to 16,384 "
+           type=int, default_text="the processor's own (Qwen2.5-VL: up to 16,384 "
            "tokens for one image)"),
     # -- data -------------------------------------------------------------------------------
     Option("task", "what the items are", RECORD, "data",
-           choices={"mc": "multiple-choice questions about images, scored by accuracy",
-                    "lm": "sentences, scored by next-token NLL (a text-only --model and --data "
-                    f"{FAKER_DATA})"}),
+           choices=described(TASKS, {
+               "mc": "multiple-choice questions about images, scored by accuracy",
+               "lm": f"sentences, scored by next-token NLL (a text-only --model and --data "
+               f"{FAKER_DATA})"})),
     Option("data", "mc: CVQA as a parquet file or folder or a datasets save_to_disk folder; lm: "
            f"'{FAKER_DATA}' (Faker locales' sentences; --cultures picks locales, --max-items "
            f"sentences per culture, default {FAKER_SENTENCES})", MODEL, "data", default=None,
@@ -119,46 +152,47 @@ OPTIONS: tuple[Option, ...] = (
     Option("cultures", "comma-separated culture names", RECORD, "data", type=list, default=None,
            step="identify", default_text="every culture with at least --min-items items"),
     Option("grouping", "what a culture is", RECORD, "data", default="pair", step="identify",
-           choices={"pair": "a (language, country) pair, CVQA's own",
-                    "country": "a country, its languages together"}),
+           choices=described(GROUPINGS, {"pair": "a (language, country) pair, CVQA's own",
+                                         "country": "a country, its languages together"})),
     Option("min_items", "drop cultures with fewer items", RECORD, "data", type=int, default=10,
            minimum=1, step="identify"),
     Option("language", "the language of questions and options", RECORD, "data", default="en",
-           step="identify", choices={"en": "CVQA's English translations",
-                                     "local": "the original language"}),
+           step="identify", choices=described(LANGUAGES, {"en": "CVQA's English translations",
+                                                          "local": "the original language"})),
     Option("max_items", "at most this many items per culture (chosen by a hash of their ids)",
            RECORD, "data", type=int, default=None, minimum=1, step="identify",
            default_text="all"),
     Option("on_error", "malformed items", RECORD, "data", default="raise", step="identify",
-           choices={"raise": "stop at the first, naming it",
-                    "skip": "skip them, counted in one warning"}),
+           choices=described(ON_ERROR, {"raise": "stop at the first, naming it",
+                                        "skip": "skip them, counted in one warning"})),
     Option("split_ratio", "identification share of each culture's items (the rest is "
            "evaluated)", RECORD, "data", type=float),
     Option("seed", "seed of the identification/evaluation split, the RND draws and the "
            "bootstrap resamples", RECORD, "data", type=int),
     # -- statistics -------------------------------------------------------------------------
     Option("scope", "the tokens counted", RECORD, "statistics",
-           choices={"all": "every non-pad prompt token, image tokens included",
-                    "text": "text tokens only", "image": "image tokens only",
-                    "last": "the answer position only"}),
+           choices=described(SCOPES, {
+               "all": "every non-pad prompt token, image tokens included",
+               "text": "text tokens only", "image": "image tokens only",
+               "last": "the answer position only"})),
     Option("activation", "the activation recorded (and ablated)", RECORD, "statistics",
-           choices={"gate": "act(gate_proj(x)), as LAPE",
-                    "post": "act(gate_proj(x)) * up_proj(x), the input of down_proj"}),
+           choices=described(ACTIVATIONS, {
+               "gate": "act(gate_proj(x)), as LAPE",
+               "post": "act(gate_proj(x)) * up_proj(x), the input of down_proj"})),
     Option("identify_on", "the identification items whose statistics are recorded", RECORD,
            "statistics", default=None,
-           choices={"correct": "those the full model answers correctly",
-                    "all": "every one"},
+           choices=described(IDENTIFY_ON, {"correct": "those the full model answers correctly",
+                                           "all": "every one"}),
            default_text="correct; all when the data's labels are hidden (said in a notice) "
            "and for --task lm"),
     Option("scoring", "how an answer is read (also for --identify-on correct)", RECORD,
-           "statistics", choices={"logits": "argmax of the option letters' next-token logits "
-                                  "(one prefill, deterministic)",
-                                  "generate": "greedy generation, the first letter parsed"}),
+           "statistics", choices=described(SCORINGS, {
+               "logits": "argmax of the option letters' next-token logits (one prefill, "
+               "deterministic)", "generate": "greedy generation, the first letter parsed"})),
     Option("checkpoint_minutes", "wall time between statistics checkpoints (each writes C x "
-           "L x N x 24 bytes, 318 MB at paper scale)", RECORD, "statistics", type=float,
-           minimum=0),
+           "L x N x 24 bytes, 318 MB at paper scale)", RECORD, "statistics", type=float),
     Option("checkpoint_every", "also checkpoint every this many identification batches (0: by "
-           "time only)", RECORD, "statistics", type=int, minimum=0),
+           "time only)", RECORD, "statistics", type=int),
     # -- selection --------------------------------------------------------------------------
     Option("methods", "comma-separated selectors", ("run", "select"), "selection", type=list,
            choices=SELECTORS),
@@ -172,7 +206,8 @@ OPTIONS: tuple[Option, ...] = (
            ("run", "select"), "selection", type=bool),
     Option("mad_contrast", "mad: what a culture's mean activation is compared with",
            ("run", "select"), "selection",
-           choices={"mean": "the other cultures' mean", "max": "the largest other culture's"}),
+           choices=described(CONTRASTS, {"mean": "the other cultures' mean",
+                                         "max": "the largest other culture's"})),
     Option("lape_top_rate", "lape: share of all L x N neurons kept by lowest entropy, then "
            "assigned to every culture above the bar (its own option: --ratio does not apply)",
            ("run", "select"), "selection", type=float, default_text="0.01 = 1 %, as Tang et "
@@ -187,27 +222,27 @@ OPTIONS: tuple[Option, ...] = (
            "Cost: each draw is one more condition per culture, the matrix runs 1 + cultures x "
            "(methods + size groups x draws) conditions. p-values recombine the draws' "
            "per-culture rows; more draws, more power where an effect sits in a few cultures",
-           ("run", "select"), "selection", type=int, minimum=0),
+           ("run", "select"), "selection", type=int),
     # -- evaluation -------------------------------------------------------------------------
     Option("resamples", "bootstrap resamples of the evaluation items, for every 95 % interval "
-           "and p-value (no model work)", ("run", "evaluate"), "evaluation", type=int,
-           minimum=1),
+           "and p-value (no model work)", ("run", "evaluate"), "evaluation", type=int),
     Option("intervention", "what is done to each culture's selected neurons (a run holds one: "
            "give another its own --out)", MODEL, "evaluation",
-           choices={"ablate": "a := 0", "steer": "a := (1 + alpha) a"}),
+           choices=described(INTERVENTIONS, {"ablate": "a := 0", "steer": "a := (1 + alpha) a"})),
     Option("alpha", "steering factor of --intervention steer (negative damps; -1 equals "
            "ablation)", MODEL, "evaluation", type=float,
            default_text="0.5 with --intervention steer (the authors' follow-up work); -1 "
            "with ablate"),
     Option("matrix", "how the ablation matrix is computed", ("run", "evaluate"), "evaluation",
-           choices={"exact": "one prefill per item and condition",
-                    "estimate": "first order from one forward and backward per batch of items "
-                    "(every set at once; every number marked estimated)",
-                    "screen": "estimate, then the diagonal and each mask's --screen-budget most "
-                    "affected cells exactly (the rest marked estimated)"}),
+           choices=described(MATRIX_MODES, {
+               "exact": "one prefill per item and condition",
+               "estimate": "first order from one forward and backward per batch of items (every "
+               "set at once; every number marked estimated)",
+               "screen": "estimate, then the diagonal and each mask's --screen-budget most "
+               "affected cells exactly (the rest marked estimated)"})),
     Option("screen_budget", "--matrix screen: off-diagonal cells per mask (method or RND draw) "
            "confirmed exactly, those the estimate finds most affected; each costs one condition "
-           "on one culture's items", ("run", "evaluate"), "evaluation", type=int, minimum=0),
+           "on one culture's items", ("run", "evaluate"), "evaluation", type=int),
     Option("reuse_vision", "run the vision tower once per item group and reuse its output "
            "under every ablation (same numbers, fewer passes)", ("run", "evaluate"),
            "evaluation", type=bool),
@@ -358,8 +393,10 @@ def check(opt: Option, value, where: str):
                              f"{', '.join(opt.choices)}")  # fmt: skip
     elif opt.choices and value not in opt.choices:
         raise UsageError(f"{where} {value!r} is not one of {', '.join(opt.choices)}")
-    if opt.minimum is not None and value < opt.minimum:
-        raise UsageError(f"{where} must be >= {opt.minimum:g}, got {value}")
+    # A RunConfig field's bound is stated on the field (a share's is checked when the run's
+    # RunConfig is built, naming the flag); the others' on their entry.
+    check_minimum(value, opt.minimum if step_of(opt.name) is None else minimum_of(opt.name),
+                  where)  # fmt: skip
     return value
 
 

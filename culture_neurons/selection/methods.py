@@ -41,6 +41,7 @@ from culture_neurons.selection.topk import kth_value, top2, topk_groups, topk_ro
 from culture_neurons.stats import Stats
 
 METHODS = ("cas", "lap", "lape", "mad", "rnd")
+SELECTORS = METHODS[:4]  # the methods a user picks: rnd runs as every one's size-matched control
 DEFAULT_RATIO = 0.005  # SPEC: top 0.5 % of the L * N neurons per culture
 CONTRASTS = ("mean", "max")
 

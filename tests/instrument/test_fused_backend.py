@@ -7,10 +7,10 @@ import copy
 import pytest
 import torch
 from conftest import short_batch
-from culture_neurons.kernels import dispatch
 from stats_reference import assert_stats_equal, capture_mlp_inputs
 
 import culture_neurons as cn
+from culture_neurons.kernels import dispatch
 from culture_neurons.masks import Masks
 from culture_neurons.models import adapters
 from culture_neurons.testing.tiny import TINY_FAMILIES, tiny_batch, tiny_model, tiny_processor

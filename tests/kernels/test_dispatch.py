@@ -10,12 +10,12 @@ import warnings
 
 import pytest
 import torch
-from culture_neurons.kernels import act_and_record, dispatch
 from culture_neurons.kernels.dispatch import KernelFallbackWarning
 from culture_neurons.kernels.ops import LayerOp
 from culture_neurons.kernels.reference import act_and_record_reference
 
 from culture_neurons.errors import KernelError, UsageError
+from culture_neurons.kernels import act_and_record, dispatch
 
 act_record = pytest.importorskip("culture_neurons.kernels.act_record")
 
@@ -100,7 +100,7 @@ def test_kernel_device_runs_the_checked_kernel(cpu_is_a_kernel_device, launches,
 
 
 def _wrong_count(args):
-    K = args[3]
+    K = args[0].K  # launch(args: OpArgs, ...)
     K.view(-1)[0] += 1  # one count off, as a miscompiled kernel might be
 
 
@@ -128,7 +128,7 @@ def test_wrong_count_is_caught(forced, cpu_is_a_kernel_device, monkeypatch, laun
 
 
 def test_sum_outside_tolerance_is_caught(cpu_is_a_kernel_device, launches, mlp_case):
-    launches.wrong = lambda args: args[4].mul_(1.01)  # S 1 % off
+    launches.wrong = lambda args: args[0].S.mul_(1.01)  # S 1 % off
     with pytest.warns(KernelFallbackWarning, match="S differs"):
         _record(mlp_case(40, 67, seed=3))
 

@@ -5,11 +5,11 @@ import functools
 
 import pytest
 import torch
-from culture_neurons.kernels import act_and_record, ops
 from culture_neurons.kernels.ops import LayerOp, act_and_record_torch
 from culture_neurons.kernels.reference import act_and_record_reference
 
 from culture_neurons.errors import UsageError
+from culture_neurons.kernels import act_and_record, custom_op
 
 OP = torch.ops.culture_neurons.act_and_record.default
 
@@ -119,7 +119,7 @@ def test_eager_faces_skip_the_custom_op(monkeypatch, mlp_case, act_and_record_ch
     def refuse(*args, **kwargs):
         raise AssertionError("the custom op was called eagerly")
 
-    monkeypatch.setattr(ops, "_act_and_record_op", refuse)
+    monkeypatch.setattr(custom_op, "_act_and_record_op", refuse)
     case = mlp_case(7, 33, C=5)
     act_and_record_checker(_through_layer_op, case, "silu", "gate")
     K, S, Q = _accumulators(5, 33)

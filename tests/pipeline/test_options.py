@@ -138,3 +138,46 @@ def test_an_option_is_one_table_entry(tmp_path, monkeypatch):
         options.read(parser.parse_args(["evaluate", "--config", str(cfg)]))
     with pytest.raises(SystemExit):
         parser.parse_args(["record", "--alpha-x", "1"])  # not one of its commands
+
+
+def test_choices_and_bounds_come_from_their_owners():
+    """Each option's choices are its owner's tuple (in its order), and a RunConfig setting's
+    bound lives on RunConfig only: the command line and RunConfig(...) refuse it alike."""
+    from culture_neurons.data.schema import GROUPINGS, LANGUAGES, ON_ERROR
+    from culture_neurons.instrument.instrument import BACKENDS
+    from culture_neurons.models.loading import DTYPE_CHOICES
+    from culture_neurons.pipeline import config
+    from culture_neurons.scoring.multiple_choice import SCORINGS
+    from culture_neurons.selection.methods import CONTRASTS, METHODS
+    from culture_neurons.stats import ACTIVATIONS, SCOPES
+
+    owners = {"dtype": DTYPE_CHOICES, "backend": BACKENDS, "task": config.TASKS,
+              "grouping": GROUPINGS, "language": LANGUAGES, "on_error": ON_ERROR,
+              "scope": SCOPES, "activation": ACTIVATIONS, "identify_on": config.IDENTIFY_ON,
+              "scoring": SCORINGS, "methods": tuple(m for m in METHODS if m != "rnd"),
+              "mad_contrast": CONTRASTS, "intervention": config.INTERVENTIONS,
+              "matrix": config.MATRIX_MODES}  # fmt: skip
+    assert {o.name for o in OPTIONS if o.choices} == set(owners)
+    for name, owned in owners.items():
+        assert tuple(options.by_name()[name].choices) == tuple(owned), name
+
+    fields = {f.name: f for f in dataclasses.fields(RunConfig)}
+    bounded = {n: f.metadata["minimum"] for n, f in fields.items()
+               if f.metadata.get("minimum") is not None}  # fmt: skip
+    assert bounded == {"batch_size": 1, "resamples": 1, "rnd_draws": 0, "checkpoint_every": 0,
+                       "checkpoint_minutes": 0, "screen_budget": 0}  # fmt: skip
+    for opt in OPTIONS:
+        if opt.name in fields:
+            assert opt.minimum is None, f"{opt.name}: its bound belongs to RunConfig"
+    for name, minimum in bounded.items():
+        below = type(RunConfig.__dataclass_fields__[name].default)(minimum - 1)
+        expected = f"must be >= {minimum:g}, got {below}"
+        with pytest.raises(options.UsageError) as from_python:
+            RunConfig(**{name: below})
+        with pytest.raises(options.UsageError) as from_cli:
+            options.check(options.by_name()[name], below, config.flag(name))
+        assert str(from_python.value) == str(from_cli.value) == f"{config.flag(name)} {expected}"
+    # A share: RunConfig refuses it whatever path built it.
+    for name in ("ratio", "split_ratio", "lape_top_rate", "lape_filter_rate", "lape_bar_ratio"):
+        with pytest.raises(options.UsageError, match=rf"{config.flag(name)} must be a share"):
+            RunConfig(**{name: 1.5})

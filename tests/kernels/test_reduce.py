@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from culture_neurons.instrument import reduce
+from culture_neurons.kernels import reduce
 
 
 def loop_reference(a: torch.Tensor, culture: torch.Tensor, C: int):
