@@ -165,12 +165,14 @@ def test_choices_and_bounds_come_from_their_owners():
     bounded = {n: f.metadata["minimum"] for n, f in fields.items()
                if f.metadata.get("minimum") is not None}  # fmt: skip
     assert bounded == {"batch_size": 1, "resamples": 1, "rnd_draws": 0, "checkpoint_every": 0,
-                       "checkpoint_minutes": 0, "screen_budget": 0}  # fmt: skip
+                       "checkpoint_minutes": 0, "screen_budget": 0,
+                       "max_image_tokens": 1}  # fmt: skip
     for opt in OPTIONS:
         if opt.name in fields:
             assert opt.minimum is None, f"{opt.name}: its bound belongs to RunConfig"
     for name, minimum in bounded.items():
-        below = type(RunConfig.__dataclass_fields__[name].default)(minimum - 1)
+        default = RunConfig.__dataclass_fields__[name].default
+        below = minimum - 1 if default is None else type(default)(minimum - 1)  # None: an int
         expected = f"must be >= {minimum:g}, got {below}"
         with pytest.raises(options.UsageError) as from_python:
             RunConfig(**{name: below})
