@@ -26,7 +26,6 @@ from culture_neurons.errors import CultureNeuronsError, UsageError
 from culture_neurons.pipeline import rundir
 from culture_neurons.pipeline.options import (
     FAKER_DATA,
-    FAKER_SENTENCES,
     Options,
     build_parser,
     read,
@@ -58,8 +57,15 @@ def _with_run(o: Options, meta: dict | None) -> Options:
     return replace(o, values=values)
 
 
+def _task(o: Options):
+    """The class of the task ``--task`` names (culture_neurons.tasks)."""
+    from culture_neurons.tasks import task_class
+
+    return task_class(o["task"])
+
+
 def _is_toy(o: Options) -> bool:
-    return o["task"] == "mc" and o["model"] is None and o["data"] is None
+    return _task(o).has_toy and o["model"] is None and o["data"] is None
 
 
 def _run_config(o: Options, meta: dict | None = None):
@@ -100,32 +106,8 @@ def _check_device(o: Options) -> None:
 
 
 def _load_data(o: Options, path=None):
-    """The items: CVQA (the toy's synthetic CVQA at ``path``) or, for ``--task lm``, Faker's."""
-    cultures = list(o["cultures"]) if o["cultures"] else None
-    if o["task"] == "lm":
-        if o["model"] is None:
-            raise UsageError("--task lm needs --model (a text-only causal LM folder or hub id, "
-                             "e.g. Gemma 3 270M; see bench/real_lm.py)")  # fmt: skip
-        if o["data"] not in (None, FAKER_DATA):
-            raise UsageError(f"--task lm reads --data {FAKER_DATA} (generated sentences), got "
-                             f"{o['data']!r}")  # fmt: skip
-        from culture_neurons.data.faker_text import make_faker_data
-
-        per_culture = o["max_items"] if o["max_items"] is not None else FAKER_SENTENCES
-        return make_faker_data(cultures, per_culture=per_culture, seed=o["seed"])
-    if (o["model"] is None) != (o["data"] is None) and path is None:
-        missing = "--data" if o["data"] is None else "--model"
-        raise UsageError(f"give both --model and --data (or neither, for the toy); {missing} "
-                         "is missing")  # fmt: skip
-    from culture_neurons.data import load_cvqa
-
-    path = path or o["data"]
-    if not Path(path).exists():
-        raise UsageError(f"--data {path} does not exist; give a CVQA parquet file or folder "
-                         "or a datasets save_to_disk folder")  # fmt: skip
-    return load_cvqa(path, grouping=o["grouping"], min_items=o["min_items"], cultures=cultures,
-                     language=o["language"], on_error=o["on_error"],
-                     max_items_per_culture=o["max_items"])  # fmt: skip
+    """The items, as the task reads them (the toy's synthetic CVQA at ``path``)."""
+    return _task(o).load_data(o, path)
 
 
 def _prepare(o: Options, meta: dict | None, resume: bool, command: str):
@@ -148,9 +130,9 @@ def _prepare(o: Options, meta: dict | None, resume: bool, command: str):
         toy = build_or_load(seed=o["seed"])
     data = _load_data(o, toy.data_path if toy else None)
     identify_on = identify_on_for(o["identify_on"], data.labels_available, config.task)
-    if o["identify_on"] is None and identify_on == "all" and config.task == "mc":
-        log.info("the labels of this data are hidden (Label = -1): identifying on all items "
-                 "(--identify-on all), and reporting flip rates, never an accuracy")  # fmt: skip
+    note = _task(o).hidden_labels_note
+    if o["identify_on"] is None and not data.labels_available and note:
+        log.info(note)
     config = replace(config, identify_on=identify_on)
     if meta is not None:  # the same run: its cultures and items (the model once loaded)
         rundir.check_same_run(Path(o["out"]), meta, cultures=data.cultures,
@@ -348,13 +330,14 @@ def _merged_run(metas: list, names: list[str], folders: list[Path]) -> dict | No
 
 
 def _print_summary(results: dict, out) -> None:
-    """One line per method: its gap with the 95 % interval and its p-value against RND."""
+    """One line per method: its primary measure's gap with the 95 % interval and its p-value
+    against RND (keys and units: culture_neurons.eval_schema)."""
+    from culture_neurons.eval_schema import primary
+
     for name, r in results.items():
-        prefix, unit = ("", "NLL change, nats/token") if r.get("task") == "lm" else (
-            ("", "accuracy points") if r.get("gap") is not None else ("flip_", "flip rate"))
-        decimals = 4 if r.get("task") == "lm" else (1 if not prefix else 3)
-        gap, ci, p = r.get(prefix + "gap"), r.get(f"{prefix}gap_ci") or [None, None], r.get(
-            f"p_{prefix}gap_vs_rnd")  # fmt: skip
+        m = primary(r)
+        decimals = m.decimals
+        gap, ci, p = r.get(m.summary()), r.get(m.ci()) or [None, None], r.get(m.p())
         if gap is None:
             print(f"{name:>5}: gap undefined (one culture, or no evaluation items)")
             continue
@@ -363,7 +346,7 @@ def _print_summary(results: dict, out) -> None:
         note = {"estimate": "; first-order estimate", "screen": "; estimated off the screened "
                 "cells"}.get(r.get("matrix"), "")  # fmt: skip
         mark = "~" if note else ""  # as the report marks estimated numbers
-        print(f"{name:>5}: {prefix}gap {mark}{gap:+.{decimals}f}{interval} ({unit}; 95 % "
+        print(f"{name:>5}: {m.summary()} {mark}{gap:+.{decimals}f}{interval} ({m.label}; 95 % "
               f"interval{vs_rnd}{note})")  # fmt: skip
     made = [n for n in ("report.md", "eval/", "figures/") if (Path(out) / n).exists()]
     later = "" if "report.md" in made else f"; report: culture-neurons report --out {out}"

@@ -15,11 +15,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, fields
 
+from culture_neurons import tasks
 from culture_neurons.errors import UsageError
 from culture_neurons.scoring.uncertainty import DEFAULT_RESAMPLES
 from culture_neurons.selection.methods import CONTRASTS, SELECTORS
 
-TASKS = ("mc", "lm")
+TASKS = tuple(tasks.TASKS)  # the registry's names (culture_neurons.tasks)
 STEPS = ("identify", "select", "evaluate", "exec")
 INTERVENTIONS = ("ablate", "steer")
 IDENTIFY_ON = ("correct", "all")  # the items whose statistics are recorded
@@ -100,19 +101,18 @@ class RunConfig:
     matrix: str = setting("exact", "evaluate")  # exact, estimate or screen (MATRIX_MODES)
     screen_budget: int = setting(SCREEN_BUDGET, "evaluate", minimum=0)  # extra exact cells/mask
     reuse_vision: bool = setting(True, "exec")  # same numbers, fewer vision-tower passes
-    task: str = setting("mc", "identify")  # "mc": multiple choice; "lm": sentences (NLL)
+    task: str = setting(tasks.DEFAULT, "identify")  # what the items are (culture_neurons.tasks)
     # Image tokens per image at most (None: the processor's default); how each family applies
     # it: culture_neurons.models.image_budget. Identification and evaluation share it.
     max_image_tokens: int | None = setting(None, "identify", minimum=1)
 
     def __post_init__(self) -> None:
         self.methods = tuple(self.methods)
-        if self.task not in TASKS:
-            raise UsageError(f"--task must be one of {', '.join(TASKS)}, got {self.task!r}")
-        if self.task == "lm" and self.identify_on == "correct":
-            # A sentence has no right answer: every identification item is recorded. "correct"
-            # is only RunConfig's default here (the CLI refuses it when given for lm).
-            self.identify_on = "all"
+        fixed = tasks.task_class(self.task).fixed_identify_on
+        if fixed is not None and self.identify_on == "correct":
+            # E.g. a sentence has no right answer: every identification item is recorded.
+            # "correct" is only RunConfig's default here (the CLI refuses it when given).
+            self.identify_on = fixed
         unknown = [m for m in self.methods if m not in SELECTORS]
         if unknown:
             raise UsageError(
@@ -199,21 +199,13 @@ def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def identify_on_for(given: str | None, labels_available: bool, task: str = "mc") -> str:
-    """The identify_on a run uses: ``given``, or by default ``correct`` (the items the full
-    model answers right), or ``all`` where there are no labels to tell right from wrong.
+def identify_on_for(given: str | None, labels_available: bool, task: str | None = None) -> str:
+    """The identify_on a run of ``task`` uses: ``given``, or the task's default (multiple
+    choice: ``correct``, the items the full model answers right, or ``all`` where there are no
+    labels to tell right from wrong; see each task's ``identify_on``).
 
     Raises:
-        UsageError: ``correct`` given for data whose labels are hidden (or for ``task="lm"``).
+        UsageError: ``correct`` given for data whose labels are hidden (or for a task without
+            right answers).
     """
-    if given == "correct" and task == "lm":
-        raise UsageError("--identify-on correct does not apply to --task lm: a sentence has no "
-                         "right answer, so every identification sentence is recorded; drop "
-                         "--identify-on")  # fmt: skip
-    if given == "correct" and not labels_available:
-        raise UsageError("--identify-on correct needs answer labels, but every label of this "
-                         "data is hidden (Label = -1); drop --identify-on (all items are then "
-                         "used) or pass --identify-on all")  # fmt: skip
-    if given is not None:
-        return given
-    return "correct" if labels_available and task != "lm" else "all"
+    return tasks.task_class(task).identify_on(given, labels_available)

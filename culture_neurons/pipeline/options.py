@@ -24,6 +24,7 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
+from culture_neurons import tasks
 from culture_neurons.data.schema import GROUPINGS, LANGUAGES, ON_ERROR
 from culture_neurons.errors import UsageError
 from culture_neurons.instrument.instrument import BACKENDS
@@ -43,6 +44,7 @@ from culture_neurons.scoring.multiple_choice import SCORINGS
 from culture_neurons.selection.methods import CONTRASTS
 from culture_neurons.selection.methods import SELECTORS as SELECTOR_NAMES
 from culture_neurons.stats import ACTIVATIONS, SCOPES
+from culture_neurons.tasks.lm import FAKER_DATA, FAKER_SENTENCES
 
 COMMANDS = {
     "run": "the whole experiment: record, select, evaluate, report",
@@ -58,8 +60,6 @@ LATER = ("With --resume, and for select, evaluate and report, an option not give
 MODEL = ("run", "record", "evaluate")  # the commands that load the model
 RECORD = ("run", "record")  # the commands that read the data and record statistics
 FROM_CONFIG = object()  # default: the RunConfig field's
-FAKER_DATA = "faker"  # --data value of the lm task's generated sentences
-FAKER_SENTENCES = 16  # lm task: sentences per culture unless --max-items says otherwise
 
 
 def described(owned: tuple[str, ...], meanings: dict[str, str]) -> dict[str, str]:
@@ -141,10 +141,8 @@ OPTIONS: tuple[Option, ...] = (
            "tokens for one image)"),
     # -- data -------------------------------------------------------------------------------
     Option("task", "what the items are", RECORD, "data",
-           choices=described(TASKS, {
-               "mc": "multiple-choice questions about images, scored by accuracy",
-               "lm": f"sentences, scored by next-token NLL (a text-only --model and --data "
-               f"{FAKER_DATA})"})),
+           choices=described(TASKS, {name: task.description
+                                     for name, task in tasks.TASKS.items()})),
     Option("data", "mc: CVQA as a parquet file or folder or a datasets save_to_disk folder; lm: "
            f"'{FAKER_DATA}' (Faker locales' sentences; --cultures picks locales, --max-items "
            f"sentences per culture, default {FAKER_SENTENCES})", MODEL, "data", default=None,

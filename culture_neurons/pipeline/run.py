@@ -12,7 +12,7 @@ them by one forward and backward per batch of items (:mod:`culture_neurons.scori
 ``matrix="screen"`` adds exact conditions for the cells :mod:`culture_neurons.pipeline.screen`
 confirms.
 
-Two tasks share these steps (``RunConfig.task``, see :mod:`culture_neurons.pipeline.tasks`):
+Two tasks share these steps (``RunConfig.task``, see :mod:`culture_neurons.tasks`):
 ``mc``, multiple-choice questions scored by their letter, and ``lm``, plain sentences scored
 by their next-token NLL. A task says how items become a batch, how a group of items is scored
 under many conditions, and how the scores become ``eval/<method>.json``; everything else is
@@ -49,12 +49,10 @@ from culture_neurons.pipeline import batching, progress, rundir, screen
 from culture_neurons.pipeline.config import RunConfig, identify_on_for
 from culture_neurons.pipeline.distributed import Partition
 from culture_neurons.pipeline.rundir import RUN_FILE, write_json
-from culture_neurons.pipeline.tasks import TASKS
-from culture_neurons.scoring.estimate import estimated_predictions
 from culture_neurons.scoring.metrics import nan_to_none
-from culture_neurons.scoring.multiple_choice import predict
 from culture_neurons.selection import select
 from culture_neurons.stats import Stats, load_stats
+from culture_neurons.tasks import task_class
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +112,7 @@ class Run:
         self.image_budget = image_budget.apply(self.model, self.processor,
                                                self.config.max_image_tokens)  # fmt: skip
         self.ident, self.evaluation = self.data.split(self.config.split_ratio, self.config.seed)
-        self.task = TASKS[self.config.task](self.model, self.processor, self.config)
+        self.task = task_class(self.config.task)(self.model, self.processor, self.config)
         self._length_of: dict[str, int] = {}  # item id -> prompt tokens (see _lengths)
         if self.part.main:
             self._prepare_dir()
@@ -260,8 +258,7 @@ class Run:
         if cached is not None:
             return dict(cached["preds"])
         with self._bar(len(items), "full model (identification half)") as bar:
-            pred = predict(self.model, self.processor, items, batch_size=self.config.batch_size,
-                           scoring=self.config.scoring, progress=bar.update)  # fmt: skip
+            pred = self.task.predict(items, self.config.batch_size, progress=bar.update)
         preds = {it.id: int(p) for it, p in zip(items, pred.tolist(), strict=True)}
         write_json(path, {"key": key, "preds": preds})
         return preds
@@ -522,9 +519,8 @@ class Run:
                 if g in done and done[g]["items"] == [it.id for it in chunk]:
                     block = torch.tensor(done[g]["preds"], dtype=preds.dtype)
                 else:
-                    block = estimated_predictions(self.model, self.processor, chunk, combined,
-                                                  alpha=self.config.alpha,
-                                                  task=self.config.task).to(preds.dtype)  # fmt: skip
+                    block = self.task.estimated(self.model, self.processor, chunk, combined,
+                                                self.config.alpha).to(preds.dtype)  # fmt: skip
                     _append(log_file, {"key": key, "group": g, "items": [it.id for it in chunk],
                                        "preds": block.tolist()})  # fmt: skip
                 preds[:, where] = block

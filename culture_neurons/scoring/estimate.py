@@ -90,15 +90,27 @@ def estimate_lm(model, processor, items, masks: Masks, alpha: float = -1.0) -> t
     return nll, alpha * set_sums(A, masks)
 
 
-def estimated_predictions(model, processor, items, masks: Masks, alpha: float = -1.0,
-                          task: str = "mc") -> torch.Tensor:  # fmt: skip
-    """``[1 + S, B]``: row 0 the full model's score (exact), row 1 + s the estimate under set s.
-    Multiple choice: int64 letter indices; language modelling: float64 summed NLL."""
-    if task == "mc":
-        margins, shifts = estimate_mc(model, processor, items, masks, alpha)
-        full = predictions_from_margins(margins)  # [B]
-        est = predictions_from_margins(margins.T[:, :, None].add(shifts).permute(2, 1, 0))  # [S, B]
-        return torch.cat([full[None], est]).cpu()
+def estimated_mc(model, processor, items, masks: Masks, alpha: float = -1.0) -> torch.Tensor:
+    """int64 ``[1 + S, B]`` letter indices: row 0 the full model's (exact), row 1 + s the
+    estimated answer under set s."""
+    margins, shifts = estimate_mc(model, processor, items, masks, alpha)
+    full = predictions_from_margins(margins)  # [B]
+    est = predictions_from_margins(margins.T[:, :, None].add(shifts).permute(2, 1, 0))  # [S, B]
+    return torch.cat([full[None], est]).cpu()
+
+
+def estimated_lm(model, processor, items, masks: Masks, alpha: float = -1.0) -> torch.Tensor:
+    """float64 ``[1 + S, B]`` summed NLL: row 0 the full model's (exact), row 1 + s the
+    estimate under set s."""
     nll, shifts = estimate_lm(model, processor, items, masks, alpha)
     full = nll[:, 0].double()
     return torch.cat([full[None], full[None] + shifts[0].T.double()]).cpu()
+
+
+def estimated_predictions(model, processor, items, masks: Masks, alpha: float = -1.0,
+                          task: str | None = None) -> torch.Tensor:  # fmt: skip
+    """``[1 + S, B]``: row 0 the full model's score (exact), row 1 + s the estimate under set s,
+    as task ``task`` (default: multiple choice) scores (:mod:`culture_neurons.tasks`)."""
+    from culture_neurons.tasks import task_class
+
+    return task_class(task).estimated(model, processor, items, masks, alpha)

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from culture_neurons.errors import UsageError
+from culture_neurons.eval_schema import MATRICES, NLL_DELTA
 from culture_neurons.models import adapters
 from culture_neurons.scoring.metrics import per_culture_mean
 from culture_neurons.scoring.prompting import tokenizer_of
@@ -31,7 +32,7 @@ from culture_neurons.scoring.uncertainty import Bootstrap
 # Token rows per head chunk: the Gemma 3 vocabulary (262144) makes a logit row 1 MiB in fp32,
 # so 256 rows keep the transient logits at 256 MiB whatever the batch.
 HEAD_CHUNK_ROWS = 256
-UNITS = {"nll": "nats/token", "delta": "nats/token (ablated - full; positive = hurt)"}
+UNITS = {"nll": MATRICES["nll"], NLL_DELTA.key: NLL_DELTA.unit}  # eval JSON ``units``
 
 
 def check_model(model) -> None:

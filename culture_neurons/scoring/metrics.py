@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
+from culture_neurons import eval_schema
+
 if TYPE_CHECKING:
     from culture_neurons.scoring.uncertainty import Bootstrap
 
@@ -62,7 +64,7 @@ def per_culture_sum(values: torch.Tensor, culture: torch.Tensor, C: int) -> list
     return torch.zeros(C, dtype=torch.int64).index_add_(0, culture, values.long()).tolist()
 
 
-SUMMARIES = ("self", "cross", "gap", "specificity")
+SUMMARIES = eval_schema.SUMMARIES  # the names the eval JSON keys them by
 
 
 class RowParts(NamedTuple):

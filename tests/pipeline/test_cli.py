@@ -112,7 +112,7 @@ def test_resume_after_interruption_gives_identical_results(assets, tmp_path, mon
     ref = tmp_path / "ref"
     main_ok(["run", *args_for(assets, ref), "--checkpoint-every", "1"])
     out = tmp_path / "resumed"
-    from culture_neurons.pipeline import tasks
+    from culture_neurons.tasks import mc as tasks  # the module whose encode MCTask calls
     from culture_neurons.scoring.multiple_choice import Group
 
     target = (tasks, "encode") if stage == "identification" else (Group, "predict")
@@ -220,7 +220,7 @@ def test_bad_input_gives_one_line_and_nonzero_exit(assets, tmp_path, capsys):
 
 
 def test_out_of_memory_suggests_a_smaller_batch(assets, tmp_path, capsys, monkeypatch):
-    from culture_neurons.pipeline import tasks
+    from culture_neurons.tasks import mc as tasks  # the module whose encode MCTask calls
 
     def oom(*a, **k):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")

@@ -1,0 +1,143 @@
+"""The schema of ``OUT/eval/<method>.json``, defined once: what every key means.
+
+A task (:mod:`culture_neurons.tasks`) writes its numbers with these definitions; the report,
+the command line's summary and any reader of an eval JSON read them back with the same ones
+(this module needs neither torch nor a model)::
+
+    from culture_neurons.eval_schema import measures_of
+    for m in measures_of(ev):                # the primary measure first
+        print(m.summary("gap"), ev[m.summary("gap")], ev[m.p("gap")], m.unit)
+
+A **measure** is a matrix of changes ``[S][C]`` (set s's effect on culture c's items) and its
+summaries over that matrix (:data:`SUMMARIES`), written under the measure's prefix:
+
+    <prefix><summary>               observed summary                  gap, flip_gap
+    <prefix><summary>_ci            its 95 % interval [lo, hi]        gap_ci
+    p_<prefix><summary>_vs_rnd      p against the method's RND draws  p_gap_vs_rnd
+    direction[<prefix><summary>]    which way is more selective       lower, higher, either
+    resampled[<prefix><summary>]    the summary on every resample     (paired comparisons)
+
+Matrices (:data:`MATRICES`) are ``<key>`` with ``<key>_ci`` beside them. An eval JSON lists its
+measures by name (``measures``, the primary one first); :func:`measures_of` reads that list
+(or, for a file written before it existed, asks the file's task).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# Summaries of a [S][C] matrix (scoring.metrics computes them): own culture's cell (self), the
+# others' mean (cross), self - cross (gap), and the share of the effect on its own culture.
+SUMMARIES = ("self", "cross", "gap", "specificity")
+DIRECTIONS = ("lower", "higher", "either")  # which way is more selective (two-sided: either)
+
+
+@dataclass(frozen=True)
+class Measure:
+    """One measure of a task's eval JSON (see the module doc for the keys it owns)."""
+
+    name: str  # registry name, as listed in an eval JSON's ``measures``
+    key: str  # its matrix: delta, flip
+    prefix: str  # of its summaries: "" (gap), "flip_" (flip_gap)
+    unit: str  # of its matrix and summaries
+    label: str  # what the number is, in words (console, report)
+    decimals: int  # shown on the console
+    harm: str  # the direction of damage (ablation, damping): lower or higher
+
+    def summary(self, s: str = "gap") -> str:
+        return self.prefix + s
+
+    def ci(self, s: str = "gap") -> str:
+        return f"{self.prefix}{s}_ci"
+
+    def p(self, s: str = "gap") -> str:
+        return f"p_{self.prefix}{s}_vs_rnd"
+
+    def direction(self, alpha: float) -> str:
+        """Which way a more selective method moves the gap: the direction of damage where
+        neurons are damped or ablated (alpha < 0), either way where they are amplified."""
+        return self.harm if alpha < 0 else "either"
+
+    def keys(self) -> list[str]:
+        """Every top-level key this measure writes (see the module doc)."""
+        return [k for s in SUMMARIES for k in (self.summary(s), self.ci(s))] + [
+            self.p(s) for s in TESTED
+        ]
+
+
+TESTED = ("gap", "specificity")  # the summaries tested against RND (p_..._vs_rnd)
+
+ACCURACY_DELTA = Measure("accuracy_delta", "delta", "", "points", "accuracy points", 1, "lower")
+FLIP = Measure("flip", "flip", "flip_", "fraction", "flip rate", 3, "higher")
+NLL_DELTA = Measure("nll_delta", "delta", "", "nats/token (ablated - full; positive = hurt)",
+                    "NLL change, nats/token", 4, "higher")  # fmt: skip
+MEASURES = {m.name: m for m in (ACCURACY_DELTA, FLIP, NLL_DELTA)}
+
+# Matrices ([C] for the full model, [S][C] otherwise), each with ``<key>_ci``: their units.
+MATRICES = {
+    "accuracy_full": "percent", "accuracy": "percent", "delta": "the measure's unit",
+    "flip": FLIP.unit, "nll_full": "nats/token", "nll": "nats/token",
+}  # fmt: skip
+
+# The other top-level fields, what each holds.
+FIELDS = {
+    "method": "the selector (cas, lap, lape, mad)",
+    "task": "the run's task, where not the default",
+    "measures": "the measures' names (MEASURES), the primary one first",
+    "cultures": "the C cultures, in matrix order",
+    "items_per_culture": "[C] evaluation items",
+    "set_sizes": "[C] neurons in each culture's set",
+    "layer_counts": "[C][L] neurons per layer",
+    "options": "the selector's settings",
+    "intervention": "ablate or steer",
+    "alpha": "a := (1 + alpha) a on the set's neurons (-1: ablation)",
+    "matrix": "exact, estimate or screen: which cells are estimated",
+    "rnd_shared_with": "methods of the same set sizes (their RND draws are shared)",
+    "labels_available": "whether answer labels exist (accuracy is defined)",
+    "units": "{matrix: unit}",
+    "unparseable_full": "items the full model gave no letter for",
+    "tokens_per_culture": "[C] predicted tokens (language modelling)",
+    "resamples": "bootstrap resamples B",
+    "confidence": "of every interval (0.95)",
+    "bootstrap_seed": "seed of the resamples (equal seeds: paired comparisons)",
+    "accuracy_full_mean": "mean full-model accuracy over cultures",
+    "accuracy_full_mean_ci": "its interval",
+    "nll_full_mean": "mean full-model NLL over cultures",
+    "nll_full_mean_ci": "its interval",
+    "rnd": "the size-matched RND draws: sizes, seed, masks, per-draw summaries, mean, sd",
+    "p_resolution": "the smallest p-value the draws can give",
+    "direction": "{summary: lower | higher | either}",
+    "resampled": "{summary: [B] values on the resamples}",
+    "masks_hash": "{mask: content hash} these numbers belong to",
+    "screen_budget": "--matrix screen: exact cells per mask",
+    "confirmed": "--matrix screen: [S][C] cells computed exactly",
+    "estimate": "--matrix screen: {matrix: [S][C]} as the estimate alone gives it",
+}
+
+
+def measures_of(ev: dict) -> tuple[Measure, ...]:
+    """The measures of eval JSON ``ev``, the primary one first."""
+    names = ev.get("measures")
+    if names is None:  # written before eval JSONs listed their measures: its task knows
+        from culture_neurons.tasks import task_class
+
+        return task_class(ev.get("task")).measures(bool(ev.get("labels_available", True)))
+    return tuple(MEASURES[n] for n in names)
+
+
+def primary(ev: dict) -> Measure:
+    """The measure of ``ev``'s headline numbers (and of its console line)."""
+    return measures_of(ev)[0]
+
+
+def describe(key: str) -> str | None:
+    """What top-level key ``key`` of an eval JSON holds (None: not a key of the schema)."""
+    if key in FIELDS:
+        return FIELDS[key]
+    base = key.removesuffix("_ci")
+    if base in MATRICES:
+        return f"matrix {base} ({MATRICES[base]})" + (", interval" if key != base else "")
+    for m in MEASURES.values():
+        if key in m.keys():
+            return f"{m.label}: {key}"
+    return None

@@ -1,0 +1,154 @@
+"""What every task's ``eval/<method>.json`` shares (keys: :mod:`culture_neurons.eval_schema`):
+the method's fields, the matrices with their intervals and, per measure, the summaries with
+their intervals, RND null and p-values.
+
+Every number carries its uncertainty (SPEC "Uncertainty and controls",
+:mod:`culture_neurons.scoring.uncertainty`): a 95 % paired-bootstrap interval (``<key>_ci``,
+``[lo, hi]``, for every matrix cell and summary) and, for the summaries, the method's own
+size-matched RND null (``rnd``) with permutation-style p-values (``p_<summary>_vs_rnd``, its
+smallest possible value ``p_resolution``).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from culture_neurons.data import stable_seed
+from culture_neurons.eval_schema import SUMMARIES, Measure
+from culture_neurons.masks import Masks
+from culture_neurons.scoring.metrics import nan_to_none, row_parts, summaries
+from culture_neurons.scoring.uncertainty import (
+    CONFIDENCE,
+    HIGHER,
+    LOWER,
+    TWO_SIDED,
+    Bootstrap,
+    interval,
+    p_value,
+    resolution,
+)
+
+if TYPE_CHECKING:
+    from culture_neurons.pipeline.config import RunConfig
+
+DIRECTIONS = {LOWER: "lower", HIGHER: "higher", TWO_SIDED: "either"}
+SIGNS = {word: sign for sign, word in DIRECTIONS.items()}
+
+
+def oriented(measures: tuple[Measure, ...], alpha: float) -> list[tuple[str, str, int]]:
+    """``(matrix key, JSON prefix, direction)`` of each measure under steering factor
+    ``alpha`` (what :func:`assemble` summarises and tests)."""
+    return [(m.key, m.prefix, SIGNS[m.direction(alpha)]) for m in measures]
+
+
+def bootstrap(culture: torch.Tensor, C: int, config: RunConfig) -> Bootstrap:
+    """The run's one set of resamples, shared by every method and RND draw (paired)."""
+    return Bootstrap.draw(culture, C, config.resamples, seed=_bootstrap_seed(config))
+
+
+def _bootstrap_seed(config: RunConfig) -> int:
+    return stable_seed("bootstrap", config.seed) % 2**63
+
+
+def method_fields(name: str, masks: dict[str, Masks], culture: torch.Tensor,
+                  cultures: list[str], nulls: dict[str, list[str]], config: RunConfig,
+                  measures: tuple[Measure, ...]) -> dict:  # fmt: skip
+    """The fields every task's ``eval/<method>.json`` starts with: what was ablated or steered,
+    and which methods share its RND draws (``rnd_shared_with``: those of the same set sizes)."""
+    own = masks[name]
+    return {
+        "method": name,
+        "measures": [m.name for m in measures],  # the primary one first
+        "cultures": cultures,
+        "items_per_culture": torch.bincount(culture, minlength=len(cultures)).tolist(),
+        "set_sizes": own.sizes().tolist(),
+        "layer_counts": own.layer_counts().tolist(),
+        "options": dict(own.options),
+        "intervention": config.intervention,
+        "alpha": config.alpha,
+        "matrix": config.matrix,  # exact, estimate or screen (which cells are estimated)
+        "rnd_shared_with": [m for m in nulls if m != name and nulls[m] and nulls[m] == nulls[name]],
+    }
+
+
+def assemble(mats, per_set: dict, masks: dict[str, Masks], name: str, rnd_names: list[str],
+             boot: Bootstrap, keys: tuple[str, ...], measures: list) -> dict:  # fmt: skip
+    """Matrices of ``name`` with their intervals, and for every measure ``(matrix key, JSON
+    prefix, direction)`` its summaries with intervals, RND null and p-values.
+
+    ``mats(scores, boot=None)`` gives the task's matrices (observed, or [B, ...] resampled).
+    """
+    point, resampled = mats(per_set[name]), mats(per_set[name], boot)
+    out: dict = {"resamples": boot.resamples, "confidence": CONFIDENCE,
+                 "bootstrap_seed": boot.seed}  # fmt: skip
+    for key in keys:
+        if point[key] is None:
+            out[key] = out[f"{key}_ci"] = None
+            continue
+        out[key] = nan_to_none(point[key].tolist())
+        out[f"{key}_ci"] = _ci(resampled[key].movedim(0, -1))
+    full_key = keys[0]  # accuracy_full / nll_full: its mean over cultures, the headline
+    if point[full_key] is not None:
+        out[f"{full_key}_mean"] = num(point[full_key].nanmean())
+        out[f"{full_key}_mean_ci"] = _ci(resampled[full_key].nanmean(-1))
+    # Each RND draw: its observed summaries and the row parts of its resampled matrices (all
+    # the p-values need), per measure; its matrices themselves are not kept.
+    null = []
+    for r in rnd_names:
+        observed, drawn = mats(per_set[r]), mats(per_set[r], boot)
+        null.append(({key: summaries(observed[key]) for key, _, _ in measures},
+                     {key: row_parts(drawn[key]) for key, _, _ in measures}))  # fmt: skip
+    C = per_set[name].shape[0]  # sets: one per culture
+    out["rnd"] = _rnd_fields([masks[r] for r in rnd_names], rnd_names, null, measures) \
+        if rnd_names else None
+    out["p_resolution"] = resolution(len(rnd_names), C) if rnd_names else None
+    out["direction"] = {}  # which way is more selective: lower, higher, either (two-sided)
+    out["resampled"] = {}  # per-resample summaries: paired comparisons between methods
+    for key, prefix, direction in measures:
+        observed = summaries(point[key])
+        per_resample = summaries(resampled[key])  # each [B]
+        own = row_parts(resampled[key])
+        for s in SUMMARIES:
+            out[prefix + s] = num(observed[s])
+            out[f"{prefix}{s}_ci"] = _ci(per_resample[s])
+            out["resampled"][prefix + s] = nan_to_none(per_resample[s].tolist())
+        out["direction"][prefix + "self"] = DIRECTIONS[direction]  # own culture: as the gap
+        for s, d in (("gap", direction), ("specificity", HIGHER)):
+            out[f"p_{prefix}{s}_vs_rnd"] = p_value(own, [parts[key] for _, parts in null], s, d,
+                                                   seed=boot.seed)  # fmt: skip
+            out["direction"][prefix + s] = DIRECTIONS[d]
+    return out
+
+
+def _rnd_fields(draws: list[Masks], rnd_names: list[str], null: list, measures: list) -> dict:
+    """The ``rnd`` field: the draws' sizes and seed, observed summaries of each draw, their
+    mean and sd over draws."""
+    rnd: dict = {"draws": len(rnd_names), "set_sizes": draws[0].sizes().tolist(),
+                 "seed": draws[0].options.get("seed"), "masks": rnd_names, "per_draw": []}
+    observed = [{prefix + s: v for key, prefix, _ in measures for s, v in summ[key].items()}
+                for summ, _ in null]  # fmt: skip
+    for values in observed:
+        rnd["per_draw"].append({k: num(v) for k, v in values.items()})
+    for k in observed[0]:
+        t = torch.stack([v[k] for v in observed]).double()
+        rnd[f"{k}_mean"] = num(t.nanmean())
+        rnd[f"{k}_sd"] = num(_nanstd(t)) if len(observed) > 1 else None
+    return rnd
+
+
+def _nanstd(t: torch.Tensor) -> torch.Tensor:
+    """Sample sd over the defined values (ddof 1)."""
+    t = t[~torch.isnan(t)]
+    return t.std() if t.numel() > 1 else torch.tensor(float("nan"))
+
+
+def _ci(samples: torch.Tensor) -> list:
+    """JSON intervals ``[..., [lo, hi]]`` of resampled values ``samples`` [..., B]."""
+    return nan_to_none(interval(samples).tolist())
+
+
+def num(x) -> float | None:
+    x = float(x)
+    return None if x != x else x
