@@ -44,8 +44,9 @@ import torch
 import culture_neurons as cn
 from culture_neurons.masks import Masks
 from culture_neurons.models import adapters
+from culture_neurons.pipeline import matrix
 from culture_neurons.pipeline.config import RunConfig
-from culture_neurons.pipeline.run import Run, _combine
+from culture_neurons.pipeline.run import Run
 from culture_neurons.scoring import lm
 from culture_neurons.scoring.estimate import estimate_lm, estimate_mc, mc_margins
 from culture_neurons.scoring.metrics import summaries
@@ -91,14 +92,14 @@ def compare(name: str, model, processor, data, config: RunConfig) -> tuple[list,
     with tempfile.TemporaryDirectory() as tmp:
         run = Run(model, processor, data, Path(tmp), config, progress=False)
         masks = run.select(run.identify())
-        combined, names = _combine(masks)
+        combined, names = matrix.combine(masks)
         items = [it for c in run.cultures for it in run.evaluation.items_by_culture[c]]
         culture = torch.tensor([run.cultures.index(it.culture) for it in items])
         start = time.perf_counter()
-        exact = run._matrix_predictions(items, combined)
+        exact = matrix.exact(run, items, combined)
         exact_s = time.perf_counter() - start
         start = time.perf_counter()
-        est = run._estimate_predictions(items, combined)
+        est = matrix.estimate(run, items, combined)
         estimate_s = time.perf_counter() - start
     C = len(run.cultures)
     point_exact = run.task.point(exact[0], exact[1:], items, culture, C, data)

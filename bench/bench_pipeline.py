@@ -53,6 +53,7 @@ from culture_neurons.data import make_synthetic_items
 from culture_neurons.masks import Masks
 from culture_neurons.models import adapters
 from culture_neurons.pipeline import RunConfig
+from culture_neurons.pipeline import matrix as matrix_modes
 from culture_neurons.pipeline.batching import padding_share
 from culture_neurons.pipeline.run import Run
 from culture_neurons.scoring.multiple_choice import Group
@@ -134,8 +135,8 @@ def matrix(run: Run, no_reuse: Run, masks: Masks, device, repeats: int) -> dict:
         for _ in range(conditions):
             _plain(model, processor, order, device)
 
-    providers = {"plain": plain, "matrix": lambda: run._matrix_predictions(items, masks),
-                 "matrix_no_reuse": lambda: no_reuse._matrix_predictions(items, masks)}  # fmt: skip
+    providers = {"plain": plain, "matrix": lambda: matrix_modes.exact(run, items, masks),
+                 "matrix_no_reuse": lambda: matrix_modes.exact(no_reuse, items, masks)}  # fmt: skip
     out = _compare(providers, device, repeats)
     group = max(1, BATCH // 4)
     out.update(items=len(items), conditions=conditions,

@@ -135,10 +135,9 @@ def _prepare(o: Options, meta: dict | None, resume: bool, command: str):
         log.info(note)
     config = replace(config, identify_on=identify_on)
     if meta is not None:  # the same run: its cultures and items (the model once loaded)
-        rundir.check_same_run(Path(o["out"]), meta, cultures=data.cultures,
-                              data_hash=rundir.data_hash(data))  # fmt: skip
-        rundir.refuse(Path(o["out"]), rundir.conflicts(meta["config"], config.settings(),
-                                                       command, steps()), o.given, steps())  # fmt: skip
+        rundir.check_continues(Path(o["out"]), meta, config.settings(), command, given=o.given,
+                               steps=steps(), cultures=data.cultures,
+                               data_hash=rundir.data_hash(data))  # fmt: skip
     from culture_neurons.models.loading import load_model, place
 
     if toy is not None:
@@ -155,10 +154,8 @@ def _prepare(o: Options, meta: dict | None, resume: bool, command: str):
 def _start(o: Options):
     """``run`` / ``record``: a new run in --out, or (--resume) the run already there."""
     out = Path(o["out"])
-    rundir.check_start(out, o["resume"], o["overwrite"])
-    meta = None
+    meta = rundir.open_run(out, o["resume"], o["overwrite"])
     if o["resume"]:
-        meta = rundir.read_run(out)
         if meta is None:
             log.info("--resume: %s holds no run yet; starting fresh", out)
         o = _with_run(o, meta)
@@ -197,7 +194,7 @@ def _run_of_stats(o: Options, then: str) -> dict:
 
 
 def cmd_select(o: Options) -> None:
-    from culture_neurons.pipeline.run import select_all
+    from culture_neurons.selection.controls import save_masks, select_all
     from culture_neurons.stats import load_stats
 
     out = Path(o["out"])
@@ -214,8 +211,7 @@ def cmd_select(o: Options) -> None:
         stale = [n for n in rundir.DERIVED["masks"] if (out / n).exists()]
         rundir.remove(out, stale)
         log.info("--overwrite: replaced %s", ", ".join(stale))
-    for name, m in masks.items():
-        m.save(out / "masks" / f"{name}.safetensors")
+    save_masks(masks, out)
     new = config.settings("select")  # what select decides (the rest was checked to agree)
     meta["changes"] = meta.get("changes", []) + rundir.changes(meta["config"], new, "select")
     meta["config"] = {**meta["config"], **new}
@@ -236,7 +232,7 @@ def cmd_evaluate(o: Options) -> None:
                          f"select again: culture-neurons select --out {out} --overwrite")  # fmt: skip
     o = _with_run(o, meta)
     config = _run_config(o, meta)
-    from culture_neurons.pipeline.run import rnd_draws_of
+    from culture_neurons.selection.controls import rnd_draws_of
 
     rundir.require(out, [f"masks/{n}.safetensors" for n in config.methods], then)
     methods = {n: load_masks(out / "masks" / f"{n}.safetensors") for n in config.methods}

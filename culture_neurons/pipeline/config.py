@@ -37,11 +37,21 @@ STEER_ALPHA = 0.5  # steering's default alpha: the authors' follow-up work uses 
 RND_DRAWS = 5
 
 
-def setting(default, step: str, minimum: float | None = None, share: bool = False):
+# The results a run caches in OUT/progress (see culture_neurons.pipeline.run): identification's
+# full-model predictions and statistics, the exact and the estimated matrix.
+CACHES = ("predictions", "statistics", "matrix", "estimate")
+MATRICES = ("matrix", "estimate")  # both matrices' caches
+
+
+def setting(default, step: str, minimum: float | None = None, share: bool = False,
+            caches: tuple[str, ...] = ()):  # fmt: skip
     """A RunConfig field of ``step`` (one of :data:`STEPS`) and its bound, if any: ``minimum``
     (value >= minimum) or ``share`` (0 < value < 1). The bound is stated here only: RunConfig
-    and the command line (``options.check``) both check it through :func:`check_bound`."""
-    return field(default=default, metadata={"step": step, "minimum": minimum, "share": share})
+    and the command line (``options.check``) both check it through :func:`check_bound`.
+    ``caches``: the cached results (:data:`CACHES`) whose numbers the value changes, keyed on
+    it (:meth:`RunConfig.cache_settings`)."""
+    return field(default=default, metadata={"step": step, "minimum": minimum, "share": share,
+                                            "caches": caches})  # fmt: skip
 
 
 def _metadata(name: str) -> dict:
@@ -84,24 +94,30 @@ class RunConfig:
     lape_bar_ratio: float = setting(0.95, "select", share=True)  # lape: P order statistic
     scope: str = setting("all", "identify")
     activation: str = setting("gate", "identify")
-    identify_on: str = setting("correct", "identify")  # "correct": answered right; or "all"
+    # "correct": the items answered right; or "all"
+    identify_on: str = setting("correct", "identify", caches=("statistics",))
     split_ratio: float = setting(0.5, "identify", share=True)  # identification share
     seed: int = setting(0, "identify")  # the split's (and RND's and the bootstrap's) seed
     rnd_draws: int = setting(RND_DRAWS, "select", minimum=0)  # RND sets per set-size vector
     resamples: int = setting(DEFAULT_RESAMPLES, "evaluate", minimum=1)  # bootstrap resamples
     # A run holds one intervention ("identify": another one is another run, in its own --out,
     # so a steering run's files never mix with an ablation run's).
-    intervention: str = setting("ablate", "identify")  # ablate: a := 0; steer: (1 + alpha) a
-    alpha: float | None = setting(None, "identify")  # steer only (default 0.5); ablate: -1
-    scoring: str = setting("logits", "identify")  # also picks the correct items
-    batch_size: int = setting(8, "exec", minimum=1)  # rows per forward
+    intervention: str = setting("ablate", "identify", caches=MATRICES)  # ablate: a := 0; steer:
+    # (1 + alpha) a; alpha: steer only (default 0.5); ablate: -1
+    alpha: float | None = setting(None, "identify", caches=MATRICES)
+    # also picks the correct items
+    scoring: str = setting("logits", "identify", caches=("predictions", "statistics", "matrix"))
+    # rows per forward (the matrix's groups and forwards are derived from it: keyed on those)
+    batch_size: int = setting(8, "exec", minimum=1,
+                              caches=("predictions", "statistics", "estimate"))
     backend: str = setting("auto", "exec")
     checkpoint_every: int = setting(0, "exec", minimum=0)  # batches between checkpoints (0: time)
     checkpoint_minutes: float = setting(10.0, "exec", minimum=0)  # wall time between them
     matrix: str = setting("exact", "evaluate")  # exact, estimate or screen (MATRIX_MODES)
     screen_budget: int = setting(SCREEN_BUDGET, "evaluate", minimum=0)  # extra exact cells/mask
-    reuse_vision: bool = setting(True, "exec")  # same numbers, fewer vision-tower passes
-    task: str = setting(tasks.DEFAULT, "identify")  # what the items are (culture_neurons.tasks)
+    # same numbers, fewer vision-tower passes
+    reuse_vision: bool = setting(True, "exec", caches=("matrix",))
+    task: str = setting(tasks.DEFAULT, "identify", caches=MATRICES)  # culture_neurons.tasks
     # Image tokens per image at most (None: the processor's default); how each family applies
     # it: culture_neurons.models.image_budget. Identification and evaluation share it.
     max_image_tokens: int | None = setting(None, "identify", minimum=1)
@@ -175,6 +191,12 @@ class RunConfig:
         if method == "mad":
             options["contrast"] = self.mad_contrast
         return options
+
+    def cache_settings(self, cache: str) -> dict:
+        """``{name: value}`` of the fields that change cached result ``cache`` (one of
+        :data:`CACHES`): part of its key, so that another value computes it again."""
+        return {f.name: getattr(self, f.name) for f in fields(self)
+                if cache in f.metadata["caches"]}  # fmt: skip
 
     def settings(self, *steps: str) -> dict:
         """``{name: value}`` of the fields of ``steps`` (all by default), JSON-ready."""

@@ -120,6 +120,28 @@ def check_start(out: Path, resume: bool, overwrite: bool) -> None:
                          "continue it or --overwrite to replace it")  # fmt: skip
 
 
+def open_run(out: Path, resume: bool, overwrite: bool, *, from_stats: bool = False) -> dict | None:
+    """The run a ``run`` / ``record`` continues in ``out`` (refused as :func:`check_start` says):
+    its run.json when resuming, else None. ``from_stats``: statistics saved without a run.json
+    (from Python, merged) count as a run of the settings stats.json records."""
+    check_start(out, resume, overwrite)
+    if not resume or not present(out):
+        return None
+    meta = read_run(out)
+    if meta is None and from_stats:
+        meta = {"config": settings_from_stats(read_json(out / "stats.json") or {})}
+    return meta
+
+
+def check_continues(out: Path, old: dict, settings: dict, command: str, *,
+                    given: dict | None = None, steps: dict | None = None,
+                    **same) -> None:  # fmt: skip
+    """Refuse continuing the run of ``old`` (its run.json) with other items, another model
+    (``same``: :func:`check_same_run`'s) or settings ``command`` may not change."""
+    check_same_run(out, old, **same)
+    refuse(out, conflicts(old["config"], settings, command, steps), given or {}, steps)
+
+
 def check_same_run(out: Path, old: dict, *, cultures: list[str] | None = None,
                    data_hash: str | None = None, fingerprint=None) -> None:  # fmt: skip
     """Refuse continuing the run of ``old`` (its run.json) with another model, other cultures

@@ -10,7 +10,7 @@ estimate finds most affected (the task's :meth:`effect`: the share of changed an
 size of the NLL change), and keeps the estimate elsewhere. RND draws are screened like the
 methods, so a method and its null mix exact and estimated cells alike.
 
-Symbols: S sets (masks x C, in :func:`culture_neurons.pipeline.run._combine`'s order: mask i's
+Symbols: S sets (masks x C, in :func:`culture_neurons.pipeline.matrix.combine`'s order: mask i's
 set of culture j is row i * C + j), C cultures, n evaluation items.
 """
 

@@ -112,8 +112,8 @@ def test_resume_after_interruption_gives_identical_results(assets, tmp_path, mon
     ref = tmp_path / "ref"
     main_ok(["run", *args_for(assets, ref), "--checkpoint-every", "1"])
     out = tmp_path / "resumed"
-    from culture_neurons.tasks import mc as tasks  # the module whose encode MCTask calls
     from culture_neurons.scoring.multiple_choice import Group
+    from culture_neurons.tasks import mc as tasks  # the module whose encode MCTask calls
 
     target = (tasks, "encode") if stage == "identification" else (Group, "predict")
     original = getattr(*target)

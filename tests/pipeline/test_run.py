@@ -17,7 +17,8 @@ from culture_neurons.models import adapters
 from culture_neurons.models.loading import load_model
 from culture_neurons.pipeline import cli
 from culture_neurons.pipeline.config import RunConfig
-from culture_neurons.pipeline.run import _read_groups, rnd_draws_of, select_all
+from culture_neurons.pipeline.group_log import _read_groups
+from culture_neurons.pipeline.run import rnd_draws_of, select_all
 from culture_neurons.scoring.multiple_choice import predict
 from culture_neurons.stats import Fingerprint, Stats
 

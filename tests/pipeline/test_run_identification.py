@@ -17,7 +17,7 @@ from culture_neurons.data import make_synthetic_items
 from culture_neurons.errors import UsageError
 from culture_neurons.masks import Masks
 from culture_neurons.models import adapters
-from culture_neurons.pipeline import RunConfig
+from culture_neurons.pipeline import RunConfig, matrix
 from culture_neurons.pipeline.run import Run
 from culture_neurons.pipeline.rundir import read_json
 from culture_neurons.scoring.multiple_choice import Group, predict
@@ -191,7 +191,7 @@ def test_batches_and_results_do_not_depend_on_the_items_order(setup, tmp_path):
     masks = Masks.from_sets(["x", "y"], [torch.randperm(fp.num_layers * fp.num_neurons,
                                                         generator=g)[:30] for _ in range(2)], fp)
     items = [it for c in runs[0].cultures for it in runs[0].evaluation.items_by_culture[c]]
-    got = runs[0]._matrix_predictions(items, masks)
-    back = runs[1]._matrix_predictions(items[::-1], masks)
+    got = matrix.exact(runs[0], items, masks)
+    back = matrix.exact(runs[1], items[::-1], masks)
     assert torch.equal(back, got.flip(1))
     assert torch.equal(got[0], predict(model, processor, items, batch_size=1))  # groups of 1

@@ -74,7 +74,7 @@ def test_1_same_architecture_other_weights_is_another_model(assets, run_dir, cap
 
 
 def test_1_2_matrix_cache_is_keyed_on_model_items_and_masks(tmp_path):
-    from culture_neurons.pipeline.run import _read_groups
+    from culture_neurons.pipeline.group_log import _read_groups
 
     log = tmp_path / "matrix.jsonl"
     rows = [{"key": "A", "group": 0, "items": ["x"], "preds": [[1]]},
@@ -255,7 +255,7 @@ def test_11_a_ratio_that_selects_nothing_is_refused(run_dir, capsys):
 def test_11_a_culture_without_neurons_is_a_warning(caplog):
     from culture_neurons.masks import Masks
     from culture_neurons.pipeline.config import RunConfig
-    from culture_neurons.pipeline.run import _check_sizes
+    from culture_neurons.selection.controls import _check_sizes
     from culture_neurons.stats import Fingerprint
 
     fp = Fingerprint("t", "t", 2, 5, 4, "silu", "c", "w")

@@ -1,0 +1,162 @@
+"""The ablation matrix's scores, ``[1 + S, n]`` (row 0 the full model, row 1 + s under set s),
+as ``--matrix`` says (SPEC "Matrix modes"): one strategy per mode, all logging their groups of
+items to the same resumable :class:`~culture_neurons.pipeline.group_log.GroupLog`.
+
+- ``exact``: every item under every condition, groups of ``batch_size // 4`` items sharing
+  forwards of ``batch_size`` rows (``progress/matrix.jsonl``);
+- ``estimate``: the first-order estimate of every set at once, one forward and backward per
+  batch of ``batch_size`` items (:mod:`culture_neurons.scoring.estimate`;
+  ``progress/estimate.jsonl``);
+- ``screen``: the estimate, then the cells :mod:`culture_neurons.pipeline.screen` confirms
+  computed exactly (``progress/screen.jsonl``).
+
+Items are grouped by prompt length (:mod:`culture_neurons.pipeline.batching`); the scores go
+back to the items' order. The strategies read the run (:class:`~culture_neurons.pipeline.run.Run`:
+model, task, settings, this process's part) and return the same scores a single process would.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from culture_neurons.instrument import Instrument
+from culture_neurons.masks import Masks
+from culture_neurons.pipeline import batching, screen
+from culture_neurons.pipeline.group_log import GroupLog
+from culture_neurons.scoring.metrics import nan_to_none
+
+
+def scores(run, items: list, combined: Masks, culture: torch.Tensor):
+    """``([1 + S, n] scores, screened)`` as ``run.config.matrix`` says; ``screened`` is
+    ``(estimated scores, confirmed cells [S, C])`` for ``screen``, else None."""
+    mode = run.config.matrix
+    if mode == "exact":
+        return exact(run, items, combined), None
+    estimated = estimate(run, items, combined)
+    if mode == "estimate":
+        return estimated, None
+    C = len(run.cultures)
+    point = run.task.point(estimated[0], estimated[1:], items, culture, C, run.data)
+    confirmed = screen.confirmed_cells(run.task.effect(point), C, run.config.screen_budget)
+    exact_cells = exact(run, items, combined, confirmed=confirmed, culture=culture)
+    estimated = run.task.onto(estimated, exact_cells[0])
+    return screen.combine(exact_cells, estimated, confirmed, culture), (estimated, confirmed)
+
+
+def exact(run, items: list, combined: Masks, confirmed: torch.Tensor | None = None,
+          culture: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """[1 + S, n] exact scores. With ``confirmed`` [S, C] (``--matrix screen``), each group
+    runs the full model and only the sets confirmed on its items' cultures (``culture`` [n],
+    indices); the other scores stay the task's ``empty`` and the log is ``screen.jsonl``."""
+    config, S = run.config, len(combined)
+    group_size = max(1, config.batch_size // 4)
+    per_forward = max(1, config.batch_size // group_size)
+    name = "matrix" if confirmed is None else "screen"
+    key = run._key("ablation matrix", combined.content_hash(), run.config.cache_settings("matrix"),
+                   group_size, per_forward, "by length",
+                   None if confirmed is None else confirmed.tolist())  # fmt: skip
+
+    def conditions_of(where: list[int]) -> list[int]:
+        if confirmed is None:
+            return [-1] + list(range(S))
+        return screen.conditions(confirmed, culture[where].tolist())
+
+    with Instrument(run.model, masks=combined, backend=config.backend,
+                    alpha=config.alpha) as ablator:  # fmt: skip
+
+        def compute(chunk: list, where: list[int], bar) -> tuple[list[int], torch.Tensor]:
+            conditions, group, out = conditions_of(where), run.task.group(chunk), []
+            for c0 in range(0, len(conditions), per_forward):
+                part = conditions[c0 : c0 + per_forward]
+                out.append(group.predict(part, ablator))
+                bar.update(len(chunk) * len(part))
+            return [c + 1 for c in conditions], torch.cat(out)
+
+        return _logged(run, name, key, items, S, group_size, compute,
+                       weight=lambda where: len(where) * len(conditions_of(where)),
+                       rows_of=lambda where: [c + 1 for c in conditions_of(where)],
+                       desc="ablation matrix", padding=f"ablation {name}")  # fmt: skip
+
+
+def estimate(run, items: list, combined: Masks) -> torch.Tensor:
+    """[1 + S, n] scores, row 0 the full model (exact: the forward the gradients come from),
+    every other row the first-order estimate, for every set at once."""
+    config, S = run.config, len(combined)
+    key = run._key("estimated matrix", combined.content_hash(), config.cache_settings("estimate"),
+                   "by length")  # fmt: skip
+
+    def compute(chunk: list, where: list[int], bar) -> tuple[list[int], torch.Tensor]:
+        block = run.task.estimated(run.model, run.processor, chunk, combined, config.alpha)
+        bar.update(len(chunk))
+        return list(range(1 + S)), block
+
+    return _logged(run, "estimate", key, items, S, config.batch_size, compute,
+                   weight=len, rows_of=lambda where: list(range(1 + S)),
+                   desc="estimated matrix (forward + backward)",
+                   padding="estimated matrix")  # fmt: skip
+
+
+def _logged(run, name: str, key: str, items: list, S: int, size: int, compute, *, weight,
+            rows_of, desc: str, padding: str) -> torch.Tensor:  # fmt: skip
+    """[1 + S, n] scores filled group by group (``size`` items of similar length each; this
+    part's groups), each from ``progress/<name>.jsonl`` where logged under ``key``, else by
+    ``compute(chunk, where, bar) -> (rows, block [rows, len(where)])`` and logged."""
+    n = len(items)
+    preds = run.task.empty((1 + S, n))
+    order = batching.by_length(items, run._lengths(items))
+    run._log_padding(padding, [items[j] for j in order], size)
+    # (group, its items' positions in items) of this part
+    groups = [(g, order[s : s + size]) for g, s in enumerate(range(0, n, size))
+              if run.part.owns(g)]  # fmt: skip
+    path = run.out / "progress" / f"{name}{run.part.tag}.jsonl"
+    with GroupLog(path, key, run.resume) as log, \
+            run._bar(sum(weight(where) for _, where in groups), desc) as bar:  # fmt: skip
+        for g, where in groups:
+            chunk = [items[j] for j in where]
+            ids = [it.id for it in chunk]
+            rows = rows_of(where)
+            block = log.done(g, ids, preds.dtype)
+            if block is None:
+                rows, block = compute(chunk, where, bar)
+                block = block.to(preds.dtype)
+                log.add(g, ids, block)
+            else:
+                bar.update(weight(where))
+            preds[torch.tensor(rows)[:, None], torch.tensor(where)[None, :]] = block
+    return gathered(run, preds)
+
+
+def gathered(run, preds: torch.Tensor) -> torch.Tensor:
+    """Every rank's scores: each filled its own groups, ``task.missing`` marks the others."""
+    if run.part.ranks:
+        for other in run.part.gather(preds):
+            preds = torch.where(run.task.missing(preds), other, preds)
+    return preds
+
+
+def combine(masks: dict[str, Masks]) -> tuple[Masks, list[str]]:
+    """One Masks holding every method's sets in order (set ids of a shared ablator)."""
+    first = next(iter(masks.values()))
+    names, sets = [], []
+    for name, m in masks.items():
+        for s in range(len(m)):
+            names.append(f"{name}:{m.names[s]}")
+            sets.append(m.flat_of(s))
+    return Masks.from_sets(names, sets, first.fingerprint, method="combined"), list(masks)
+
+
+def add_screened(run, results: dict, screened: tuple, names: list[str], full, items,
+                 culture) -> None:  # fmt: skip
+    """``--matrix screen``: each method's JSON gains ``confirmed`` [S][C] (cells computed
+    exactly; the others are estimated) and ``estimate`` (every matrix as the estimate alone
+    gives it), so both stand side by side where a cell was confirmed."""
+    estimated, confirmed = screened
+    C = len(run.cultures)
+    point = run.task.point(full, estimated[1:], items, culture, C, run.data)
+    for name, res in results.items():
+        first = names.index(name) * C  # its sets' rows (see combine)
+        rows = slice(first, first + C)
+        res["screen_budget"] = run.config.screen_budget
+        res["confirmed"] = confirmed[rows].tolist()
+        res["estimate"] = {k: nan_to_none(point[k][rows].tolist())
+                           for k in run.task.matrix_keys if point.get(k) is not None}  # fmt: skip
