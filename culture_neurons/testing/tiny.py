@@ -4,7 +4,8 @@ Each family is the real transformers class (so module paths, activations, image-
 expansion and padding behave as in the 7B checkpoints) with every size shrunk so that all of
 them together build and run a forward in a few seconds on a CPU. The real size sits beside
 each shrunk value in a comment. Nothing is downloaded: tokenizers are trained in code on a
-small corpus (byte-level BPE, so any text tokenizes) and cached in-process.
+small corpus (byte-level BPE, so any text tokenizes) and cached in-process
+(:mod:`.tiny_tokenizers`); images and prompt batches come from :mod:`.tiny_inputs`.
 
     model = tiny_model("qwen2_5_vl")
     processor = tiny_processor("qwen2_5_vl")
@@ -23,16 +24,11 @@ Vision towers, whose MLPs must never be counted:
 
 from __future__ import annotations
 
-import functools
-import random
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from PIL import Image, ImageDraw
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import (
-    BatchFeature,
     CLIPImageProcessorPil,
     CLIPVisionConfig,
     Gemma3Config,
@@ -67,8 +63,20 @@ from transformers import (
     SiglipVisionConfig,
 )
 
-from culture_neurons.errors import UnsupportedModelError, UsageError
+from culture_neurons.errors import UnsupportedModelError
 from culture_neurons.models.loading import no_video
+from culture_neurons.testing.tiny_inputs import tiny_batch, tiny_image  # re-exported
+from culture_neurons.testing.tiny_tokenizers import (  # re-exported: tiny's public names
+    QWEN_IMAGE,
+    TOKENIZERS,
+    TokenizerSpec,
+    build_tokenizer,
+    chatml,
+    corpus,
+    gemma,
+    inst,
+    vicuna,
+)
 
 __all__ = [
     "TINY_FAMILIES",
@@ -100,215 +108,11 @@ VISION_LAYERS = 2  # CLIP 24, Qwen2(.5)-VL 32, SigLIP 27
 VISION_HEADS = 2  # CLIP/Qwen-ViT 16, SigLIP 16
 PATCH = 14  # same as real (CLIP, Qwen-ViT, SigLIP-so400m/14)
 IMAGE = 56  # square input of CLIP / SigLIP towers: LLaVA 336, Gemma3 896
-BASE_VOCAB = 400  # trained BPE merges + 256 bytes; real Qwen2 151643, Llama 32000, Gemma 262144
 VOCAB_MULTIPLE = 64  # real checkpoints pad the embedding past the tokenizer (152064 > 151665)
-
-# Image sizes of the rows of tiny_batch: different aspect ratios so Qwen's dynamic resolution
-# and LLaVA-NeXT's tiling give each row a different number of image tokens.
-_BATCH_IMAGE_SIZES = ((64, 48), (112, 84), (40, 72))
 
 _GEMMA_IMAGE_TOKENS = 4  # Gemma3 256: its 4x4 patches average-pooled to 2x2
 
 _ATTN = "eager"  # works offline for every family here; exact, so tests can compare numbers
-
-
-# ----------------------------------------------------------------------------------------------
-# Tokenizers: byte-level BPE trained in code, plus each family's special tokens and template.
-# ----------------------------------------------------------------------------------------------
-_WORDS = (
-    "the a an of and to in on is are was with for from by at as it this that these those what "
-    "which who whom where when why how not no yes or if than then there here one two three four "
-    "five image picture photo shows shown show see seen look dish food drink fruit bread rice "
-    "soup tea coffee festival dance music song instrument dress clothing hat country city town "
-    "village river lake sea mountain temple church mosque market street building house bridge "
-    "flag animal bird tree flower color red blue green yellow black white people person man "
-    "woman child family game sport ball holiday new year name called traditional famous local "
-    "region culture language answer letter option options question choose correct following "
-    "best describes please only directly given choices you are helpful assistant user system"
-).split()
-_SYMBOLS = "A B C D E 0 1 2 3 4 5 6 7 8 9 . , ? ! : ; ( ) [ ] ' \" - / % & + = * #"
-
-
-def corpus() -> list[str]:
-    """Sentences that give the BPE trainer enough merges for ~BASE_VOCAB tokens."""
-    n = len(_WORDS)
-    lines = [" ".join(_WORDS[(i * 7 + j) % n] for j in range(12)) for i in range(n)]
-    lines += [w.capitalize() + "?" for w in _WORDS]
-    lines += [f"{'ABCD'[i % 4]}. {w}" for i, w in enumerate(_WORDS)]
-    lines.append(_SYMBOLS)
-    # Frequent enough that " A".." D" and "A".."D" each end up one token, as in real vocabularies
-    # (the answer letter is scored from the next-token logits of these ids).
-    lines += [f"Answer: {x}. The answer is {x}\n{x}" for x in "ABCD" for _ in range(20)]
-    return lines
-
-
-@dataclass(frozen=True)
-class TokenizerSpec:
-    """Special tokens of one family. `head` take ids 0.. (sentencepiece vocabularies put
-    <unk>/<s>/<pad> there); `tail` are appended after the trained vocabulary, where real
-    checkpoints add image and chat tokens (LLaVA <image> = 32000, Qwen <|image_pad|> = 151655)."""
-
-    head: tuple[str, ...]
-    tail: tuple[str, ...]
-    eos: str
-    pad: str
-    bos: str | None = None
-    unk: str | None = None
-    add_bos: bool = False  # the tokenizer itself prepends bos (Llama / Mistral sentencepiece)
-    extra: tuple[tuple[str, str], ...] = ()  # named special tokens: tokenizer.<name>(_id)
-
-
-_LLAMA_HEAD = ("<unk>", "<s>", "</s>")  # ids 0, 1, 2 as in Llama-2 / Mistral
-_QWEN_CHAT = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")  # Qwen2: 151643, 151644, 151645
-_QWEN_VISION = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
-_GEMMA_IMAGE = (
-    ("boi_token", "<start_of_image>"),
-    ("eoi_token", "<end_of_image>"),
-    ("image_token", "<image_soft_token>"),
-)  # Gemma3: 255999, 256000, 262144
-
-_TOKENIZERS: dict[str, TokenizerSpec] = {
-    "qwen": TokenizerSpec(
-        (),
-        _QWEN_CHAT + _QWEN_VISION,
-        eos="<|im_end|>",
-        pad="<|endoftext|>",
-        extra=(("image_token", "<|image_pad|>"), ("video_token", "<|video_pad|>")),
-    ),
-    "qwen_text": TokenizerSpec((), _QWEN_CHAT, eos="<|im_end|>", pad="<|endoftext|>"),
-    # Pangea-7B-hf: Qwen2 vocabulary plus <image> (151646).
-    "qwen_llava": TokenizerSpec(
-        (),
-        _QWEN_CHAT + ("<image>",),
-        eos="<|im_end|>",
-        pad="<|endoftext|>",
-        extra=(("image_token", "<image>"),),
-    ),
-    # LLaVA-1.5 / 1.6-Mistral hf: <image> = 32000, <pad> = 32001.
-    "llama_llava": TokenizerSpec(
-        _LLAMA_HEAD,
-        ("<image>", "<pad>"),
-        eos="</s>",
-        pad="<pad>",
-        bos="<s>",
-        unk="<unk>",
-        add_bos=True,
-        extra=(("image_token", "<image>"),),
-    ),
-    # Llama-2 / Mistral have no pad token; batching code commonly pads with <unk>.
-    "llama_text": TokenizerSpec(
-        _LLAMA_HEAD, (), eos="</s>", pad="<unk>", bos="<s>", unk="<unk>", add_bos=True
-    ),
-    # Gemma: <pad> 0, <eos> 1, <bos> 2, <unk> 3, turn markers 105/106; the template writes bos.
-    "gemma": TokenizerSpec(
-        ("<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"),
-        tuple(tok for _, tok in _GEMMA_IMAGE),
-        eos="<eos>",
-        pad="<pad>",
-        bos="<bos>",
-        unk="<unk>",
-        extra=_GEMMA_IMAGE,
-    ),
-}
-
-
-@functools.cache  # lru_cache without a bound
-def _trained_backend(head: tuple[str, ...]) -> str:
-    """Train once per head-token set; return the tokenizers JSON (wrapped fresh per call, so a
-    caller changing padding_side or adding tokens never leaks into another test)."""
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=BASE_VOCAB + len(head),
-        special_tokens=list(head),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # every byte: no text is unknown
-        show_progress=False,
-    )
-    tok.train_from_iterator(corpus(), trainer)
-    return tok.to_str()
-
-
-def _build_tokenizer(spec: TokenizerSpec, chat_template: str) -> PreTrainedTokenizerFast:
-    tok = Tokenizer.from_str(_trained_backend(spec.head))
-    tok.add_special_tokens(list(spec.tail))
-    if spec.add_bos:
-        bos_id = tok.token_to_id(spec.bos)
-        tok.post_processor = processors.TemplateProcessing(
-            single=f"{spec.bos} $A",
-            pair=f"{spec.bos} $A {spec.bos} $B",
-            special_tokens=[(spec.bos, bos_id)],
-        )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token=spec.bos,
-        eos_token=spec.eos,
-        pad_token=spec.pad,
-        unk_token=spec.unk,
-        extra_special_tokens=dict(spec.extra),
-        chat_template=chat_template,
-        padding_side="right",
-    )
-
-
-# ----------------------------------------------------------------------------------------------
-# Chat templates, close to the real ones. Content may be a string or a list of text/image parts.
-# ----------------------------------------------------------------------------------------------
-def _content(image: str) -> str:
-    """Jinja rendering message `m`'s content, writing `image` at each image part. Literal text
-    sits inside {{ '...' }} because transformers renders with trim_blocks, which would eat a
-    newline written right after a {% tag %}."""
-    return (
-        "{% if m['content'] is string %}{{ m['content'] }}{% else %}"
-        "{% for c in m['content'] %}{% if c['type'] == 'image' %}{{ '" + image + "' }}"
-        "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}"
-    )
-
-
-def _chatml(image: str = "") -> str:
-    """Qwen2 / Qwen2-VL / Qwen2.5-VL / Pangea: chatml with the default system prompt."""
-    return (
-        "{% for m in messages %}{% if loop.first and m['role'] != 'system' %}"
-        "{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{% endif %}"
-        "{{ '<|im_start|>' + m['role'] + '\n' }}" + _content(image) + "{{ '<|im_end|>\n' }}"
-        "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-    )
-
-
-def _vicuna(image: str) -> str:
-    """LLaVA-1.5: `USER: <image>\\n... ASSISTANT:` (bos comes from the tokenizer)."""
-    return (
-        "{% for m in messages %}{% if m['role'] != 'system' %}{{ m['role'].upper() + ': ' }}"
-        "{% endif %}" + _content(image) + "{{ ' ' }}{% endfor %}"
-        "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
-    )
-
-
-def _inst(image: str = "") -> str:
-    """Mistral-Instruct / LLaVA-1.6-Mistral / Llama-2-chat: `[INST] <image>\\n... [/INST]`."""
-    return (
-        "{% for m in messages %}{% if m['role'] == 'assistant' %}{{ ' ' }}"
-        + _content("")
-        + "{{ eos_token }}{% elif m['role'] == 'system' %}"
-        + _content("")
-        + "{{ '\n\n' }}"
-        "{% else %}{{ '[INST] ' }}" + _content(image) + "{{ ' [/INST]' }}{% endif %}{% endfor %}"
-    )
-
-
-def _gemma(image: str = "") -> str:
-    """Gemma 3: turns with role `model` for the assistant; the template writes bos. A system
-    message becomes its own user turn (the real template folds it into the first one)."""
-    return (
-        "{{ bos_token }}{% for m in messages %}{{ '<start_of_turn>' + "
-        "('model' if m['role'] == 'assistant' else 'user') + '\n' }}"
-        + _content(image)
-        + "{{ '<end_of_turn>\n' }}{% endfor %}"
-        "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
-    )
-
-
-_QWEN_IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -491,7 +295,7 @@ def _causal(model_cls, config_cls, **overrides):
 @dataclass(frozen=True)
 class _Family:
     build: Callable  # (tokenizer, **decoder overrides) -> (model class, config)
-    tokenizer: str  # key of _TOKENIZERS
+    tokenizer: str  # key of TOKENIZERS
     template: str  # chat template
     processor: Callable | None = None  # (tokenizer, template) -> processor; None: text-only
 
@@ -554,22 +358,22 @@ def _gemma3_processor(tok, template):
 
 _FAMILIES: dict[str, _Family] = {
     "qwen2_vl": _Family(
-        _qwen2_vl, "qwen", _chatml(_QWEN_IMAGE), _qwen_processor(_TinyQwen2VLProcessor)
+        _qwen2_vl, "qwen", chatml(QWEN_IMAGE), _qwen_processor(_TinyQwen2VLProcessor)
     ),
     "qwen2_5_vl": _Family(
-        _qwen2_5_vl, "qwen", _chatml(_QWEN_IMAGE), _qwen_processor(_TinyQwen2_5_VLProcessor)
+        _qwen2_5_vl, "qwen", chatml(QWEN_IMAGE), _qwen_processor(_TinyQwen2_5_VLProcessor)
     ),
     # LLaVA-1.5: CLIPImageProcessor in the real checkpoint (resize + centre crop, no tiling).
     "llava": _Family(
         _llava,
         "llama_llava",
-        _vicuna("<image>\n"),
+        vicuna("<image>\n"),
         _llava_processor(LlavaProcessor, CLIPImageProcessorPil),
     ),
     "llava_next": _Family(
         _llava_next_with(MistralConfig),
         "llama_llava",
-        _inst("<image>\n"),
+        inst("<image>\n"),
         _llava_processor(
             LlavaNextProcessor, LlavaNextImageProcessorPil, image_grid_pinpoints=_GRID_PINPOINTS
         ),
@@ -578,21 +382,21 @@ _FAMILIES: dict[str, _Family] = {
     "llava_next_qwen2": _Family(
         _llava_next_with(Qwen2Config),
         "qwen_llava",
-        _chatml("<image>\n"),
+        chatml("<image>\n"),
         _llava_processor(
             LlavaNextProcessor, LlavaNextImageProcessorPil, image_grid_pinpoints=_GRID_PINPOINTS
         ),
     ),
-    "gemma3": _Family(_gemma3, "gemma", _gemma("<start_of_image>"), _gemma3_processor),
+    "gemma3": _Family(_gemma3, "gemma", gemma("<start_of_image>"), _gemma3_processor),
     "gemma3_text": _Family(
         lambda tok, **text: (Gemma3ForCausalLM, _gemma3_text_config(tok, **text)), "gemma",
-        _gemma(),
+        gemma(),
     ),
     "llama": _Family(
-        _causal(LlamaForCausalLM, LlamaConfig, num_key_value_heads=HEADS), "llama_text", _inst()
+        _causal(LlamaForCausalLM, LlamaConfig, num_key_value_heads=HEADS), "llama_text", inst()
     ),
-    "mistral": _Family(_causal(MistralForCausalLM, MistralConfig), "llama_text", _inst()),
-    "qwen2": _Family(_causal(Qwen2ForCausalLM, Qwen2Config), "qwen_text", _chatml()),
+    "mistral": _Family(_causal(MistralForCausalLM, MistralConfig), "llama_text", inst()),
+    "qwen2": _Family(_causal(Qwen2ForCausalLM, Qwen2Config), "qwen_text", chatml()),
 }
 
 TINY_FAMILIES: tuple[str, ...] = tuple(_FAMILIES)
@@ -613,7 +417,7 @@ def _family(name: str) -> _Family:
 def tiny_tokenizer(name: str) -> PreTrainedTokenizerFast:
     """A fresh tokenizer of family `name` (trained once per process, then copied)."""
     family = _family(name)
-    return _build_tokenizer(_TOKENIZERS[family.tokenizer], family.template)
+    return build_tokenizer(TOKENIZERS[family.tokenizer], family.template)
 
 
 def tiny_processor(
@@ -630,7 +434,7 @@ def tiny_processor(
 
 def special_tokens(name: str) -> TokenizerSpec:
     """The special tokens of family ``name``'s tokenizer (ids 0.. ``head``, then ``tail``)."""
-    return _TOKENIZERS[_family(name).tokenizer]
+    return TOKENIZERS[_family(name).tokenizer]
 
 
 def chat_template(name: str) -> str:
@@ -654,75 +458,3 @@ def tiny_model(name: str, seed: int = 0) -> PreTrainedModel:
         torch.manual_seed(seed)
         model = model_cls._from_config(config, attn_implementation=_ATTN, dtype=torch.float32)
     return model.eval()
-
-
-def tiny_image(seed: int, size: int | tuple[int, int] = (64, 48)) -> Image.Image:
-    """An RGB image (width, height) of random rectangles and ellipses on a random background."""
-    width, height = (size, size) if isinstance(size, int) else size
-    rng = random.Random(seed)
-
-    def colour():
-        return tuple(rng.randrange(256) for _ in range(3))
-
-    image = Image.new("RGB", (width, height), colour())
-    draw = ImageDraw.Draw(image)
-    for _ in range(4):
-        x0, x1 = sorted(rng.randrange(width) for _ in range(2))
-        y0, y1 = sorted(rng.randrange(height) for _ in range(2))
-        shape = draw.rectangle if rng.random() < 0.5 else draw.ellipse
-        shape((x0, y0, x1, y1), fill=colour())
-    return image
-
-
-_QUESTIONS = (
-    "What is shown?",
-    "Which traditional dish is shown in this picture?",
-    "In which country is this famous festival with music and dance held every new year?",
-    "What is the name of the building?",
-)
-_OPTIONS = ("rice", "bread", "soup", "tea", "temple", "market", "river", "mountain", "dance")
-
-
-def tiny_batch(
-    name: str,
-    processor: ProcessorMixin | PreTrainedTokenizerFast,
-    n: int = 3,
-    seed: int = 0,
-    padding_side: str = "right",
-) -> BatchFeature:
-    """`n` multiple-choice prompts of different lengths (one image each for VLMs), rendered by the
-    chat template with the generation prompt and padded on `padding_side`. Keys are what
-    model(**batch) takes: input_ids [B, T], attention_mask [B, T], plus the family's image
-    tensors (pixel_values, image_grid_thw / image_sizes, mm_token_type_ids / token_type_ids)."""
-    if padding_side not in ("left", "right"):
-        raise UsageError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
-    rng = random.Random(seed)
-    is_vlm = name in VLM_FAMILIES
-    conversations, images = [], []
-    for i in range(n):
-        options = rng.sample(_OPTIONS, 4)
-        question = (
-            _QUESTIONS[i % len(_QUESTIONS)]
-            + "\n"
-            + "\n".join(
-                f"{letter}. {option}" for letter, option in zip("ABCD", options, strict=True)
-            )
-            + "\nAnswer with the option's letter from the given choices directly."
-        )
-        content = [{"type": "text", "text": question}]
-        if is_vlm:
-            content.insert(0, {"type": "image"})
-            images.append([tiny_image(seed * 1000 + i, _BATCH_IMAGE_SIZES[i % 3])])
-        conversations.append([{"role": "user", "content": content}])
-    texts = [
-        processor.apply_chat_template(c, add_generation_prompt=True, tokenize=False)
-        for c in conversations
-    ]
-    tok = processor.tokenizer if is_vlm else processor
-    old_side, tok.padding_side = tok.padding_side, padding_side
-    try:
-        if is_vlm:
-            return processor(text=texts, images=images, return_tensors="pt", padding=True)
-        return BatchFeature(dict(tok(texts, return_tensors="pt", padding=True)))
-    finally:
-        tok.padding_side = old_side
