@@ -43,6 +43,7 @@ class Measure:
     label: str  # what the number is, in words (console, report)
     decimals: int  # shown on the console
     harm: str  # the direction of damage (ablation, damping): lower or higher
+    signed: bool = True  # False: counts any change (a flip), whatever the intervention
 
     def summary(self, s: str = "gap") -> str:
         return self.prefix + s
@@ -55,8 +56,9 @@ class Measure:
 
     def direction(self, alpha: float) -> str:
         """Which way a more selective method moves the gap: the direction of damage where
-        neurons are damped or ablated (alpha < 0), either way where they are amplified."""
-        return self.harm if alpha < 0 else "either"
+        neurons are damped or ablated (alpha < 0), either way where they are amplified (a
+        measure of any change, unsigned, keeps its direction)."""
+        return self.harm if alpha < 0 or not self.signed else "either"
 
     def keys(self) -> list[str]:
         """Every top-level key this measure writes (see the module doc)."""
@@ -68,7 +70,7 @@ class Measure:
 TESTED = ("gap", "specificity")  # the summaries tested against RND (p_..._vs_rnd)
 
 ACCURACY_DELTA = Measure("accuracy_delta", "delta", "", "points", "accuracy points", 1, "lower")
-FLIP = Measure("flip", "flip", "flip_", "fraction", "flip rate", 3, "higher")
+FLIP = Measure("flip", "flip", "flip_", "fraction", "flip rate", 3, "higher", signed=False)
 NLL_DELTA = Measure("nll_delta", "delta", "", "nats/token (ablated - full; positive = hurt)",
                     "NLL change, nats/token", 4, "higher")  # fmt: skip
 MEASURES = {m.name: m for m in (ACCURACY_DELTA, FLIP, NLL_DELTA)}
@@ -130,14 +132,30 @@ def primary(ev: dict) -> Measure:
     return measures_of(ev)[0]
 
 
-def describe(key: str) -> str | None:
-    """What top-level key ``key`` of an eval JSON holds (None: not a key of the schema)."""
+def parse(key: str, ev: dict) -> tuple[Measure, str, str] | None:
+    """``(measure, summary, kind)`` of summary key ``key`` of eval JSON ``ev`` (kind: ``value``,
+    ``ci`` or ``p``, as :meth:`Measure.summary`, :meth:`Measure.ci`, :meth:`Measure.p` build
+    it); None where ``key`` is no summary of ``ev``'s measures."""
+    for m in measures_of(ev):
+        for s in SUMMARIES:
+            for kind, built in (("value", m.summary(s)), ("ci", m.ci(s)), ("p", m.p(s))):
+                if key == built and (kind != "p" or s in TESTED):
+                    return m, s, kind
+    return None
+
+
+def describe(key: str, ev: dict) -> str | None:
+    """What top-level key ``key`` of eval JSON ``ev`` holds (None: not a key of the schema)."""
     if key in FIELDS:
         return FIELDS[key]
     base = key.removesuffix("_ci")
     if base in MATRICES:
-        return f"matrix {base} ({MATRICES[base]})" + (", interval" if key != base else "")
-    for m in MEASURES.values():
-        if key in m.keys():
-            return f"{m.label}: {key}"
+        return f"matrix {base} ({MATRICES[base]})" + (", its intervals" if key != base else "")
+    found = parse(key, ev)
+    if found is not None:
+        m, s, kind = found
+        return {"value": f"{s} of the {m.label}", "ci": f"interval of {m.summary(s)}",
+                "p": f"p of {m.summary(s)} against RND"}[kind]  # fmt: skip
+    if any(key in m.keys() for m in MEASURES.values()):  # another measure's, left undefined
+        return "undefined here (None): this run has no such measure"
     return None
