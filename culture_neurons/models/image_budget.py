@@ -47,6 +47,25 @@ def image_tokens(model, processor, sizes: list[tuple[int, int]]) -> list[int] | 
     return [int(n) for n in count(image_sizes=[list(s) for s in sizes])["num_image_tokens"]]
 
 
+def token_summary(model, processor, items: list, prompt_lengths: list[int]) -> dict:
+    """Prompt tokens (``prompt_lengths``) and image tokens per item of ``items`` (mean, max) and
+    the image tokens' share of all prompt tokens, padding aside (image tokens None where the
+    processor cannot count them from sizes, or there are no images)."""
+    import torch
+
+    prompt = torch.tensor(prompt_lengths, dtype=torch.float64)
+    out = {"items": len(items), "prompt_mean": float(prompt.mean()),
+           "prompt_max": int(prompt.max()), "image_mean": None, "image_max": None,
+           "image_share": None}  # fmt: skip
+    counts = image_tokens(model, processor, [it.image_size for it in items]) \
+        if items and adapters.get_adapter(model).vlm else None  # fmt: skip
+    if counts:
+        image = torch.tensor(counts, dtype=torch.float64)
+        out.update(image_mean=float(image.mean()), image_max=int(image.max()),
+                   image_share=float(image.sum() / prompt.sum()))  # fmt: skip
+    return out
+
+
 def apply(model, processor, max_tokens: int | None) -> dict:
     """Limit every image to ``max_tokens`` image tokens (None: the processor's default, left
     as it is). Changes ``processor`` (and, for ``pinpoints``, ``model.config``) in place;

@@ -41,7 +41,7 @@ from culture_neurons.pipeline import batching, identify, matrix, progress, rundi
 from culture_neurons.pipeline.config import RunConfig, identify_on_for
 from culture_neurons.pipeline.distributed import Partition
 from culture_neurons.pipeline.identify import Checkpoints
-from culture_neurons.pipeline.rundir import RUN_FILE, write_json
+from culture_neurons.pipeline.rundir import write_json
 from culture_neurons.selection.controls import rnd_draws_of, select_all
 from culture_neurons.stats import Stats, load_stats
 from culture_neurons.tasks import task_class
@@ -88,32 +88,13 @@ class Run:
 
     # -- output dir ----------------------------------------------------------------------
     def _prepare_dir(self) -> None:
-        """Check ``OUT`` against this run (refusing before anything is written), then write
-        run.json: settings changed since the run began are recorded in its ``changes``."""
-        meta = {
-            "config": self.config.settings(),
-            "inputs": dict(self.inputs),
-            "cultures": self.cultures,
-            "fingerprint": asdict(self.fingerprint),
-            "data": getattr(self.data, "source", ""),
-            "data_hash": self.data_hash,
-            "changes": [],
-        }
-        old = rundir.open_run(self.out, self.resume, self.overwrite, from_stats=True)
-        if self.overwrite:
-            rundir.remove(self.out, rundir.RESULTS)
-        elif old is not None:
-            rundir.check_continues(self.out, old, meta["config"], "run", cultures=self.cultures,
-                                   data_hash=self.data_hash, fingerprint=self.fingerprint)  # fmt: skip
-            meta["changes"] = old.get("changes", []) + rundir.changes(
-                old["config"], meta["config"], self.command)  # fmt: skip
-            meta["inputs"] = {**old.get("inputs", {}), **self.inputs}
-        try:
-            (self.out / "progress").mkdir(parents=True, exist_ok=True)
-            write_json(self.out / RUN_FILE, meta)
-        except OSError as e:
-            raise UsageError(f"cannot write to output dir {self.out} ({e.strerror}); "
-                             "choose a writable --out") from e  # fmt: skip
+        """Check ``OUT`` against this run, then write run.json (:func:`rundir.begin`)."""
+        meta = {"config": self.config.settings(), "inputs": dict(self.inputs),
+                "cultures": self.cultures, "fingerprint": asdict(self.fingerprint),
+                "data": getattr(self.data, "source", ""), "data_hash": self.data_hash,
+                "changes": []}  # fmt: skip
+        rundir.begin(self.out, meta, resume=self.resume, overwrite=self.overwrite,
+                     command=self.command, fingerprint=self.fingerprint)  # fmt: skip
 
     def _bar(self, total: int, desc: str):
         return progress.bar(total, desc, enabled=self.progress and self.part.main)
@@ -169,21 +150,8 @@ class Run:
         return [self._length_of[it.id] for it in items]
 
     def _token_summary(self, items: list) -> dict:
-        """Prompt and image tokens per item of ``items`` (mean, max) and the image tokens'
-        share of all prompt tokens, padding aside (image tokens None where the processor
-        cannot count them from sizes, or there are no images)."""
-        prompt = torch.tensor(self._lengths(items), dtype=torch.float64)
-        out = {"items": len(items), "prompt_mean": float(prompt.mean()),
-               "prompt_max": int(prompt.max()), "image_mean": None, "image_max": None,
-               "image_share": None}  # fmt: skip
-        counts = image_budget.image_tokens(self.model, self.processor,
-                                           [it.image_size for it in items]) \
-            if items and adapters.get_adapter(self.model).vlm else None  # fmt: skip
-        if counts:
-            image = torch.tensor(counts, dtype=torch.float64)
-            out.update(image_mean=float(image.mean()), image_max=int(image.max()),
-                       image_share=float(image.sum() / prompt.sum()))  # fmt: skip
-        return out
+        """Prompt and image tokens of ``items`` (:func:`image_budget.token_summary`)."""
+        return image_budget.token_summary(self.model, self.processor, items, self._lengths(items))
 
     def _log_padding(self, what: str, items: list, rows: int) -> None:
         share = batching.padding_share(self._lengths(items), rows)

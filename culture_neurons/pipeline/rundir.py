@@ -142,6 +142,28 @@ def check_continues(out: Path, old: dict, settings: dict, command: str, *,
     refuse(out, conflicts(old["config"], settings, command, steps), given or {}, steps)
 
 
+def begin(out: Path, meta: dict, *, resume: bool, overwrite: bool, command: str,
+          fingerprint=None) -> None:  # fmt: skip
+    """Check ``out`` against the run of ``meta`` (run.json's fields; refusing before anything
+    is written: :func:`open_run`, :func:`check_continues`), then write its run.json: settings
+    changed since the run began are recorded in its ``changes``, ``command`` naming the step."""
+    old = open_run(out, resume, overwrite, from_stats=True)
+    if overwrite:
+        remove(out, RESULTS)
+    elif old is not None:
+        check_continues(out, old, meta["config"], "run", cultures=meta["cultures"],
+                        data_hash=meta["data_hash"], fingerprint=fingerprint)  # fmt: skip
+        meta = {**meta, "changes": old.get("changes", []) + changes(old["config"],
+                                                                    meta["config"], command),
+                "inputs": {**old.get("inputs", {}), **meta["inputs"]}}  # fmt: skip
+    try:
+        (out / "progress").mkdir(parents=True, exist_ok=True)
+        write_json(out / RUN_FILE, meta)
+    except OSError as e:
+        raise UsageError(f"cannot write to output dir {out} ({e.strerror}); choose a writable "
+                         "--out") from e  # fmt: skip
+
+
 def check_same_run(out: Path, old: dict, *, cultures: list[str] | None = None,
                    data_hash: str | None = None, fingerprint=None) -> None:  # fmt: skip
     """Refuse continuing the run of ``old`` (its run.json) with another model, other cultures
