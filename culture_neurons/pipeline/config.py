@@ -101,9 +101,9 @@ class RunConfig:
     rnd_draws: int = setting(RND_DRAWS, "select", minimum=0)  # RND sets per set-size vector
     resamples: int = setting(DEFAULT_RESAMPLES, "evaluate", minimum=1)  # bootstrap resamples
     # A run holds one intervention ("identify": another one is another run, in its own --out,
-    # so a steering run's files never mix with an ablation run's).
-    intervention: str = setting("ablate", "identify", caches=MATRICES)  # ablate: a := 0; steer:
-    # (1 + alpha) a; alpha: steer only (default 0.5); ablate: -1
+    # so a steering run's files never mix with an ablation run's). ablate: a := 0; steer:
+    # a := (1 + alpha) a, alpha steer only (default 0.5; ablate: -1).
+    intervention: str = setting("ablate", "identify", caches=MATRICES)
     alpha: float | None = setting(None, "identify", caches=MATRICES)
     # also picks the correct items
     scoring: str = setting("logits", "identify", caches=("predictions", "statistics", "matrix"))
