@@ -271,6 +271,7 @@ def cmd_evaluate(o: Options) -> None:
 
 def cmd_report(o: Options) -> None:
     from culture_neurons.masks import load_masks
+    from culture_neurons.pipeline import retest
     from culture_neurons.pipeline.config import RunConfig
     from culture_neurons.report import write_report
 
@@ -284,6 +285,9 @@ def cmd_report(o: Options) -> None:
         for path in sorted((out / "masks").glob("*.safetensors")):
             rundir.check_masks(out, path.stem, load_masks(path), config)
     rundir.check_evals(out)
+    retested = retest.retest_run(out)  # tests recomputed from the kept per-item scores
+    if retested:
+        print(f"tests recomputed from {retest.ITEMS_FILE} for {', '.join(retested)}")
     print(f"report -> {write_report(out)}")
 
 

@@ -147,6 +147,25 @@ def retest(out: Path, results: dict) -> None:
     add_tests(results, per_item, culture, seed=seed % 2**32)
 
 
+def retest_run(out: Path) -> list[str]:
+    """``report``'s step: recompute the tests of every ``eval/<method>.json`` of the run in
+    ``out`` from its kept per-item scores and write them back; the methods retested (none
+    when the run kept no per-item scores: evaluated by an older version)."""
+    from culture_neurons.pipeline.rundir import read_json, write_json
+
+    out = Path(out)
+    if not (out / ITEMS_FILE).is_file():
+        return []
+    paths = {p.stem: p for p in sorted((out / "eval").glob("*.json")) if p.stem != "full"}
+    results = {m: read_json(p, "run `evaluate` again") for m, p in paths.items()}
+    results = {m: r for m, r in results.items() if r and "cultures" in r}
+    if results:
+        retest(out, results)
+        for m, r in results.items():
+            write_json(paths[m], r)
+    return list(results)
+
+
 def _num(x) -> float | None:
     x = float(x)
     return None if x != x else x
