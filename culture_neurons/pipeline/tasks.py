@@ -230,6 +230,8 @@ def _assemble(mats, per_set: dict, masks: dict[str, Masks], name: str, rnd_names
     ``mats(scores, boot=None)`` gives the task's matrices (observed, or [B, ...] resampled).
     """
     point, resampled = mats(per_set[name]), mats(per_set[name], boot)
+    counts = boot.items_per_culture
+    items = int(counts[counts > 0].min()) if bool((counts > 0).any()) else None
     out: dict = {"resamples": boot.resamples, "confidence": CONFIDENCE,
                  "bootstrap_seed": boot.seed}  # fmt: skip
     for key in keys:
@@ -237,12 +239,11 @@ def _assemble(mats, per_set: dict, masks: dict[str, Masks], name: str, rnd_names
             out[key] = out[f"{key}_ci"] = None
             continue
         out[key] = nan_to_none(point[key].tolist())
-        out[f"{key}_ci"] = _ci(resampled[key].movedim(0, -1))
+        out[f"{key}_ci"] = _ci(resampled[key].movedim(0, -1), items)
     full_key = keys[0]  # accuracy_full / nll_full: its mean over cultures, the headline
     if point[full_key] is not None:
         out[f"{full_key}_mean"] = _num(point[full_key].nanmean())
-        out[f"{full_key}_mean_ci"] = _ci(resampled[full_key].nanmean(-1))
-    C = per_set[name].shape[0]  # sets: one per culture
+        out[f"{full_key}_mean_ci"] = _ci(resampled[full_key].nanmean(-1), items)
     out["direction"] = {}  # which way is more selective: lower, higher, either (two-sided)
     out["resampled"] = {}  # per-resample summaries: paired comparisons between methods
     undefined = {}
@@ -253,7 +254,7 @@ def _assemble(mats, per_set: dict, masks: dict[str, Masks], name: str, rnd_names
         per_resample = summaries(resampled[key], sign)  # each [B]
         for s in SUMMARIES:
             out[prefix + s] = _num(observed[s])
-            out[f"{prefix}{s}_ci"] = _ci(per_resample[s])
+            out[f"{prefix}{s}_ci"] = _ci(per_resample[s], items)
             out["resampled"][prefix + s] = nan_to_none(per_resample[s].tolist())
             undefined[prefix + s] = torch.isnan(per_resample[s]).double().mean().item()
         out["direction"][prefix + "self"] = DIRECTIONS[direction]  # own culture: as the gap
@@ -265,8 +266,7 @@ def _assemble(mats, per_set: dict, masks: dict[str, Masks], name: str, rnd_names
             for r in rnd_names]  # fmt: skip
     out["rnd"] = _rnd_fields([masks[r] for r in rnd_names], rnd_names, null, measures) \
         if rnd_names else None
-    counts = torch.bincount(torch.as_tensor(boot.culture), minlength=C).tolist()
-    out["intervals"] = interval_flags(counts, {k: out.get(f"{k}_ci") for k in keys[1:]},
+    out["intervals"] = interval_flags(counts.tolist(), {k: out.get(f"{k}_ci") for k in keys[1:]},
                                       undefined)  # fmt: skip
     return out
 
@@ -301,9 +301,11 @@ def _nanstd(t: torch.Tensor) -> torch.Tensor:
     return t.std() if t.numel() > 1 else torch.tensor(float("nan"))
 
 
-def _ci(samples: torch.Tensor) -> list:
-    """JSON intervals ``[..., [lo, hi]]`` of resampled values ``samples`` [..., B]."""
-    return nan_to_none(interval(samples).tolist())
+def _ci(samples: torch.Tensor, items: int | None) -> list:
+    """JSON intervals ``[..., [lo, hi]]`` of resampled values ``samples`` [..., B]: expanded
+    percentile intervals for means of at least ``items`` items (see uncertainty.expanded_tail;
+    the smallest culture's count: conservative for values that pool several cultures)."""
+    return nan_to_none(interval(samples, items=items).tolist())
 
 
 def _num(x) -> float | None:

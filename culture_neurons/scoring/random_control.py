@@ -50,6 +50,7 @@ import numpy as np
 import torch
 
 from culture_neurons.errors import UsageError
+from culture_neurons.scoring.uncertainty import t_quantile
 
 LOWER, HIGHER, TWO_SIDED = -1, 1, 0
 MEASURES = ("gap", "specificity")
@@ -231,14 +232,6 @@ def total_interval(e: torch.Tensor, culture: torch.Tensor, C: int,
         return total, (math.nan, math.nan)
     half = t_quantile(0.5 + confidence / 2, df) * math.sqrt(var)
     return float(total), (float(total - half), float(total + half))
-
-
-def t_quantile(q: float, df: int) -> float:
-    """Student t quantile by the Cornish-Fisher expansion around the normal one (at q = 0.975
-    within 0.03 of the exact value for df >= 3, 0.002 for df >= 10; no scipy dependency)."""
-    z = float(torch.distributions.Normal(0.0, 1.0).icdf(torch.tensor(q, dtype=torch.float64)))
-    return (z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
-            + (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / (384 * df**3))
 
 
 def share(diag_sum, total_sum):

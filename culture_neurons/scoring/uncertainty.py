@@ -10,8 +10,10 @@ A resampled per-culture mean is a weighted sum: ``W[b, i]`` counts how often ite
 resample b, and the mean of ``v [R, n]`` over culture c in resample b is
 ``(v[:, items of c] @ W[:, items of c].T) / n_c``, one matmul per culture.
 
-Intervals are percentile intervals: the 2.5 and 97.5 percentiles of the B resampled values
-(numpy's default linear interpolation), 95 % by default.
+Intervals are percentile intervals of the B resampled values (numpy's default linear
+interpolation), 95 % by default: the 2.5 and 97.5 percentiles, or, given the number of items
+a value rests on, the expanded percentile interval (:func:`expanded_tail`), which the pipeline
+uses with the smallest culture's item count.
 
 Summaries per resample (self, cross, gap, specificity) are those of
 :func:`culture_neurons.scoring.metrics.summaries`.
@@ -30,6 +32,7 @@ interval and every summary's share of undefined resamples is counted, never drop
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -107,15 +110,39 @@ class Bootstrap:
         return self.culture_sums(values) / self.items_per_culture.double()
 
 
-def interval(samples: torch.Tensor, confidence: float = CONFIDENCE) -> torch.Tensor:
+def interval(samples: torch.Tensor, confidence: float = CONFIDENCE,
+             items: int | None = None) -> torch.Tensor:  # fmt: skip
     """Percentile interval of resampled values ``samples`` [..., B]: [..., 2] (lo, hi); NaN
-    resamples are left out, NaN where all are."""
-    tail = (1 - confidence) / 2
+    resamples are left out, NaN where all are. With ``items`` (the smallest number of items a
+    value averages over), the expanded percentile interval (see :func:`tail`)."""
+    tail = expanded_tail(confidence, items)
     x = samples.double().numpy()
     empty = np.isnan(x).all(axis=-1)
     lohi = np.nanquantile(np.where(empty[..., None], 0.0, x), [tail, 1 - tail], axis=-1)
     lohi[:, empty] = np.nan
     return torch.from_numpy(np.moveaxis(lohi, 0, -1).copy())
+
+
+def t_quantile(q: float, df: int) -> float:
+    """Student t quantile by the Cornish-Fisher expansion around the normal one (at q = 0.975
+    within 0.03 of the exact value for df >= 3, 0.002 for df >= 10; no scipy dependency)."""
+    z = float(torch.distributions.Normal(0.0, 1.0).icdf(torch.tensor(q, dtype=torch.float64)))
+    return (z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
+            + (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / (384 * df**3))
+
+
+def expanded_tail(confidence: float = CONFIDENCE, items: int | None = None) -> float:
+    """Each tail's share of the percentile interval. Plain: (1 - confidence) / 2. Expanded
+    (Hesterberg 2015, "What teachers should know about the bootstrap", section 4.2) for a mean
+    of ``items`` items: ``Phi(-sqrt(n / (n - 1)) t_{n-1})``, which corrects the bootstrap's
+    too-narrow spread ((n - 1) / n of the variance) and the normal for t: 0.0159 instead of
+    0.025 at 20 items. The gap's coverage at 20 items per culture rose from 0.92 (plain, C = 3)
+    into [0.93, 0.97] (a test)."""
+    plain = (1 - confidence) / 2
+    if items is None or items < 2:
+        return plain
+    z = math.sqrt(items / (items - 1)) * t_quantile(1 - plain, items - 1)
+    return float(torch.distributions.Normal(0.0, 1.0).cdf(torch.tensor(-z, dtype=torch.float64)))
 
 
 def interval_flags(items_per_culture: list[int], cis: dict, undefined: dict) -> dict:
@@ -126,6 +153,6 @@ def interval_flags(items_per_culture: list[int], cis: dict, undefined: dict) -> 
     zero = {k: sum(1 for row in v for c in row if c and c[0] is not None and c[0] == c[1])
             for k, v in cis.items() if v is not None}  # fmt: skip
     smallest = min(items_per_culture) if items_per_culture else 0
-    return {"method": "percentile", "min_items_per_culture": MIN_ITEMS,
+    return {"method": "expanded percentile", "min_items_per_culture": MIN_ITEMS,
             "smallest_culture": smallest, "reliable": smallest >= MIN_ITEMS,
             "zero_width_cells": zero, "undefined_share": undefined}  # fmt: skip

@@ -17,6 +17,7 @@ import torch
 import culture_neurons as cn
 from culture_neurons.errors import UsageError
 from culture_neurons.scoring import random_control as R
+from culture_neurons.scoring import uncertainty as U
 
 ALPHA = 0.05
 
@@ -133,9 +134,9 @@ def test_share_by_hand_and_total_interval_by_hand():
     x = e.sum(0).numpy()
     a, b = x[:3], x[3:]
     assert total == pytest.approx(a.mean() + b.mean())
-    half = R.t_quantile(0.975, 5) * np.sqrt(a.var(ddof=1) / 3 + b.var(ddof=1) / 4)
+    half = U.t_quantile(0.975, 5) * np.sqrt(a.var(ddof=1) / 3 + b.var(ddof=1) / 4)
     assert (lo, hi) == pytest.approx((total - half, total + half))
-    assert R.t_quantile(0.975, 10) == pytest.approx(2.2281, abs=2e-3)
+    assert U.t_quantile(0.975, 10) == pytest.approx(2.2281, abs=2e-3)
 
 
 def test_bad_input_is_a_usage_error():
