@@ -70,8 +70,8 @@ SUMMARIES = ("self", "cross", "gap", "specificity")
 class RowParts(NamedTuple):
     """What the summaries need of each row s of square matrices [..., C, C]: every summary is
     a function of the row sums of ``diag`` and ``off``, so rows of different matrices (one
-    culture's set from each of several draws) can be recombined (see
-    :func:`culture_neurons.scoring.uncertainty.p_value`)."""
+    culture's set from each of several draws) can be recombined (the test against random sets:
+    :mod:`culture_neurons.scoring.random_control`)."""
 
     diag: torch.Tensor  # [..., C] the row's diagonal cell (0 where undefined)
     off: torch.Tensor  # [..., C] the sum of its defined off-diagonal cells
