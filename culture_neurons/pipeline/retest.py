@@ -127,7 +127,7 @@ def _adjust_primary(results: dict) -> None:
         res = results[m]
         res[f"p_{k}_vs_rnd_adj"] = q
         res["primary"] = {"measure": k, "p": p, "p_adj": q, "adjustment":
-                          f"Holm across the run's {sum(x is not None for x in ps)} methods"}
+                          f"Holm-adjusted across the run's {sum(x is not None for x in ps)} methods"}
         if k in res.get("tests", {}):
             res["tests"][k]["role"] = "primary, Holm-adjusted"
 

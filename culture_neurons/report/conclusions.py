@@ -263,9 +263,11 @@ def uncertainty_note(run: RunFiles) -> str:
     """How the intervals and p-values were computed, with this run's numbers."""
     ev = run.first
     B, conf = ev.get("resamples"), ev.get("confidence", 0.95)
-    text = (f"Intervals: {100 * conf:.0f} % percentile intervals of a paired bootstrap over the "
-            f"evaluation items ({B} resamples; each culture's items resampled within it, the "
-            "same resamples for the full model, every method and every RND draw). ")  # fmt: skip
+    text = (f"Intervals: {100 * conf:.0f} % expanded percentile intervals (Hesterberg's "
+            "small-sample correction, at the smallest culture's item count) of a paired "
+            f"bootstrap over the evaluation items ({B} resamples; each culture's items resampled "
+            "within it, the same resamples for the full model, every method and every RND "
+            "draw). ")  # fmt: skip
     rnd = ev.get("rnd")
     if rnd:
         D, C = rnd.get("draws"), len(run.cultures)
