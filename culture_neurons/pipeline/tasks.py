@@ -262,7 +262,7 @@ def _assemble(mats, per_set: dict, masks: dict[str, Masks], name: str, rnd_names
         out["direction"][prefix + "specificity"] = DIRECTIONS[HIGHER]
         per_draw.append({r: summaries(mats(per_set[r])[key], sign) for r in rnd_names})
     # Each RND draw's observed summaries (the tests use its per-item changes: retest).
-    null = [({key: draws[r] for (key, _, _), draws in zip(measures, per_draw, strict=True)},)
+    null = [{key: draws[r] for (key, _, _), draws in zip(measures, per_draw, strict=True)}
             for r in rnd_names]  # fmt: skip
     out["rnd"] = _rnd_fields([masks[r] for r in rnd_names], rnd_names, null, measures) \
         if rnd_names else None
@@ -285,7 +285,7 @@ def _rnd_fields(draws: list[Masks], rnd_names: list[str], null: list, measures: 
     rnd: dict = {"draws": len(rnd_names), "set_sizes": draws[0].sizes().tolist(),
                  "seed": draws[0].options.get("seed"), "masks": rnd_names, "per_draw": []}
     observed = [{prefix + s: v for key, prefix, _ in measures for s, v in summ[key].items()}
-                for (summ,) in null]  # fmt: skip
+                for summ in null]  # fmt: skip
     for values in observed:
         rnd["per_draw"].append({k: _num(v) for k, v in values.items()})
     for k in observed[0]:
