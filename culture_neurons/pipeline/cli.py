@@ -271,6 +271,7 @@ def cmd_evaluate(o: Options) -> None:
 
 def cmd_report(o: Options) -> None:
     from culture_neurons.masks import load_masks
+    from culture_neurons.pipeline import retest
     from culture_neurons.pipeline.config import RunConfig
     from culture_neurons.report import write_report
 
@@ -284,6 +285,9 @@ def cmd_report(o: Options) -> None:
         for path in sorted((out / "masks").glob("*.safetensors")):
             rundir.check_masks(out, path.stem, load_masks(path), config)
     rundir.check_evals(out)
+    retested = retest.retest_run(out)  # tests recomputed from the kept per-item scores
+    if retested:
+        print(f"tests recomputed from {retest.ITEMS_FILE} for {', '.join(retested)}")
     print(f"report -> {write_report(out)}")
 
 
@@ -348,7 +352,8 @@ def _merged_run(metas: list, names: list[str], folders: list[Path]) -> dict | No
 
 
 def _print_summary(results: dict, out) -> None:
-    """One line per method: its gap with the 95 % interval and its p-value against RND."""
+    """One line per method: its primary gap with the 95 % interval and its p-value against RND
+    (and that p Holm-adjusted across the methods)."""
     for name, r in results.items():
         prefix, unit = ("", "NLL change, nats/token") if r.get("task") == "lm" else (
             ("", "accuracy points") if r.get("gap") is not None else ("flip_", "flip rate"))
@@ -359,7 +364,9 @@ def _print_summary(results: dict, out) -> None:
             print(f"{name:>5}: gap undefined (one culture, or no evaluation items)")
             continue
         interval = "" if None in ci else f" [{ci[0]:+.{decimals}f}, {ci[1]:+.{decimals}f}]"
-        vs_rnd = "" if p is None else f", p vs its RND {p:.3g}"
+        q = r.get(f"p_{prefix}gap_vs_rnd_adj")
+        vs_rnd = "" if p is None else f", p vs its RND {p:.3g}" + (
+            f", Holm-adjusted {q:.3g}" if q is not None else "")  # fmt: skip
         note = {"estimate": "; first-order estimate", "screen": "; estimated off the screened "
                 "cells"}.get(r.get("matrix"), "")  # fmt: skip
         mark = "~" if note else ""  # as the report marks estimated numbers

@@ -45,7 +45,7 @@ from culture_neurons.errors import DataError, StatsMismatchError, UsageError
 from culture_neurons.instrument import Instrument
 from culture_neurons.masks import Masks, load_masks
 from culture_neurons.models import adapters, image_budget
-from culture_neurons.pipeline import batching, progress, rundir, screen
+from culture_neurons.pipeline import batching, progress, retest, rundir, screen
 from culture_neurons.pipeline.config import RunConfig, identify_on_for
 from culture_neurons.pipeline.distributed import Partition
 from culture_neurons.pipeline.rundir import RUN_FILE, write_json
@@ -392,6 +392,10 @@ class Run:
         if screened is not None:
             self._add_screened(results, screened, names, preds[0], items, culture)
         write_json(self.out / "eval" / "full.json", full_record)
+        extra = {k: torch.tensor(full_record[k]) for k in ("label", "tokens")
+                 if full_record.get(k) is not None}  # fmt: skip
+        retest.save_items(self.out, per_set, preds[0], culture,
+                          {"labels" if k == "label" else k: v for k, v in extra.items()})
         hashes = {n: m.content_hash() for n, m in masks.items()}
         for name, res in results.items():
             # Which masks these numbers belong to (``report`` refuses them under others).

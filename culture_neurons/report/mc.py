@@ -31,11 +31,14 @@ import numpy as np
 
 from culture_neurons.report import estimated
 from culture_neurons.report.conclusions import (
+    CELLS_NOTE,
     HOLDS_ZERO_NOTE,
     LEVEL,
     Measure,
     beats_cell,
+    cell_bold,
     holds_zero,
+    primary_lines,
     ranked,
     rnd_cell,
     uncertainty_note,
@@ -155,6 +158,7 @@ def render(run: RunFiles, description: str, figures: dict[str, dict[str, str]]) 
     sections = (
         _what_was_run(run, description),
         _full_model(run),
+        _primary(run),
         _summary(run),
         _winners(run),
         _layers(run, figures),
@@ -234,6 +238,12 @@ def _full_model(run: RunFiles) -> list[str]:
     return lines
 
 
+def _primary(run: RunFiles) -> list[str]:
+    """The headline conclusions: the primary test of every method, adjusted."""
+    lines = primary_lines(run, DELTA["gap"] if run.labels else FLIP["gap"])
+    return ["## Primary result", "", *lines] if lines else []
+
+
 def _summary(run: RunFiles) -> list[str]:
     """Summary tables with intervals, each method against its own RND control."""
     verb = "ablated" if _ablation(run) else f"steered (a := (1 + {run.first.get('alpha'):g}) a)"
@@ -254,11 +264,7 @@ def _summary(run: RunFiles) -> list[str]:
                 for m in ranked(run, DELTA["gap"])]  # fmt: skip
         lines += table(["method", "self", "cross", "gap", "RND gap", f"beats RND (p < {LEVEL})"],
                        rows) + [""]  # fmt: skip
-        lines += _specificity_table(run, SPECIFICITY, "the accuracy change")
-        lines += ["A share of accuracy changes is unstable where a set's summed change is near "
-                  "0 (a ratio of small numbers, often the case for random sets): its test "
-                  "against RND is weak there; the flip specificity below (flips are never "
-                  "negative) is the steadier measure.", ""]  # fmt: skip
+        lines += _specificity_table(run, SPECIFICITY, "the accuracy lost")
     lines += [
         "### Flips (fraction of items whose answer changed)", "",
         "**flip self** / **flip cross** = share of the changed culture's / the other cultures' "
@@ -285,16 +291,19 @@ def _summary(run: RunFiles) -> list[str]:
 
 def _specificity_table(run: RunFiles, measure: Measure, of: str) -> list[str]:
     C = len(run.cultures)
-    lines = [f"**{measure.label}** = self / (self + (C - 1) cross): the share of {of} that "
-             f"lands on the culture whose neurons were changed (1 = all of it, 1/C = "
-             f"{1 / C:.2f} = spread evenly); unlike the gap it does not grow with the total "
-             "damage. Compared with the same share of the method's RND draws.", ""]  # fmt: skip
+    lines = [f"**{measure.label}** = the share of {of} (effects oriented as harm) that lands "
+             f"on the culture whose neurons were changed: self / (self + (C - 1) cross), "
+             f"clipped to [0, 1] (1 = all of it, 1/C = {1 / C:.2f} = spread evenly); unlike "
+             "the gap it does not grow with the total damage. n/a where the total harm's "
+             "interval holds 0 (nothing to share). Compared with the RND draws' shares where "
+             "random sets do something, else with 1/C (the last column says which).",
+             ""]  # fmt: skip
     rows = [[m, with_ci(run.evals[m].get(measure.key),
                                  run.evals[m].get(f"{measure.key}_ci"), 2, mark=False),
              rnd_cell(run.evals[m], measure.key, 2), beats_cell(run.evals[m], measure.key)]
             for m in ranked(run, measure)]  # fmt: skip
     return lines + table(["method", "specificity", "RND specificity",
-                          f"beats RND (p < {LEVEL})"], rows) + [""]  # fmt: skip
+                          f"beats RND or 1/C (p < {LEVEL})"], rows) + [""]  # fmt: skip
 
 
 def _winners(run: RunFiles) -> list[str]:
@@ -366,10 +375,10 @@ def _overlap(run: RunFiles) -> list[str]:
 def _matrices(run: RunFiles, figures: dict[str, dict[str, str]]) -> list[str]:
     lines = ["## Matrices", "",
              "Rows: the culture whose neurons are changed; columns: the culture evaluated; each "
-             "cell with its 95 % interval. " + HOLDS_ZERO_NOTE + " In the figures (one colour "
-             "scale per kind, shared by all methods) such cells are hatched; grey: no "
-             "evaluation items."]  # fmt: skip
-    kinds = [("flip", "flip rate", 3, True)]
+             "cell with its 95 % interval. " + CELLS_NOTE + " In the figures (one colour "
+             "scale per kind, shared by all methods) cells whose interval holds 0 are hatched; "
+             "grey: no evaluation items."]  # fmt: skip
+    kinds = [("flip", "flip rate", 3, False)]
     if run.labels:
         kinds = [("accuracy", "accuracy (%)", 1, False), ("delta", "accuracy change (points)",
                                                            1, True)] + kinds  # fmt: skip
@@ -379,11 +388,13 @@ def _matrices(run: RunFiles, figures: dict[str, dict[str, str]]) -> list[str]:
         for kind, what, decimals, mark in kinds:
             lines += ["", f"{method}: {what}", ""]
             ci = ev.get(f"{kind}_ci") or [[None] * len(run.cultures)] * len(run.cultures)
-            rows = [[name, *(estimated.marked(with_ci(v, c, decimals, mark), e)
-                             for v, c, e in zip(vals, cis, guessed, strict=True))]
-                    for name, vals, cis, guessed in zip(run.cultures, ev[kind], ci,
-                                                        estimated.estimated_cells(ev),
-                                                        strict=True)]  # fmt: skip
+            bold = (cell_bold(ev, kind) if mark else None) or [[False] * len(run.cultures)] * \
+                len(run.cultures)
+            rows = [[name, *(estimated.marked(with_ci(v, c, decimals, bold=b), e)
+                             for v, c, b, e in zip(vals, cis, bolds, guessed, strict=True))]
+                    for name, vals, cis, bolds, guessed in zip(
+                        run.cultures, ev[kind], ci, bold, estimated.estimated_cells(ev),
+                        strict=True)]  # fmt: skip
             lines += table(header, rows)
             if kind in figures.get(method, {}):
                 lines += ["", f"![{method}: {what}]({figures[method][kind]})"]
