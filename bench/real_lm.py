@@ -12,9 +12,10 @@ Per method it reports self / cross / gap of ``delta = NLL_ablated - NLL_full`` (
 positive = hurt; a more positive gap = a more selective method) and the specificity (share of
 the summed change landing on the ablated culture), each with its 95 % paired-bootstrap
 interval over sentences; the method's own size-matched RND control (gap mean +- sd over its
-draws) and the p-values against it (a permutation test recombining the draws' per-culture
-rows, see culture_neurons.scoring.uncertainty); the layer-wise counts of the
-selected neurons; and the run time.
+draws) and the p-values against it (the row-recombination test on the observed per-item
+changes, the gap's p Holm-adjusted across methods; the specificity against the draws or 1/C:
+see culture_neurons.scoring.random_control); the layer-wise counts of the selected neurons;
+and the run time.
 """
 
 from __future__ import annotations
@@ -95,6 +96,8 @@ def summarize(results: dict, cultures: list[str], seconds: float, config: RunCon
         m["rnd"] = {k: rnd.get(k) for k in ("draws", "gap_mean", "gap_sd", "specificity_mean",
                                             "specificity_sd", "self_mean", "cross_mean")}
         m.update(p_gap_vs_rnd=res["p_gap_vs_rnd"], p_specificity_vs_rnd=res["p_specificity_vs_rnd"],
+                 p_gap_vs_rnd_adj=res.get("p_gap_vs_rnd_adj"),
+                 specificity_test=((res.get("tests") or {}).get("specificity") or {}).get("test"),
                  p_resolution=res["p_resolution"], set_sizes=res["set_sizes"],
                  layer_counts=_layer_totals(res["layer_counts"]))  # fmt: skip
         methods[name] = m

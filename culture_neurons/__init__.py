@@ -21,6 +21,7 @@ from culture_neurons.instrument import Instrument, ablate, record, steer
 from culture_neurons.masks import Masks, load_masks
 from culture_neurons.pipeline import Run, RunConfig
 from culture_neurons.scoring import evaluate
+from culture_neurons.scoring.random_control import compare_to_random
 from culture_neurons.selection import select
 from culture_neurons.stats import Stats, load_stats
 
@@ -32,6 +33,7 @@ __all__ = [
     "RunConfig",
     "Stats",
     "ablate",
+    "compare_to_random",
     "evaluate",
     "load_masks",
     "load_stats",

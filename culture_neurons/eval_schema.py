@@ -14,10 +14,12 @@ summaries over that matrix (:data:`SUMMARIES`), written under the measure's pref
     <prefix><summary>               observed summary                  gap, flip_gap
     <prefix><summary>_ci            its 95 % interval [lo, hi]        gap_ci
     p_<prefix><summary>_vs_rnd      p against the method's RND draws  p_gap_vs_rnd
+    p_<prefix>gap_vs_rnd_adj        the primary measure's p, Holm-adjusted across methods
     direction[<prefix><summary>]    which way is more selective       lower, higher, either
     resampled[<prefix><summary>]    the summary on every resample     (paired comparisons)
 
-Matrices (:data:`MATRICES`) are ``<key>`` with ``<key>_ci`` beside them. An eval JSON lists its
+Matrices (:data:`MATRICES`) are ``<key>`` with ``<key>_ci`` beside them (and, for a measure
+whose cells are tested, ``<key>_cell_p`` and its Benjamini-Hochberg ``<key>_cell_q``). An eval JSON lists its
 measures by name (``measures``, the primary one first); :func:`measures_of` reads that list
 (or, for a file written before it existed, asks the file's task).
 """
@@ -44,15 +46,26 @@ class Measure:
     decimals: int  # shown on the console
     harm: str  # the direction of damage (ablation, damping): lower or higher
     signed: bool = True  # False: counts any change (a flip), whatever the intervention
+    cells_tested: bool = False  # each matrix cell has its own test (``<key>_cell_p``, ``_q``)
 
     def summary(self, s: str = "gap") -> str:
         return self.prefix + s
 
     def ci(self, s: str = "gap") -> str:
-        return f"{self.prefix}{s}_ci"
+        return ci_of(self.summary(s))
 
     def p(self, s: str = "gap") -> str:
-        return f"p_{self.prefix}{s}_vs_rnd"
+        return p_of(self.summary(s))
+
+    def p_adjusted(self, s: str = "gap") -> str:
+        """The primary measure's p Holm-adjusted across the run's methods."""
+        return p_adjusted_of(self.summary(s))
+
+    def cell_p(self) -> str:
+        return f"{self.key}_cell_p"
+
+    def cell_q(self) -> str:
+        return f"{self.key}_cell_q"
 
     def direction(self, alpha: float) -> str:
         """Which way a more selective method moves the gap: the direction of damage where
@@ -62,17 +75,32 @@ class Measure:
 
     def keys(self) -> list[str]:
         """Every top-level key this measure writes (see the module doc)."""
-        return [k for s in SUMMARIES for k in (self.summary(s), self.ci(s))] + [
-            self.p(s) for s in TESTED
-        ]
+        keys = [k for s in SUMMARIES for k in (self.summary(s), self.ci(s))]
+        keys += [self.p(s) for s in TESTED]
+        return keys + ([self.cell_p(), self.cell_q()] if self.cells_tested else [])
+
+
+def ci_of(key: str) -> str:
+    """The interval of value ``key`` (a summary, a matrix): ``<key>_ci``."""
+    return f"{key}_ci"
+
+
+def p_of(summary_key: str) -> str:
+    """The p against RND of summary ``summary_key`` (gap, flip_gap, ...)."""
+    return f"p_{summary_key}_vs_rnd"
+
+
+def p_adjusted_of(summary_key: str) -> str:
+    return p_of(summary_key) + "_adj"
 
 
 TESTED = ("gap", "specificity")  # the summaries tested against RND (p_..._vs_rnd)
 
-ACCURACY_DELTA = Measure("accuracy_delta", "delta", "", "points", "accuracy points", 1, "lower")
+ACCURACY_DELTA = Measure("accuracy_delta", "delta", "", "points", "accuracy points", 1, "lower",
+                         cells_tested=True)  # fmt: skip
 FLIP = Measure("flip", "flip", "flip_", "fraction", "flip rate", 3, "higher", signed=False)
 NLL_DELTA = Measure("nll_delta", "delta", "", "nats/token (ablated - full; positive = hurt)",
-                    "NLL change, nats/token", 4, "higher")  # fmt: skip
+                    "NLL change, nats/token", 4, "higher", cells_tested=True)  # fmt: skip
 MEASURES = {m.name: m for m in (ACCURACY_DELTA, FLIP, NLL_DELTA)}
 
 # Matrices ([C] for the full model, [S][C] otherwise), each with ``<key>_ci``: their units.
@@ -108,6 +136,9 @@ FIELDS = {
     "nll_full_mean_ci": "its interval",
     "rnd": "the size-matched RND draws: sizes, seed, masks, per-draw summaries, mean, sd",
     "p_resolution": "the smallest p-value the draws can give",
+    "tests": "{summary: the test behind its p (name, null, statistic, role: primary or secondary)}",
+    "primary": "the primary measure's summary key, its p and Holm-adjusted p across methods",
+    "intervals": "where the intervals are unreliable (few items, undefined resamples)",
     "direction": "{summary: lower | higher | either}",
     "resampled": "{summary: [B] values on the resamples}",
     "masks_hash": "{mask: content hash} these numbers belong to",
@@ -134,12 +165,16 @@ def primary(ev: dict) -> Measure:
 
 def parse(key: str, ev: dict) -> tuple[Measure, str, str] | None:
     """``(measure, summary, kind)`` of summary key ``key`` of eval JSON ``ev`` (kind: ``value``,
-    ``ci`` or ``p``, as :meth:`Measure.summary`, :meth:`Measure.ci`, :meth:`Measure.p` build
-    it); None where ``key`` is no summary of ``ev``'s measures."""
+    ``ci``, ``p`` or ``p_adjusted``, as :meth:`Measure.summary`, :meth:`Measure.ci`,
+    :meth:`Measure.p`, :meth:`Measure.p_adjusted` build it); None where ``key`` is no summary
+    of ``ev``'s measures."""
     for m in measures_of(ev):
         for s in SUMMARIES:
-            for kind, built in (("value", m.summary(s)), ("ci", m.ci(s)), ("p", m.p(s))):
-                if key == built and (kind != "p" or s in TESTED):
+            built = {"value": m.summary(s), "ci": m.ci(s)}
+            if s in TESTED:
+                built.update(p=m.p(s), p_adjusted=m.p_adjusted(s))
+            for kind, k in built.items():
+                if key == k:
                     return m, s, kind
     return None
 
@@ -155,7 +190,11 @@ def describe(key: str, ev: dict) -> str | None:
     if found is not None:
         m, s, kind = found
         return {"value": f"{s} of the {m.label}", "ci": f"interval of {m.summary(s)}",
-                "p": f"p of {m.summary(s)} against RND"}[kind]  # fmt: skip
+                "p": f"p of {m.summary(s)} against RND",
+                "p_adjusted": f"p of {m.summary(s)} against RND, Holm-adjusted"}[kind]  # fmt: skip
+    for m in measures_of(ev):
+        if m.cells_tested and key in (m.cell_p(), m.cell_q()):
+            return f"[S][C] per-cell p ({m.cell_p()}) and BH q ({m.cell_q()}) of {m.key}"
     if any(key in m.keys() for m in MEASURES.values()):  # another measure's, left undefined
         return "undefined here (None): this run has no such measure"
     return None

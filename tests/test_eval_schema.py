@@ -89,6 +89,7 @@ def test_every_key_a_task_writes_is_in_the_schema(case):
         assert set(m.keys()) <= set(ev)
         assert ev["direction"][m.summary("gap")] in eval_schema.DIRECTIONS
         assert set(ev["resampled"]) >= {m.summary(s) for s in SUMMARIES}
+    assert expected[0].p_adjusted("gap") in ev  # the primary p, Holm-adjusted
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -101,6 +102,7 @@ def test_every_summary_key_round_trips(case):
             kinds = {"value": m.summary(s), "ci": m.ci(s)}
             if s in TESTED:
                 kinds["p"] = m.p(s)
+                kinds["p_adjusted"] = m.p_adjusted(s)
             for kind, key in kinds.items():
                 assert parse(key, ev) == (m, s, kind)
                 built.append(key)

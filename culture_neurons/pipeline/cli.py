@@ -249,6 +249,7 @@ def cmd_evaluate(o: Options) -> None:
 
 def cmd_report(o: Options) -> None:
     from culture_neurons.masks import load_masks
+    from culture_neurons.pipeline import retest
     from culture_neurons.pipeline.config import RunConfig
     from culture_neurons.report import write_report
 
@@ -262,6 +263,9 @@ def cmd_report(o: Options) -> None:
         for path in sorted((out / "masks").glob("*.safetensors")):
             rundir.check_masks(out, path.stem, load_masks(path), config)
     rundir.check_evals(out)
+    retested = retest.retest_run(out)  # tests recomputed from the kept per-item scores
+    if retested:
+        print(f"tests recomputed from {retest.ITEMS_FILE} for {', '.join(retested)}")
     print(f"report -> {write_report(out)}")
 
 
@@ -327,7 +331,8 @@ def _merged_run(metas: list, names: list[str], folders: list[Path]) -> dict | No
 
 def _print_summary(results: dict, out) -> None:
     """One line per method: its primary measure's gap with the 95 % interval and its p-value
-    against RND (keys and units: culture_neurons.eval_schema)."""
+    against RND, and that p Holm-adjusted across the methods (keys and units:
+    culture_neurons.eval_schema)."""
     from culture_neurons.eval_schema import primary
 
     for name, r in results.items():
@@ -338,7 +343,9 @@ def _print_summary(results: dict, out) -> None:
             print(f"{name:>5}: gap undefined (one culture, or no evaluation items)")
             continue
         interval = "" if None in ci else f" [{ci[0]:+.{decimals}f}, {ci[1]:+.{decimals}f}]"
-        vs_rnd = "" if p is None else f", p vs its RND {p:.3g}"
+        q = r.get(m.p_adjusted())
+        vs_rnd = "" if p is None else f", p vs its RND {p:.3g}" + (
+            f", Holm-adjusted {q:.3g}" if q is not None else "")  # fmt: skip
         note = {"estimate": "; first-order estimate", "screen": "; estimated off the screened "
                 "cells"}.get(r.get("matrix"), "")  # fmt: skip
         mark = "~" if note else ""  # as the report marks estimated numbers

@@ -37,7 +37,7 @@ import torch
 from culture_neurons.errors import DataError, StatsMismatchError, UsageError
 from culture_neurons.masks import Masks, load_masks
 from culture_neurons.models import adapters, image_budget
-from culture_neurons.pipeline import batching, identify, matrix, progress, rundir
+from culture_neurons.pipeline import batching, identify, matrix, progress, retest, rundir
 from culture_neurons.pipeline.config import RunConfig, identify_on_for
 from culture_neurons.pipeline.distributed import Partition
 from culture_neurons.pipeline.identify import Checkpoints
@@ -214,6 +214,8 @@ class Run:
         if screened is not None:
             matrix.add_screened(self, results, screened, names, preds[0], items, culture)
         write_json(self.out / "eval" / "full.json", full_record)
+        # per-item scores, so that report recomputes the tests without the model
+        retest.save_items(self.out, per_set, preds[0], culture, self.task.item_data(items, self.data))
         hashes = {n: m.content_hash() for n, m in masks.items()}
         for name, res in results.items():
             # Which masks these numbers belong to (``report`` refuses them under others).

@@ -1,12 +1,15 @@
 """What a report may conclude, and how it writes a number with its uncertainty (shared by the
 mc and lm reports).
 
-Every value is written with its 95 % paired-bootstrap interval; a difference from 0 is claimed
-only where that interval excludes 0 (cells and summaries whose interval holds 0 are marked as
-not distinguishable from no effect); a method "beats RND" only where its p-value against its
-own size-matched RND control is below :data:`LEVEL`; a method "wins" a measure only where its
-paired bootstrap difference with the runner-up excludes 0. Nothing is called "most selective"
-or "significant" without the interval or p-value of the same run beside it.
+Every value is written with its 95 % paired-bootstrap interval. The headline speaks only of the
+run's one **primary** test (``primary`` in the eval JSONs: the gap of the task's main measure
+against the method's own RND draws), Holm-adjusted across methods: a method "beats RND" there
+only where the adjusted p is below :data:`LEVEL`. Every other p is written "secondary,
+unadjusted". A summary is bold where its interval excludes 0 (unadjusted, said so); a matrix
+cell only where its per-cell test survives Benjamini-Hochberg across the matrix (q < LEVEL). A
+method "wins" a measure only where its paired bootstrap difference with the runner-up excludes
+0. Nothing is called "most selective" or "significant" without the interval or p-value of the
+same run beside it.
 """
 
 from __future__ import annotations
@@ -16,13 +19,19 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from culture_neurons.eval_schema import ci_of, p_adjusted_of, p_of
 from culture_neurons.report.files import RunFiles, num
 from culture_neurons.report.tables import fmt
 
 LEVEL = 0.05  # p-value threshold of the "beats RND" column
 HOLDS_ZERO_NOTE = (
-    "Values in **bold** have a 95 % interval that excludes 0; plain values' intervals hold 0: "
-    "not distinguishable from no effect."
+    "Summaries in **bold** have a 95 % interval that excludes 0 (each on its own, unadjusted); "
+    "plain values' intervals hold 0: not distinguishable from no effect."
+)
+CELLS_NOTE = (
+    "A change cell is **bold** only where its own test (exact sign test of the items' paired "
+    "changes; sign-flip for NLL) survives Benjamini-Hochberg false discovery control across "
+    "the matrix at q < 0.05; other cells are plain whatever their interval."
 )
 
 
@@ -43,6 +52,15 @@ class Measure:
         return (run.first.get("direction") or {}).get(self.key, "higher")
 
 
+def cell_bold(ev: dict, kind: str):
+    """[S][C] whether each cell of matrix ``kind`` is bold: its BH-adjusted per-cell q below
+    LEVEL (delta matrices; None elsewhere: no cell of them is bold)."""
+    q = ev.get(f"{kind}_cell_q")
+    if q is None:
+        return None
+    return [[v is not None and v < LEVEL for v in row] for row in q]
+
+
 def holds_zero(ci) -> bool | None:
     """Whether an interval ``[lo, hi]`` holds 0 (None when undefined)."""
     if not ci or ci[0] is None or ci[1] is None:
@@ -50,13 +68,16 @@ def holds_zero(ci) -> bool | None:
     return ci[0] <= 0 <= ci[1]
 
 
-def with_ci(x, ci, decimals: int, mark: bool = True) -> str:
-    """``value [lo, hi]``; with ``mark``, the value is bold when the interval excludes 0."""
+def with_ci(x, ci, decimals: int, mark: bool = True, bold: bool | None = None) -> str:
+    """``value [lo, hi]``; with ``mark``, the value is bold when the interval excludes 0, or
+    when ``bold`` (a cell's own adjusted test) says so where it is given."""
     text = fmt(x, decimals)
     if text == "n/a":
         return text
+    if bold:
+        text = f"**{text}**"
     if ci and ci[0] is not None and ci[1] is not None:
-        if mark and holds_zero(ci) is False:
+        if bold is None and mark and holds_zero(ci) is False:
             text = f"**{text}**"
         text += f" [{fmt(ci[0], decimals)}, {fmt(ci[1], decimals)}]"
     return text
@@ -72,21 +93,32 @@ def fmt_p(p, resolution) -> str:
     return text
 
 
+def is_primary(ev: dict, key: str) -> bool:
+    return (ev.get("primary") or {}).get("measure") == key
+
+
 def beats_rnd(ev: dict, key: str = "gap") -> bool | None:
-    """Whether the method's ``key`` beats its own RND control: ``p_<key>_vs_rnd`` < LEVEL
-    (None without RND draws)."""
-    p = ev.get(f"p_{key}_vs_rnd")
+    """Whether the method's ``key`` beats its own control: the Holm-adjusted p of the primary
+    measure, the plain p of any other (secondary) one, below LEVEL (None when undefined)."""
+    p = ev.get(p_adjusted_of(key)) if is_primary(ev, key) else ev.get(p_of(key))
     return None if p is None else p < LEVEL
 
 
 def beats_cell(ev: dict, key: str = "gap") -> str:
-    """The "beats RND" column: yes / no with the p-value it rests on."""
+    """The "beats RND" column: yes / no with the p-value it rests on, adjusted or labelled."""
     verdict = beats_rnd(ev, key)
+    test = (ev.get("tests") or {}).get(key) or {}
     if verdict is None:
+        if test.get("test") == "undefined":
+            return "n/a (undefined: " + (test.get("note") or "no effect") + ")"
         return "n/a (no RND draws)" if not ev.get("rnd") else "n/a (undefined)"
     word = ("yes" if verdict else "no") if _direction(ev, key) != "either" else (
         "differs" if verdict else "no")  # fmt: skip
-    return f"{word} (p = {fmt_p(ev.get(f'p_{key}_vs_rnd'), ev.get('p_resolution'))})"
+    p = fmt_p(ev.get(p_of(key)), ev.get("p_resolution") if key.endswith("gap") else None)
+    against = " vs 1/C" if test.get("test") == "uniform share" else ""
+    if is_primary(ev, key):
+        return f"{word} (Holm-adjusted p = {fmt_p(ev.get(p_adjusted_of(key)), None)}; p = {p})"
+    return f"{word}{against} (p = {p}, secondary, unadjusted)"
 
 
 def rnd_cell(ev: dict, key: str, decimals: int) -> str:
@@ -146,7 +178,7 @@ def winner_line(run: RunFiles, measure: Measure) -> str | None:
     if not order:
         return None
     best, ev, f = order[0], run.evals[order[0]], measure.fmt
-    value = with_ci(ev.get(measure.key), ev.get(f"{measure.key}_ci"), measure.decimals,
+    value = with_ci(ev.get(measure.key), ev.get(ci_of(measure.key)), measure.decimals,
                     mark=False)  # fmt: skip
     way = {"lower": "lowest", "higher": "highest"}.get(measure.direction(run), "largest")
     text = f"- **{measure.label}**: {best} has the {way} ({value}{measure.unit})"
@@ -161,39 +193,101 @@ def winner_line(run: RunFiles, measure: Measure) -> str | None:
             text += (f"; {'ahead of' if apart else 'not distinguishable from'} {second} "
                      f"(difference {f(point)} [{f(ci[0])}, {f(ci[1])}]"
                      f"{measure.unit}{'' if apart else ', interval holds 0'})")  # fmt: skip
-    p = ev.get(f"p_{measure.key}_vs_rnd")
+    p = ev.get(p_of(measure.key))
     if p is not None:
         rnd = f"RND {rnd_cell(ev, measure.key, measure.decimals)}"
         verdict = "beats" if beats_rnd(ev, measure.key) else "does not beat"
         if measure.direction(run) == "either":
             verdict = "differs from" if beats_rnd(ev, measure.key) else "does not differ from"
-        text += (f"; it {verdict} its size-matched RND control ({rnd}, p = "
-                 f"{fmt_p(p, ev.get('p_resolution'))})")  # fmt: skip
+        test = ((ev.get("tests") or {}).get(measure.key) or {}).get("test")
+        control = "the uniform share 1/C" if test == "uniform share" else (
+            f"its size-matched RND control ({rnd})")  # fmt: skip
+        if test == "uniform share":
+            verdict = "exceeds" if beats_rnd(ev, measure.key) else "does not exceed"
+        adjusted = ev.get(p_adjusted_of(measure.key))
+        which = (f"Holm-adjusted p = {fmt_p(adjusted, None)}" if is_primary(ev, measure.key)
+                 else f"p = {fmt_p(p, None)}, secondary, unadjusted")  # fmt: skip
+        text += f"; it {verdict} {control} ({which})"
     return text + "."
+
+
+def primary_lines(run: RunFiles, measure: Measure) -> list[str]:
+    """The headline: each method's primary test, Holm-adjusted across the run's methods."""
+    ev0 = run.first
+    primary = ev0.get("primary") or {}
+    if not primary:
+        return []
+    lines = [f"**Primary test** (declared before the run, one per task): the {measure.label} "
+             f"of each method against its own size-matched RND draws, "
+             f"{primary.get('adjustment', 'Holm-adjusted')}. Only these adjusted results are "
+             "conclusions; every other p in this report is secondary and unadjusted.", ""]
+    for m in ranked(run, measure):
+        ev = run.evals[m]
+        q, p = ev.get(p_adjusted_of(measure.key)), ev.get(p_of(measure.key))
+        value = with_ci(ev.get(measure.key), ev.get(ci_of(measure.key)), measure.decimals,
+                        mark=False)  # fmt: skip
+        verdict = ("n/a" if q is None else ("**beats RND**" if q < LEVEL else
+                   "does not beat RND"))  # fmt: skip
+        lines.append(f"- {m}: {verdict} (adjusted p = {fmt_p(q, None)}; p = "
+                     f"{fmt_p(p, ev.get('p_resolution'))}); {measure.label} {value}"
+                     f"{measure.unit}, RND {rnd_cell(ev, measure.key, measure.decimals)}")
+    return lines
+
+
+def interval_note(run: RunFiles) -> str:
+    """Where the run's intervals are unreliable: few items, zero widths, undefined resamples."""
+    flags = run.first.get("intervals") or {}
+    if not flags:
+        return ""
+    parts = []
+    if not flags.get("reliable", True):
+        parts.append(f"**intervals are unreliable here**: the smallest culture has "
+                     f"{flags.get('smallest_culture')} evaluation items, below the "
+                     f"{flags.get('min_items_per_culture')} from which percentile intervals "
+                     "were measured to cover (0.78-0.83 at 5 items per culture)")  # fmt: skip
+    for ev_name, ev in run.evals.items():
+        z = {k: v for k, v in ((ev.get("intervals") or {}).get("zero_width_cells") or {}).items()
+             if v}  # fmt: skip
+        if z:
+            parts.append(f"{ev_name}: " + ", ".join(f"{v} {k} cell(s)" for k, v in z.items())
+                         + " with a zero-width interval (no resample moved them: not certainty)")
+    for ev_name, ev in run.evals.items():
+        und = {k: v for k, v in ((ev.get("intervals") or {}).get("undefined_share") or {}).items()
+               if v}  # fmt: skip
+        if und:
+            parts.append(f"{ev_name}: undefined resamples " + ", ".join(
+                f"{k} {100 * v:.0f} %" for k, v in und.items()))  # fmt: skip
+    return ("Interval flags: " + "; ".join(parts) + ".") if parts else ""
 
 
 def uncertainty_note(run: RunFiles) -> str:
     """How the intervals and p-values were computed, with this run's numbers."""
     ev = run.first
     B, conf = ev.get("resamples"), ev.get("confidence", 0.95)
-    text = (f"Intervals: {100 * conf:.0f} % percentile intervals of a paired bootstrap over the "
-            f"evaluation items ({B} resamples; each culture's items resampled within it, the "
-            "same resamples for the full model, every method and every RND draw). ")  # fmt: skip
+    text = (f"Intervals: {100 * conf:.0f} % expanded percentile intervals (Hesterberg's "
+            "small-sample correction, at the smallest culture's item count) of a paired "
+            f"bootstrap over the evaluation items ({B} resamples; each culture's items resampled "
+            "within it, the same resamples for the full model, every method and every RND "
+            "draw). ")  # fmt: skip
     rnd = ev.get("rnd")
     if rnd:
         D, C = rnd.get("draws"), len(run.cultures)
         text += (
             f"RND: for every method, {D} draws of uniform random sets of that method's own "
-            "per-culture sizes (methods of identical sizes share draws). p-value: a "
-            "permutation test in which each culture's set is swapped with that culture's set "
-            f"of any draw (the method's own included: {D + 1} sets per culture, "
-            f"{D + 1}^{C} recombined matrices), p = the share of recombinations at least as "
-            "selective as the method, on each resample, averaged over resamples; its floor "
-            f"here is {fmt(ev.get('p_resolution'), 4)}. Where an effect sits in a few cultures, "
-            f"each of them weighs as one set among {D + 1}: more draws, more power. "
-            f"'beats RND' means p < {LEVEL}."
+            "per-culture sizes (methods of identical sizes share draws). Gap vs RND: a "
+            "randomization test on the observed per-item changes (no bootstrap), null = each "
+            "culture's set of the method is one more random set of its size: each culture's "
+            f"row is swapped with that culture's row of any draw ({D + 1} sets per culture, "
+            f"{D + 1}^{C} recombined matrices), p = the share at least as extreme, ties "
+            f"counted; its floor here is {fmt(ev.get('p_resolution'), 4)}. Specificity is "
+            "the share of the oriented effect (harm) on the changed culture, undefined where "
+            "the total effect's interval holds 0; it is compared with the RND draws' shares "
+            "(the same recombination) where random sets do something, else with the uniform "
+            "share 1/C (a permutation test over items of which row is each item's own). "
+            f"'beats RND' means p < {LEVEL}: Holm-adjusted for the primary test, unadjusted "
+            "(secondary) for every other."
         )
     else:
         text += "No RND draws were run: nothing is compared with chance."
-    return text
-
+    note = interval_note(run)
+    return text + (" " + note if note else "")

@@ -9,12 +9,16 @@ from pathlib import Path
 
 import torch
 
+from culture_neurons.eval_schema import NLL_DELTA, ci_of
 from culture_neurons.report import estimated
 from culture_neurons.report.conclusions import (
+    CELLS_NOTE,
     HOLDS_ZERO_NOTE,
     LEVEL,
     Measure,
     beats_cell,
+    cell_bold,
+    primary_lines,
     ranked,
     rnd_cell,
     uncertainty_note,
@@ -25,10 +29,11 @@ from culture_neurons.report.files import REPORT_FILE, load_run, write_text
 from culture_neurons.report.settings import settings_line
 from culture_neurons.report.tables import table
 
-DECIMALS = 4  # nats/token
-MEASURES = {k: Measure(k, label, DECIMALS, " nats/token") for k, label in (
+DECIMALS = NLL_DELTA.decimals  # nats/token
+# The report's rows of the eval JSON's measure (keys: culture_neurons.eval_schema).
+MEASURES = {k: Measure(NLL_DELTA.summary(k), label, DECIMALS, " nats/token") for k, label in (
     ("self", "self"), ("cross", "cross"), ("gap", "gap (self - cross)"))}  # fmt: skip
-SPECIFICITY = Measure("specificity", "specificity", 2)
+SPECIFICITY = Measure(NLL_DELTA.summary("specificity"), "specificity", 2)
 
 
 def write_report(out_dir, description: str = "") -> Path:
@@ -58,8 +63,9 @@ def write_report(out_dir, description: str = "") -> Path:
         "changed: **positive = hurt**. self = mean diagonal, cross = mean off-diagonal, gap = "
         "self - cross (" + ("either sign, tested two-sided" if steer else
                             "**a larger gap = more selective**") + "), specificity = self / "
-        "(self + (C - 1) cross), the share of the summed change landing on the changed "
-        "culture (unlike the gap, it does not grow with the total damage).",
+        "(self + (C - 1) cross) on the NLL change oriented as harm, clipped to [0, 1]: the "
+        "share of the summed harm landing on the changed culture (unlike the gap, it does not "
+        "grow with the total damage; n/a where the total harm's interval holds 0).",
         "", uncertainty_note(run), "", HOLDS_ZERO_NOTE, "", "## Full model", "",
     ]  # fmt: skip
     mean = with_ci(first.get("nll_full_mean"), first.get("nll_full_mean_ci"), DECIMALS,
@@ -70,16 +76,20 @@ def write_report(out_dir, description: str = "") -> Path:
     rows = [[c, with_ci(x, i, DECIMALS, mark=False),
              f"{math.exp(x):.2f}" if x is not None else "n/a"]
             for c, x, i in zip(cultures, first["nll_full"], ci, strict=True)]  # fmt: skip
-    lines += table(["culture", "NLL (nats/token)", "perplexity"], rows) + ["", "## Summary", ""]
-    rows = [[m, *(with_ci(run.evals[m].get(k), run.evals[m].get(f"{k}_ci"), DECIMALS)
-                           for k in ("self", "cross", "gap")),
-             rnd_cell(run.evals[m], "gap", DECIMALS), beats_cell(run.evals[m], "gap"),
-             with_ci(run.evals[m].get("specificity"), run.evals[m].get("specificity_ci"), 2,
-                     mark=False),
-             rnd_cell(run.evals[m], "specificity", 2), beats_cell(run.evals[m], "specificity")]
+    lines += table(["culture", "NLL (nats/token)", "perplexity"], rows)
+    primary = primary_lines(run, MEASURES["gap"])
+    lines += (["", "## Primary result", "", *primary] if primary else []) + ["", "## Summary", ""]
+    gap, spec = MEASURES["gap"].key, SPECIFICITY.key
+    rows = [[m, *(with_ci(run.evals[m].get(MEASURES[k].key),
+                          run.evals[m].get(ci_of(MEASURES[k].key)), DECIMALS)
+                  for k in ("self", "cross", "gap")),
+             rnd_cell(run.evals[m], gap, DECIMALS), beats_cell(run.evals[m], gap),
+             with_ci(run.evals[m].get(spec), run.evals[m].get(ci_of(spec)), 2, mark=False),
+             rnd_cell(run.evals[m], spec, 2), beats_cell(run.evals[m], spec)]
             for m in ranked(run, MEASURES["gap"])]  # fmt: skip
     lines += table(["method", "self", "cross", "gap", "RND gap", f"gap beats RND (p < {LEVEL})",
-                    "specificity", "RND specificity", f"specificity beats RND (p < {LEVEL})"],
+                    "specificity", "RND specificity",
+                    f"specificity beats RND or 1/C (p < {LEVEL})"],
                    rows)  # fmt: skip
     lines += ["", "## Which method wins on which measure", "",
               "Lead over the runner-up: paired bootstrap difference (same resampled sentences); "
@@ -96,12 +106,14 @@ def write_report(out_dir, description: str = "") -> Path:
     for m, ev in run.evals.items():
         lines += ["", f"## {m}: NLL change (nats/token; row = changed culture)", ""]
         ci = ev.get("delta_ci") or [[None] * len(cultures)] * len(cultures)
+        bold = cell_bold(ev, "delta") or [[False] * len(cultures)] * len(cultures)
+        lines += [CELLS_NOTE, ""]
         lines += table(["changed \\ evaluated", *cultures],
-                       [[c, *(estimated.marked(with_ci(x, i, DECIMALS), e)
-                              for x, i, e in zip(row, cis, guessed, strict=True))]
-                        for c, row, cis, guessed in zip(cultures, ev["delta"], ci,
-                                                        estimated.estimated_cells(ev),
-                                                        strict=True)])  # fmt: skip
+                       [[c, *(estimated.marked(with_ci(x, i, DECIMALS, bold=b), e)
+                              for x, i, b, e in zip(row, cis, bolds, guessed, strict=True))]
+                        for c, row, cis, bolds, guessed in zip(
+                            cultures, ev["delta"], ci, bold, estimated.estimated_cells(ev),
+                            strict=True)])  # fmt: skip
     lines += [""] + estimated.agreement(run, "delta", "NLL change", DECIMALS)
     return write_text(run.out / REPORT_FILE, "\n".join(lines) + "\n")
 

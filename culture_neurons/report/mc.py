@@ -29,13 +29,17 @@ from pathlib import Path
 
 import numpy as np
 
+from culture_neurons import eval_schema as schema
 from culture_neurons.report import estimated
 from culture_neurons.report.conclusions import (
+    CELLS_NOTE,
     HOLDS_ZERO_NOTE,
     LEVEL,
     Measure,
     beats_cell,
+    cell_bold,
     holds_zero,
+    primary_lines,
     ranked,
     rnd_cell,
     uncertainty_note,
@@ -68,12 +72,15 @@ GAP_READING = {"lower": "more negative = more selective",
                "higher": "more positive = more selective",
                "either": "either sign: amplified neurons may help or hurt, tested two-sided"}
 CHANCE = 25.0  # accuracy of a uniform guess among the 4 options (percent)
-DELTA = {k: Measure(k, label, 1, " points") for k, label in (
+# The report's rows of the eval JSON's measures (keys: culture_neurons.eval_schema).
+DELTA = {k: Measure(schema.ACCURACY_DELTA.summary(k), label, schema.ACCURACY_DELTA.decimals,
+                    " " + schema.ACCURACY_DELTA.unit) for k, label in (
     ("self", "self"), ("cross", "cross"), ("gap", "gap (self - cross)"))}  # fmt: skip
-SPECIFICITY = Measure("specificity", "specificity (accuracy change)", 2)
-FLIP = {k: Measure(f"flip_{k}", f"flip {label}", 3) for k, label in (
-    ("self", "self"), ("cross", "cross"), ("gap", "gap (self - cross)"),
-    ("specificity", "specificity"))}  # fmt: skip
+SPECIFICITY = Measure(schema.ACCURACY_DELTA.summary("specificity"),
+                      "specificity (accuracy change)", 2)  # fmt: skip
+FLIP = {k: Measure(schema.FLIP.summary(k), f"flip {label}", schema.FLIP.decimals)
+        for k, label in (("self", "self"), ("cross", "cross"), ("gap", "gap (self - cross)"),
+                         ("specificity", "specificity"))}  # fmt: skip
 
 
 def write_report(out_dir: str | os.PathLike, description: str = "") -> Path:
@@ -133,9 +140,10 @@ def _holds_zero_cells(ci) -> np.ndarray | None:
 
 def _title(run: RunFiles, method: str, kind: str) -> str:
     ev = run.evals[method]
-    prefix, decimals, unit = ("", 1, " points") if kind == "delta" else ("flip_", 3, "")
-    what = "accuracy change" if kind == "delta" else "flip rate"
-    gap = with_ci(ev.get(prefix + "gap"), ev.get(f"{prefix}gap_ci"), decimals, mark=False)
+    m = schema.ACCURACY_DELTA if kind == schema.ACCURACY_DELTA.key else schema.FLIP
+    unit = " " + m.unit if m is schema.ACCURACY_DELTA else ""
+    what = "accuracy change" if m is schema.ACCURACY_DELTA else "flip rate"
+    gap = with_ci(ev.get(m.summary()), ev.get(m.ci()), m.decimals, mark=False)
     return f"{method}: {what} ({_verb(ev)})\ngap {gap}{unit}; hatched: interval holds 0"
 
 
@@ -155,6 +163,7 @@ def render(run: RunFiles, description: str, figures: dict[str, dict[str, str]]) 
     sections = (
         _what_was_run(run, description),
         _full_model(run),
+        _primary(run),
         _summary(run),
         _winners(run),
         _layers(run, figures),
@@ -234,6 +243,12 @@ def _full_model(run: RunFiles) -> list[str]:
     return lines
 
 
+def _primary(run: RunFiles) -> list[str]:
+    """The headline conclusions: the primary test of every method, adjusted."""
+    lines = primary_lines(run, DELTA["gap"] if run.labels else FLIP["gap"])
+    return ["## Primary result", "", *lines] if lines else []
+
+
 def _summary(run: RunFiles) -> list[str]:
     """Summary tables with intervals, each method against its own RND control."""
     verb = "ablated" if _ablation(run) else f"steered (a := (1 + {run.first.get('alpha'):g}) a)"
@@ -248,17 +263,13 @@ def _summary(run: RunFiles) -> list[str]:
             + GAP_READING[DELTA["gap"].direction(run)] + "). RND: mean ± sd over the method's "
             "own draws.", "",
         ]  # fmt: skip
-        rows = [[m, *(with_ci(run.evals[m].get(k), run.evals[m].get(f"{k}_ci"), 1)
+        rows = [[m, *(with_ci(run.evals[m].get(k), run.evals[m].get(schema.ci_of(k)), 1)
                                for k in ("self", "cross", "gap")),
                  rnd_cell(run.evals[m], "gap", 1), beats_cell(run.evals[m], "gap")]
                 for m in ranked(run, DELTA["gap"])]  # fmt: skip
         lines += table(["method", "self", "cross", "gap", "RND gap", f"beats RND (p < {LEVEL})"],
                        rows) + [""]  # fmt: skip
-        lines += _specificity_table(run, SPECIFICITY, "the accuracy change")
-        lines += ["A share of accuracy changes is unstable where a set's summed change is near "
-                  "0 (a ratio of small numbers, often the case for random sets): its test "
-                  "against RND is weak there; the flip specificity below (flips are never "
-                  "negative) is the steadier measure.", ""]  # fmt: skip
+        lines += _specificity_table(run, SPECIFICITY, "the accuracy lost")
     lines += [
         "### Flips (fraction of items whose answer changed)", "",
         "**flip self** / **flip cross** = share of the changed culture's / the other cultures' "
@@ -268,11 +279,12 @@ def _summary(run: RunFiles) -> list[str]:
     rows = []
     for m in ranked(run, FLIP["gap"]):
         ev = run.evals[m]
-        row = [m, *(with_ci(ev.get(f"flip_{k}"), ev.get(f"flip_{k}_ci"), 3)
+        row = [m, *(with_ci(ev.get(FLIP[k].key), ev.get(schema.ci_of(FLIP[k].key)), 3)
                              for k in ("self", "cross", "gap"))]  # fmt: skip
         if not run.labels:
-            row += [fmt_flip(1 - ev["flip_self"]) if ev.get("flip_self") is not None else "n/a"]
-        rows.append(row + [rnd_cell(ev, "flip_gap", 3), beats_cell(ev, "flip_gap")])
+            own = ev.get(FLIP["self"].key)
+            row += [fmt_flip(1 - own) if own is not None else "n/a"]
+        rows.append(row + [rnd_cell(ev, FLIP["gap"].key, 3), beats_cell(ev, FLIP["gap"].key)])
     header = ["method", "flip self", "flip cross", "flip gap"]
     header += [] if run.labels else ["agreement self"]
     lines += table(header + ["RND flip gap", f"beats RND (p < {LEVEL})"], rows) + [""]
@@ -285,16 +297,19 @@ def _summary(run: RunFiles) -> list[str]:
 
 def _specificity_table(run: RunFiles, measure: Measure, of: str) -> list[str]:
     C = len(run.cultures)
-    lines = [f"**{measure.label}** = self / (self + (C - 1) cross): the share of {of} that "
-             f"lands on the culture whose neurons were changed (1 = all of it, 1/C = "
-             f"{1 / C:.2f} = spread evenly); unlike the gap it does not grow with the total "
-             "damage. Compared with the same share of the method's RND draws.", ""]  # fmt: skip
+    lines = [f"**{measure.label}** = the share of {of} (effects oriented as harm) that lands "
+             f"on the culture whose neurons were changed: self / (self + (C - 1) cross), "
+             f"clipped to [0, 1] (1 = all of it, 1/C = {1 / C:.2f} = spread evenly); unlike "
+             "the gap it does not grow with the total damage. n/a where the total harm's "
+             "interval holds 0 (nothing to share). Compared with the RND draws' shares where "
+             "random sets do something, else with 1/C (the last column says which).",
+             ""]  # fmt: skip
     rows = [[m, with_ci(run.evals[m].get(measure.key),
-                                 run.evals[m].get(f"{measure.key}_ci"), 2, mark=False),
+                                 run.evals[m].get(schema.ci_of(measure.key)), 2, mark=False),
              rnd_cell(run.evals[m], measure.key, 2), beats_cell(run.evals[m], measure.key)]
             for m in ranked(run, measure)]  # fmt: skip
     return lines + table(["method", "specificity", "RND specificity",
-                          f"beats RND (p < {LEVEL})"], rows) + [""]  # fmt: skip
+                          f"beats RND or 1/C (p < {LEVEL})"], rows) + [""]  # fmt: skip
 
 
 def _winners(run: RunFiles) -> list[str]:
@@ -366,10 +381,10 @@ def _overlap(run: RunFiles) -> list[str]:
 def _matrices(run: RunFiles, figures: dict[str, dict[str, str]]) -> list[str]:
     lines = ["## Matrices", "",
              "Rows: the culture whose neurons are changed; columns: the culture evaluated; each "
-             "cell with its 95 % interval. " + HOLDS_ZERO_NOTE + " In the figures (one colour "
-             "scale per kind, shared by all methods) such cells are hatched; grey: no "
-             "evaluation items."]  # fmt: skip
-    kinds = [("flip", "flip rate", 3, True)]
+             "cell with its 95 % interval. " + CELLS_NOTE + " In the figures (one colour "
+             "scale per kind, shared by all methods) cells whose interval holds 0 are hatched; "
+             "grey: no evaluation items."]  # fmt: skip
+    kinds = [("flip", "flip rate", 3, False)]
     if run.labels:
         kinds = [("accuracy", "accuracy (%)", 1, False), ("delta", "accuracy change (points)",
                                                            1, True)] + kinds  # fmt: skip
@@ -379,11 +394,13 @@ def _matrices(run: RunFiles, figures: dict[str, dict[str, str]]) -> list[str]:
         for kind, what, decimals, mark in kinds:
             lines += ["", f"{method}: {what}", ""]
             ci = ev.get(f"{kind}_ci") or [[None] * len(run.cultures)] * len(run.cultures)
-            rows = [[name, *(estimated.marked(with_ci(v, c, decimals, mark), e)
-                             for v, c, e in zip(vals, cis, guessed, strict=True))]
-                    for name, vals, cis, guessed in zip(run.cultures, ev[kind], ci,
-                                                        estimated.estimated_cells(ev),
-                                                        strict=True)]  # fmt: skip
+            bold = (cell_bold(ev, kind) if mark else None) or [[False] * len(run.cultures)] * \
+                len(run.cultures)
+            rows = [[name, *(estimated.marked(with_ci(v, c, decimals, bold=b), e)
+                             for v, c, b, e in zip(vals, cis, bolds, guessed, strict=True))]
+                    for name, vals, cis, bolds, guessed in zip(
+                        run.cultures, ev[kind], ci, bold, estimated.estimated_cells(ev),
+                        strict=True)]  # fmt: skip
             lines += table(header, rows)
             if kind in figures.get(method, {}):
                 lines += ["", f"![{method}: {what}]({figures[method][kind]})"]

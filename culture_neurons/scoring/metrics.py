@@ -3,13 +3,15 @@ neurons), column c' the evaluated culture. Accuracy is in percent, delta in poin
 (``acc_ablated - acc_full``), flip is the share of items whose predicted letter changed.
 
 Summaries of a square ``[C, C]`` matrix: ``self`` = mean diagonal, ``cross`` = mean
-off-diagonal, ``gap = self - cross``, and ``specificity = self / (self + (C - 1) * cross)``,
-the share of the summed effect that lands on the culture whose neurons were changed (1 = all
-of it, 1/C = spread evenly). For accuracy deltas a more negative self and gap mean a more
-selective method, for NLL deltas (the LM task) and flips a more positive one. The gap grows
-with the total damage a set does; the specificity does not (scaling every effect by k leaves
-it unchanged) and needs no orientation (the same for effects of either sign). It is undefined
-(NaN) where the summed effect is 0."""
+off-diagonal, ``gap = self - cross``, and ``specificity``, the share of the summed *oriented*
+effect (``sign x change``: harm, for ablation; ``sign`` = -1 for accuracy, +1 for NLL and flips)
+that lands on the culture whose neurons were changed: ``self / (self + (C - 1) * cross)``
+clipped to [0, 1] (1 = all of it, 1/C = spread evenly), NaN where the oriented total is not
+positive (no harm to share; a set that helps its own culture never scores above 1). For
+accuracy deltas a more negative self and gap mean a more selective method, for NLL deltas (the
+LM task) and flips a more positive one. The gap grows with the total damage a set does; the
+specificity does not. Whether a specificity is reported at all (its total's interval must
+exclude 0) and its test: :mod:`culture_neurons.scoring.random_control`."""
 
 from __future__ import annotations
 
@@ -70,8 +72,8 @@ SUMMARIES = eval_schema.SUMMARIES  # the names the eval JSON keys them by
 class RowParts(NamedTuple):
     """What the summaries need of each row s of square matrices [..., C, C]: every summary is
     a function of the row sums of ``diag`` and ``off``, so rows of different matrices (one
-    culture's set from each of several draws) can be recombined (see
-    :func:`culture_neurons.scoring.uncertainty.p_value`)."""
+    culture's set from each of several draws) can be recombined (the test against random sets:
+    :mod:`culture_neurons.scoring.random_control`)."""
 
     diag: torch.Tensor  # [..., C] the row's diagonal cell (0 where undefined)
     off: torch.Tensor  # [..., C] the sum of its defined off-diagonal cells
@@ -90,22 +92,23 @@ def row_parts(m: torch.Tensor) -> RowParts:
 
 
 def from_parts(diag_sum: torch.Tensor, off_sum: torch.Tensor, n_diag, n_off,
-               C: int) -> dict[str, torch.Tensor]:  # fmt: skip
+               C: int, sign: int = 1) -> dict[str, torch.Tensor]:  # fmt: skip
     """The summaries from the sums over rows of :class:`RowParts` (see the module doc)."""
     s = diag_sum / n_diag  # nanmean: a culture without items leaves NaN cells
     c = off_sum / n_off if C > 1 else torch.full_like(s, torch.nan)
-    total_effect = s + (C - 1) * c
-    # No net effect (0 up to rounding: these are sums of a few fractions): share undefined.
-    total_effect = torch.where(total_effect.abs() < 1e-12, torch.nan, total_effect)
-    return {"self": s, "cross": c, "gap": s - c, "specificity": s / total_effect}
+    total = sign * (s + (C - 1) * c)  # oriented: harm > 0
+    # No net harm (<= 0 up to rounding: these are sums of a few fractions): share undefined.
+    share = torch.where(total > 1e-12, (sign * s / total).clamp(0.0, 1.0), torch.nan)
+    return {"self": s, "cross": c, "gap": s - c, "specificity": share}
 
 
-def summaries(m: torch.Tensor) -> dict[str, torch.Tensor]:
-    """``self``, ``cross``, ``gap``, ``specificity`` of square matrices ``m`` [..., C, C] (each
-    [...]); NaN cells (a culture without items) are left out of the means."""
+def summaries(m: torch.Tensor, sign: int = 1) -> dict[str, torch.Tensor]:
+    """``self``, ``cross``, ``gap``, ``specificity`` (of effects oriented by ``sign``) of square
+    matrices ``m`` [..., C, C] (each [...]); NaN cells (a culture without items) are left out
+    of the means."""
     parts = row_parts(m)
     return from_parts(parts.diag.sum(-1), parts.off.sum(-1), parts.n_diag, parts.n_off,
-                      m.shape[-1])  # fmt: skip
+                      m.shape[-1], sign)  # fmt: skip
 
 
 def nan_to_none(x):

@@ -77,3 +77,11 @@ class Task(Protocol):
 
     def results(self, masks, per_set, full, items, culture, cultures, data, nulls):
         """``(eval/full.json, {method: eval/<method>.json})``."""
+
+    # -- per-item changes (kept in eval/items.safetensors: report recomputes the tests) -----
+    def item_data(self, items: list, data) -> dict:
+        """``{name: tensor [n]}`` that :meth:`changes` needs besides the scores."""
+
+    @staticmethod
+    def changes(full, scores, culture, C: int, item_data: dict) -> dict:
+        """``{measure key: [S, n]}`` per-item changes, a culture's plain mean its cell."""

@@ -12,7 +12,13 @@ from culture_neurons.eval_schema import NLL_DELTA
 from culture_neurons.scoring import estimate, lm
 from culture_neurons.scoring.metrics import per_culture_sum
 from culture_neurons.scoring.uncertainty import Bootstrap
-from culture_neurons.tasks.assemble import assemble, bootstrap, method_fields, oriented
+from culture_neurons.tasks.assemble import (
+    add_tests,
+    assemble,
+    bootstrap,
+    method_fields,
+    oriented,
+)
 
 FAKER_DATA = "faker"  # --data value of the generated sentences
 FAKER_SENTENCES = 16  # sentences per culture unless --max-items says otherwise
@@ -144,4 +150,22 @@ class LMTask:
                                 ("nll_full", "nll", "delta"),
                                 oriented(measured, self.config.alpha)))  # fmt: skip
             results[name] = res
+        add_tests(results, per_set, full, culture, self.changes, {"tokens": tokens}, boot)
         return full_record, results
+
+    # -- per-item changes (what the tests against RND recompute from) --------------------------
+    def item_data(self, items: list, data) -> dict:
+        """What :meth:`changes` needs of the items besides their scores: their tokens."""
+        return {"tokens": self.tokens(items)}
+
+    @staticmethod
+    def changes(full: torch.Tensor, scores: torch.Tensor, culture: torch.Tensor, C: int,
+                item_data: dict) -> dict:  # fmt: skip
+        """Per-item changes ``{"delta": [S, n]}``: an item's summed NLL change x n_c / T_c, so
+        that a culture's plain mean is its token-weighted NLL change (nats/token)."""
+        tokens = item_data["tokens"]
+        counts = torch.bincount(culture, minlength=C).double()
+        per_culture_tokens = torch.zeros(C, dtype=torch.float64).index_add_(
+            0, culture, tokens.double())  # fmt: skip
+        scale = counts[culture] / per_culture_tokens[culture]
+        return {NLL_DELTA.key: (scores.double() - full.double()) * scale}

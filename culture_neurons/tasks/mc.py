@@ -14,7 +14,13 @@ from culture_neurons.scoring.metrics import matrices
 from culture_neurons.scoring.multiple_choice import Group
 from culture_neurons.scoring.prompting import encode, prompt_lengths
 from culture_neurons.scoring.uncertainty import Bootstrap
-from culture_neurons.tasks.assemble import assemble, bootstrap, method_fields, oriented
+from culture_neurons.tasks.assemble import (
+    add_tests,
+    assemble,
+    bootstrap,
+    method_fields,
+    oriented,
+)
 
 log = logging.getLogger(__name__)
 
@@ -159,4 +165,26 @@ class MCTask:
             res.update(assemble(mats, per_set, masks, name, nulls[name], boot, keys,
                                 oriented(measured, self.config.alpha)))  # fmt: skip
             results[name] = res
+        add_tests(results, per_set, full, culture, self.changes, self.item_data(items, data),
+                  boot)  # fmt: skip
         return full_record, results
+
+    # -- per-item changes (what the tests against RND recompute from) --------------------------
+    def item_data(self, items: list, data) -> dict:
+        """What :meth:`changes` needs of the items besides their scores: the labels, if any."""
+        if not data.labels_available:
+            return {}
+        return {"labels": torch.tensor([it.label for it in items])}
+
+    @staticmethod
+    def changes(full: torch.Tensor, scores: torch.Tensor, culture: torch.Tensor, C: int,
+                item_data: dict) -> dict:  # fmt: skip
+        """Per-item changes ``{measure key: [S, n]}`` of ``scores`` [S, n] against ``full``
+        [n], a culture's plain mean being its matrix cell: ``flip`` (0/1) and, with labels,
+        ``delta`` (points: 100 x (right under the set - right under the full model))."""
+        out = {FLIP.key: (scores != full).double()}
+        labels = item_data.get("labels")
+        if labels is not None:
+            out[ACCURACY_DELTA.key] = 100.0 * ((scores == labels).double()
+                                               - (full == labels).double())  # fmt: skip
+        return out

@@ -158,12 +158,20 @@ def test_beats_rnd_uses_the_p_value_against_the_methods_own_control(labelled):
     assert cas["p_gap_vs_rnd"] == pytest.approx(1 / (DRAWS + 1) ** 3)  # no draw comes near
     assert cas["rnd"]["draws"] == DRAWS and cas["rnd"]["set_sizes"] == cas["set_sizes"]
     row = _row(text, "cas", "### Accuracy change")
-    assert f"yes (p = {cas['p_gap_vs_rnd']:.3f} (floor))" in row
+    # The primary test (accuracy gap) is Holm-adjusted across the 2 methods: 2 x the floor.
+    assert cas["p_gap_vs_rnd_adj"] == pytest.approx(2 * cas["p_gap_vs_rnd"])
+    assert (f"yes (Holm-adjusted p = {cas['p_gap_vs_rnd_adj']:.3f}; "
+            f"p = {cas['p_gap_vs_rnd']:.3f} (floor))") in row  # fmt: skip
     sd = f"{cas['rnd']['gap_mean']:.1f} ± {cas['rnd']['gap_sd']:.1f}"
     assert sd in row  # RND gap: mean ± sd over the method's own draws
-    word = "yes" if lap["p_gap_vs_rnd"] < 0.05 else "no"  # lap's true gap is 0: p ~ uniform
-    assert f"{word} (p = {lap['p_gap_vs_rnd']:.3f}" in _row(text, "lap", "### Accuracy change")
+    q = lap["p_gap_vs_rnd_adj"]
+    word = "yes" if q < 0.05 else "no"  # lap's true gap is 0
+    assert f"{word} (Holm-adjusted p = {q:.3f}" in _row(text, "lap", "### Accuracy change")
     assert "its floor here is 0.0046" in text
+    # the headline speaks of the adjusted primary test only; the flip gap is secondary
+    headline = text.split("## Primary result")[1].split("## ")[0]
+    assert "cas: **beats RND** (adjusted p = " in headline and "flip" not in headline
+    assert "secondary, unadjusted" in _row(text, "cas", "### Flips")
 
 
 def test_which_method_wins_on_which_measure(labelled):
@@ -287,3 +295,19 @@ def test_steering_report_says_so_and_tests_two_sided(tmp_path):
 def test_unevaluated_run_is_refused(tmp_path):
     with pytest.raises(DataError, match="run `evaluate`"):
         write_report(tmp_path)
+
+
+def test_delta_cells_are_bold_only_under_bh(labelled):
+    out, text = labelled
+    for method in ("cas", "lap"):
+        ev = _read(out, method)
+        part = text.split(f"{method}: accuracy change (points)", 1)[1]
+        cultures = ev["cultures"]
+        for s, name in enumerate(cultures):
+            row = _row(part, name).split("|")[2:-1]
+            for c, cell in enumerate(row):
+                q = ev["delta_cell_q"][s][c]
+                assert ("**" in cell) == (q is not None and q < 0.05), (method, s, c, cell, q)
+        flips = text.split(f"{method}: flip rate", 1)[1].split("###")[0]
+        assert "**" not in flips.split("![")[0]  # flip cells: never bold (no cell test)
+    assert _read(out, "cas")["delta_cell_q"][0][0] < 0.05  # cas's own cells: found

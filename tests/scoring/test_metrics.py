@@ -10,19 +10,28 @@ import torch
 from culture_neurons.scoring.metrics import summaries
 
 
-def test_summaries_by_hand_and_specificity_ignores_scale_and_sign():
+def test_summaries_by_hand_and_specificity_ignores_scale_and_is_oriented():
     m = torch.tensor([[-6.0, -1.0, 0.0], [-2.0, -9.0, -1.0], [0.0, -2.0, -3.0]])
-    out = summaries(m)
+    out = summaries(m, sign=-1)  # accuracy: a drop is the harm
     s, c = (-6 - 9 - 3) / 3, (-1 + 0 - 2 - 1 + 0 - 2) / 6
     assert out["self"].item() == pytest.approx(s) and out["cross"].item() == pytest.approx(c)
     assert out["gap"].item() == pytest.approx(s - c)
     assert out["specificity"].item() == pytest.approx(18 / 24)  # diagonal / total
-    for k in (3.0, -0.5):  # scaled and sign-flipped effects: same specificity, scaled gap
-        scaled = summaries(k * m)
+    for k in (3.0, 0.5):  # scaled effects: same specificity, scaled gap
+        scaled = summaries(k * m, sign=-1)
         assert scaled["specificity"].item() == pytest.approx(18 / 24)
         assert scaled["gap"].item() == pytest.approx(k * (s - c))
+    # the same changes as gains: no harm to share (undefined), never the same share again
+    assert math.isnan(summaries(-m, sign=-1)["specificity"].item())
+    assert summaries(-m, sign=1)["specificity"].item() == pytest.approx(18 / 24)
+    # the own culture hurt, the others helped more than 0: the share is clipped to 1
+    helped = torch.tensor([[-6.0, 1.0], [1.0, -6.0]])
+    assert summaries(helped, sign=-1)["specificity"].item() == 1.0
+    # the own culture helped while the others are hurt: clipped to 0, not negative
+    own_helped = torch.tensor([[2.0, -6.0], [-6.0, 2.0]])
+    assert summaries(own_helped, sign=-1)["specificity"].item() == 0.0
     m[0, 2] = float("nan")  # a cell without items is left out of the mean
-    assert summaries(m)["cross"].item() == pytest.approx((-1 - 2 - 1 + 0 - 2) / 5)
+    assert summaries(m, sign=-1)["cross"].item() == pytest.approx((-1 - 2 - 1 + 0 - 2) / 5)
     one = summaries(torch.tensor([[-4.0]]))
     assert one["self"].item() == -4.0 and math.isnan(one["gap"].item())
 
