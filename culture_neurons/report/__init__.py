@@ -1,10 +1,11 @@
 """The report of a run (SPEC "What a run leaves behind"): ``OUT/report.md`` and ``OUT/figures/``.
 
-One writer per task (its ``write_report``, :mod:`culture_neurons.tasks`) over shared parts: :mod:`.mc` (multiple choice: accuracy, delta and flip
-matrices, figures) and :mod:`.lm` (language modelling: NLL matrices), both reading the run's
-files (:mod:`.files`) and writing with the same tables (:mod:`.tables`), figures
-(:mod:`.figures`) and layer summaries (:mod:`.layers`). Reports need only the files, never the
-model, so they can be written again for any finished run.
+One writer per task (the task's ``write_report`` picks it, :mod:`culture_neurons.tasks`) over
+shared parts: :mod:`.mc` (multiple choice: accuracy, delta and flip matrices, figures) and
+:mod:`.lm` (language modelling: NLL matrices), both reading the run's files (:mod:`.files`) and
+writing with the same tables (:mod:`.tables`), figures (:mod:`.figures`) and layer summaries
+(:mod:`.layers`). Reports need only the files, never the model, so they can be written again
+for any finished run.
 """
 
 from __future__ import annotations
