@@ -87,7 +87,7 @@ from culture_neurons.models.adapters import get_adapter
 from culture_neurons.models.loading import load_processor, save_processor
 from culture_neurons.scoring.multiple_choice import letter_scores, predict
 from culture_neurons.scoring.prompting import INSTRUCTION, LETTERS, encode, letter_token_ids
-from culture_neurons.testing import tiny
+from culture_neurons.models import tiny
 
 __all__ = ["Toy", "ToyConfig", "build_toy", "default_cache_dir", "load_toy", "toy"]
 
@@ -108,6 +108,8 @@ class ToyConfig:
     eval_items: int = 150  # per culture in the run's data (half identify, half evaluate)
     train_items: int = 512  # per culture, drawn with another seed than data_path
     words_per_category: int = 1  # facts per culture and category (synthetic.py has up to 6)
+    distractors: str = "cultures"  # synthetic.py's: "own" = the culture's other categories
+    frozen_embeddings: bool = False  # token embeddings stay random: meanings live in the decoder
     hidden: int = 64  # Qwen2-7B 3584
     intermediate: int = 384  # 18944; L * N = 1152 neurons, 1 % = 12 per culture
     layers: int = 3  # 28
@@ -236,12 +238,13 @@ def _build_steps(seed: int, config: ToyConfig, out: Path) -> None:
     start = time.perf_counter()
     data_path = write_synthetic_cvqa(
         out / "data.parquet", config.cultures, config.eval_items, seed=seed,
-        words_per_category=config.words_per_category,
+        words_per_category=config.words_per_category, distractors=config.distractors,
     )  # fmt: skip
     data = load_cvqa(data_path, min_items=1)
     train_items = list(
         make_synthetic_items(config.cultures, config.train_items, seed=_train_seed(seed),
-                             words_per_category=config.words_per_category)  # fmt: skip
+                             words_per_category=config.words_per_category,
+                             distractors=config.distractors)  # fmt: skip
     )
     processor = toy_processor(config)
     model = toy_model(processor, config, seed)
@@ -479,6 +482,8 @@ def train(model, processor, items: list[Item], config: ToyConfig, seed: int) -> 
     encoded = _Encoded(model, processor, items)
     letters = letter_token_ids(processor)
     model.model.visual.requires_grad_(False)  # its outputs are cached in `encoded`
+    if config.frozen_embeddings:
+        model.get_input_embeddings().requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_factor(config))
