@@ -300,8 +300,10 @@ def _distractors(
     for donor in donors:
         if len(names) == 3:
             break
-        choices = list(zip(donor.words[category][:words_per_category],
-                           donor.local_words[category][:words_per_category], strict=True))
+        # The neutral pool is no culture's knowledge: all of its words may fill in.
+        n = WORDS_PER_CATEGORY if donor is _neutral_culture() else words_per_category
+        choices = list(zip(donor.words[category][:n], donor.local_words[category][:n],
+                           strict=True))  # fmt: skip
         rng.shuffle(choices)
         for english, local in choices:
             # Cultures draw syllables from one alphabet, so words may (rarely) coincide.

@@ -82,12 +82,18 @@ from culture_neurons.data.synthetic import (
     resolve_cultures,
     write_synthetic_cvqa,
 )
+from culture_neurons.demo.shipped import (
+    SHIPPED,
+    check_hashes,
+    content_hashes,
+    shipped_files_present,
+)
 from culture_neurons.errors import UsageError
-from culture_neurons.models.adapters import get_adapter
+from culture_neurons.models import tiny
+from culture_neurons.models.adapters import decoder_mlps, get_adapter, neuron_values
 from culture_neurons.models.loading import load_processor, save_processor
 from culture_neurons.scoring.multiple_choice import letter_scores, predict
 from culture_neurons.scoring.prompting import INSTRUCTION, LETTERS, encode, letter_token_ids
-from culture_neurons.models import tiny
 
 __all__ = ["Toy", "ToyConfig", "build_toy", "default_cache_dir", "load_toy", "toy"]
 
@@ -122,6 +128,7 @@ class ToyConfig:
     weight_decay: float = 0.01
     warmup: int = 30
     init_std: float = 0.1  # decoder init (HF default 0.02); see _init_decoder
+    sparsity: float = 0.0  # weight of the L1 penalty on MLP neuron values (see train)
 
 
 @dataclass
@@ -153,18 +160,45 @@ def toy(
     force: bool = False,
     config: ToyConfig | None = None,
 ) -> Toy:
-    """The toy of ``seed``: loaded from ``cache_dir`` if built there before, else built (a few
-    minutes on 2 CPU cores), cached, and loaded. ``force=True`` rebuilds over the cache.
-    ``config``: another recipe than :class:`ToyConfig`'s defaults (give it its own cache_dir)."""
+    """The toy of ``seed``. The default one (seed 0, default config, no ``cache_dir``) is the
+    shipped toy (:mod:`.shipped`): loaded from the package and checked against its recorded
+    hashes; where its files are missing it is rebuilt into the cache and must hash the same
+    (:class:`~culture_neurons.demo.shipped.ToyMismatchError` if not). Any other toy is loaded
+    from ``cache_dir`` if built there before, else built (minutes on 2 CPU cores), cached, and
+    loaded. ``force=True`` rebuilds over the cache. ``config``: another recipe than
+    :class:`ToyConfig`'s defaults (give it its own cache_dir)."""
     config = config or ToyConfig()
+    expected = _shipped_hashes(seed, config) if cache_dir is None and not force else None
+    if expected is not None and shipped_files_present():
+        shipped = load_toy(SHIPPED)
+        check_hashes(_hashes(shipped), expected, SHIPPED, rebuilt=False)
+        return shipped
     target = Path(cache_dir) if cache_dir is not None else default_cache_dir(seed)
     if force or not (target / "toy.json").is_file():
         # Said before the silence of training: the first use builds, later ones load.
-        log.info("building the embedded toy VLM of seed %d (about two minutes on 2 CPU cores; "
+        log.info("building the embedded toy VLM of seed %d (a few minutes on 2 CPU cores; "
                  "cached in %s and loaded in seconds afterwards)", seed, target)  # fmt: skip
         build_toy(seed, target, force=force, config=config)
     _check_cache(target, seed, config)
-    return load_toy(target)
+    built = load_toy(target)
+    if expected is not None:  # the shipped toy's files are missing: this rebuild must match
+        check_hashes(_hashes(built), expected, target, rebuilt=True)
+    return built
+
+
+def _shipped_hashes(seed: int, config: ToyConfig) -> dict | None:
+    """The hashes the shipped toy records, if ``seed`` and ``config`` are the shipped ones."""
+    meta_file = SHIPPED / "toy.json"
+    if not meta_file.is_file():
+        return None
+    meta = json.loads(meta_file.read_text())
+    if meta["seed"] != seed or meta["config"] != asdict(config):
+        return None
+    return meta.get("hashes")
+
+
+def _hashes(t: Toy) -> dict[str, str]:
+    return content_hashes(t.model, t.processor, t.data)
 
 
 def _check_cache(path: Path, seed: int, config: ToyConfig) -> None:
@@ -490,6 +524,9 @@ def train(model, processor, items: list[Item], config: ToyConfig, seed: int) -> 
     gen = torch.Generator().manual_seed(stable_seed("toy-batches", seed) % (2**31))
     order = torch.randperm(len(encoded), generator=gen)
     cursor, losses = 0, []
+    values: list[torch.Tensor] = []  # this step's MLP neuron values, for the L1 penalty
+    hooks = [neuron_values(mlp).register_forward_pre_hook(lambda _, args: values.append(args[0]))
+             for mlp in decoder_mlps(model)] if config.sparsity else []  # fmt: skip
     model.train()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # dropout, if a config enables it
@@ -498,15 +535,24 @@ def train(model, processor, items: list[Item], config: ToyConfig, seed: int) -> 
                 order, cursor = torch.randperm(len(encoded), generator=gen), 0
             batch, labels = encoded.rows(order[cursor : cursor + config.batch_size])
             cursor += config.batch_size
+            values.clear()
             logits = model(**batch, logits_to_keep=1).logits[:, -1, :]
             loss = F.cross_entropy(letter_scores(logits, letters), labels)
+            if config.sparsity:
+                mask = batch["attention_mask"].unsqueeze(-1).to(logits.dtype)
+                l1 = sum((v.abs() * mask).sum() / (mask.sum() * v.shape[-1]) for v in values)
+                loss_total = loss + config.sparsity * l1
+            else:
+                loss_total = loss
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            loss_total.backward()
             optimizer.step()
             schedule.step()
             losses.append(loss.item())
             if step % 50 == 0 or step == config.steps - 1:
                 log.info("toy: step %d/%d loss %.3f", step, config.steps, losses[-1])
+    for hook in hooks:
+        hook.remove()
     model.requires_grad_(True)
     model.eval()
     return losses
