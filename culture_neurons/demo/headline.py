@@ -4,7 +4,8 @@
 accuracy and each method's primary measure (the accuracy gap, self and cross) of the run that
 ``culture-neurons run`` makes on the shipped toy; ``tests/demo/test_toy.py`` reruns it and
 holds the numbers to within one evaluation item per culture, so a change that moves them is
-seen. Its p-values are kept for the reader (RESULTS.md), not asserted.
+seen. Its p-values, set sizes and counts of harmed cells are kept for the reader
+(RESULTS.md), not asserted.
 """
 
 from __future__ import annotations
@@ -44,7 +45,16 @@ def headline(results: dict[str, dict]) -> dict:
         "accuracy_full_mean": first["accuracy_full_mean"],
         "tolerance_points": 100 / min(first["items_per_culture"]),
         "methods": {
-            m: {k: r[k] for k in METHOD_KEYS + NOTED_KEYS} for m, r in sorted(results.items())
+            m: {**{k: r[k] for k in METHOD_KEYS + NOTED_KEYS}, **harmed_cells(r["delta_ci"])}
+            for m, r in sorted(results.items())
         },
     }
+
+
+def harmed_cells(delta_ci: list) -> dict[str, int]:
+    """How many own-culture cells (the diagonal) and cross cells of a method's accuracy-change
+    matrix have an interval entirely below 0."""
+    below = [[hi < 0 for _, hi in row] for row in delta_ci]
+    own = sum(below[i][i] for i in range(len(below)))
+    return {"own_cells_harmed": own, "cross_cells_harmed": sum(map(sum, below)) - own}
 
