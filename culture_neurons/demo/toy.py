@@ -176,6 +176,8 @@ def toy(
     config = config or ToyConfig()
     expected = _shipped_hashes(seed, config) if cache_dir is None and not force else None
     if expected is not None and shipped_files_present():
+        log.info("loading the embedded toy VLM (%s, shipped in %s) and checking its hashes",
+                 VERSION, SHIPPED)  # fmt: skip
         shipped = load_toy(SHIPPED)
         check_hashes(_hashes(shipped), expected, SHIPPED, rebuilt=False)
         return shipped
