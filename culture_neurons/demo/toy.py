@@ -33,9 +33,9 @@ What makes it meaningful:
 Each culture knows one word per category (``words_per_category=1``: 4 facts per culture); with
 the full synthetic vocabulary (6 words per category) the model memorised training items without
 generalising (toy-v1: 28 % on its data). The decoder MLPs are narrow (toy-v4: 3 x 96 = 288
-neurons; toy-v3 had 3 x 384): with four times more neurons than it needs the model spread each
-culture over many redundant neurons, and ablating a culture's top 10 % cost it 4.5 points at
-most (mad) to 9 (cas, toy-v3); at 96 the same 1200 steps reach the same accuracy (75 %, chance
+neurons; toy-v3 had 3 x 384): with four times as many neurons the model spread each
+culture over many redundant neurons, and ablating a culture's top 10 % cost it 9 points at
+most (mad; cas 4.5); at 96 the same 1200 steps reach the same accuracy (75 %, chance
 25 %) and a culture's 29 top neurons by mad carry it (its accuracy falls 18 points, the other
 cultures' 6). Measured before choosing it (so: a choice made after seeing the numbers, said
 here, with what else was tried on the same seed): the default run on toy-v4 against toy-v3,
