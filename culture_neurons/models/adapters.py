@@ -144,12 +144,6 @@ def decoder_mlps(model: nn.Module) -> list[nn.Module]:
     return mlps
 
 
-def neuron_values(mlp: nn.Module) -> nn.Module:
-    """The module whose input is the MLP's neuron values ``act_fn(gate) * up`` [..., N]
-    (``down_proj``): a forward pre-hook on it sees them."""
-    return mlp.down_proj
-
-
 def mlp_activation(mlp: nn.Module) -> str:
     """``"silu"`` or ``"gelu_tanh"``: the activation of one decoder MLP, read from the class of
     its ``act_fn`` through transformers' own name -> class table (no guessing from names)."""
