@@ -77,7 +77,9 @@ def check_hashes(found: dict[str, str], expected: dict[str, str], where: Path,
             "this machine's toy is another model and its numbers would not match anyone "
             "else's. Install the package with its toy files (pip install . from a checkout "
             f"that has {SHIPPED}/model and data.parquet), or, to use this machine's toy "
-            f"anyway, run with --model {where / 'model'} --data {where / 'data.parquet'}."
+            f"anyway, run with --model {where / 'model'} --data {where / 'data.parquet'} and "
+            "the toy's --ratio and --batch-size (TOY_RATIO, TOY_BATCH_SIZE in "
+            "culture_neurons/demo/toy.py)."
         )
     raise ToyMismatchError(
         f"the toy files in {where} do not match their recorded {what} hash (damaged or "
