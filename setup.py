@@ -43,6 +43,8 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["culture_neurons", "culture_neurons.*"]),
+    # The shipped toy (culture_neurons/demo/shipped.py): weights, processor, data, hashes.
+    package_data={"culture_neurons.demo": ["toy/*.json", "toy/*.parquet", "toy/model/*"]},
     ext_modules=ext_modules,
     cmdclass={"build_ext": build_ext, "build_py": build_py_with_kernels},
     install_requires=[

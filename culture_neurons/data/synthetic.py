@@ -90,6 +90,7 @@ CATEGORIES: dict[str, tuple[str, str, tuple[str, ...]]] = {
     ),
 }
 WORDS_PER_CATEGORY = 6
+DISTRACTORS = ("cultures", "own")  # where the wrong options come from (see synthetic_rows)
 _CONSONANTS = "bcdfghjklmnprstvwz"
 _VOWELS = "aeiouy"
 
@@ -269,6 +270,19 @@ def draw_image(culture: SyntheticCulture, rng: random.Random,
 # ---------------------------------------------------------------------------------------------
 
 
+def _own_distractors(
+    culture: SyntheticCulture, category: str, rng: random.Random, words_per_category: int
+) -> list[tuple[str, str]]:
+    """Three (English, local) names of ``culture`` itself, one of each other category."""
+    names = []
+    for other in CATEGORIES:
+        if other != category:
+            k = rng.randrange(words_per_category)
+            names.append((culture.words[other][k], culture.local_words[other][k]))
+    rng.shuffle(names)
+    return names
+
+
 def _distractors(
     answer: tuple[str, str],
     others: Sequence[SyntheticCulture],
@@ -286,8 +300,10 @@ def _distractors(
     for donor in donors:
         if len(names) == 3:
             break
-        choices = list(zip(donor.words[category][:words_per_category],
-                           donor.local_words[category][:words_per_category], strict=True))
+        # The neutral pool is no culture's knowledge: all of its words may fill in.
+        n = WORDS_PER_CATEGORY if donor is _neutral_culture() else words_per_category
+        choices = list(zip(donor.words[category][:n], donor.local_words[category][:n],
+                           strict=True))  # fmt: skip
         rng.shuffle(choices)
         for english, local in choices:
             # Cultures draw syllables from one alphabet, so words may (rarely) coincide.
@@ -307,13 +323,21 @@ def synthetic_rows(
     image_size: int | tuple[int, int] = 64,
     hidden_labels: bool = False,
     words_per_category: int = WORDS_PER_CATEGORY,
+    distractors: str = "cultures",
 ) -> Iterator[dict[str, Any]]:
     """Rows (dicts with exactly CVQA's columns) of synthetic CVQA, culture by culture.
 
     ``image_size``: the side of every (square) image, or ``(smallest, largest)``: each image's
     width and height drawn between them (CVQA's photos differ in size and shape, and so do
     their prompts' image tokens). ``words_per_category`` (1 to 6) limits each culture to its
-    first words of every category: fewer facts to know per culture (the trained toy uses 1)."""
+    first words of every category: fewer facts to know per culture. ``distractors``:
+    ``"cultures"``, the wrong options are the category's words of three other cultures (the
+    image's culture picks the answer); ``"own"``, they are the image's culture's own words of
+    the three other categories (the question's category picks the answer, and only knowing what
+    that culture's words mean tells which: the trained toy's data, see
+    :mod:`culture_neurons.demo.toy`)."""
+    if distractors not in DISTRACTORS:
+        raise UsageError(f"distractors={distractors!r} must be one of {', '.join(DISTRACTORS)}")
     if not 1 <= words_per_category <= WORDS_PER_CATEGORY:
         raise UsageError(f"words_per_category={words_per_category} must be in "
                          f"[1, {WORDS_PER_CATEGORY}]")  # fmt: skip
@@ -336,7 +360,10 @@ def synthetic_rows(
             cvqa_category, question, _ = CATEGORIES[category]
             k = rng.randrange(words_per_category)
             answer = (culture.words[category][k], culture.local_words[category][k])
-            options = _distractors(answer, others, category, rng, words_per_category)
+            if distractors == "own":
+                options = _own_distractors(culture, category, rng, words_per_category)
+            else:
+                options = _distractors(answer, others, category, rng, words_per_category)
             options.insert(labels[i], answer)
             item_id = f"syn{seed}_{culture.language}_{culture.country}_{i:05d}"
             size = image_size
@@ -400,6 +427,7 @@ def write_synthetic_cvqa(
     num_files: int = 1,
     rows_per_group: int = 100,
     words_per_category: int = WORDS_PER_CATEGORY,
+    distractors: str = "cultures",
 ) -> Path:
     """Write synthetic CVQA as parquet in CVQA's schema; return what to pass to ``load_cvqa``.
 
@@ -420,6 +448,7 @@ def write_synthetic_cvqa(
             image_size=image_size,
             hidden_labels=hidden_labels,
             words_per_category=words_per_category,
+            distractors=distractors,
         )
     )
     schema = cvqa_arrow_schema()
@@ -452,6 +481,7 @@ def make_synthetic_items(
     grouping: str = "pair",
     language: str = "en",
     words_per_category: int = WORDS_PER_CATEGORY,
+    distractors: str = "cultures",
 ) -> CultureData:
     """Synthetic CVQA in memory (images kept as PNG bytes), built by the loader's own row
     parser, so it holds the same items as ``load_cvqa(write_synthetic_cvqa(...))``."""
@@ -463,6 +493,7 @@ def make_synthetic_items(
         image_size=image_size,
         hidden_labels=hidden_labels,
         words_per_category=words_per_category,
+        distractors=distractors,
     ):
         item = item_from_row(row, grouping=grouping, language=language)
         groups.setdefault(item.culture, []).append(item)

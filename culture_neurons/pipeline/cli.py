@@ -120,7 +120,7 @@ def _prepare(o: Options, meta: dict | None, resume: bool, command: str):
     _check_device(o)
     part = partition(o["shard"])
     toy = None
-    if _is_toy(o):  # the embedded toy brings its data (built on first use, then loaded)
+    if _is_toy(o):  # the embedded toy brings its data (shipped in the package, hash-checked)
         import torch
 
         from culture_neurons.demo.toy import TOY_THREADS

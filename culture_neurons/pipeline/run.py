@@ -206,7 +206,7 @@ class Run:
         full_record, results = self.task.results(masks, per_set, preds[0], items, culture,
                                                  self.cultures, self.data, nulls)  # fmt: skip
         full_record["matrix"] = self.config.matrix
-        full_record["tokens"] = {"budget": self.image_budget,
+        full_record["input_tokens"] = {"budget": self.image_budget,
                                  "evaluation": self._token_summary(items),
                                  "identification": self._token_summary(
                                      [it for c in self.cultures

@@ -291,3 +291,56 @@ def uncertainty_note(run: RunFiles) -> str:
         text += "No RND draws were run: nothing is compared with chance."
     note = interval_note(run)
     return text + (" " + note if note else "")
+
+
+def headline_lines(run: RunFiles, measure: Measure, full: str) -> list[str]:
+    """The three lines a report opens with (issue #23), quotable as they stand: which method
+    finds culture-sensitive neurons on the primary measure (its value, interval and Holm-
+    adjusted p), how the other methods fared, and what the size-matched random sets and the
+    full model gave (``full``: the full model's headline number, in words). Only adjusted
+    results of the primary test are conclusions here; [] where the run declared none."""
+    if not (run.first.get("primary") or {}):
+        return []
+    adjusted = {m: run.evals[m].get(f"p_{measure.key}_vs_rnd_adj") for m in run.evals}
+    order = ranked(run, measure)
+    winners = sorted((m for m in order if adjusted[m] is not None and adjusted[m] < LEVEL),
+                     key=lambda m: (adjusted[m], order.index(m)))  # fmt: skip
+
+    def value(m: str) -> str:
+        ev = run.evals[m]
+        return (with_ci(ev.get(measure.key), ev.get(f"{measure.key}_ci"), measure.decimals,
+                        mark=False) + measure.unit)  # fmt: skip
+
+    def own_and_others(m: str) -> str:
+        ev, f = run.evals[m], measure.fmt
+        base = measure.key.removesuffix("gap")  # "" or "flip_": the same measure's self, cross
+        return (f"its own culture changes by {f(ev.get(base + 'self'))}{measure.unit}, the "
+                f"others by {f(ev.get(base + 'cross'))}{measure.unit}")  # fmt: skip
+
+    if winners:
+        best = winners[0]
+        first = (f"**{best} finds culture-sensitive neurons** on the primary measure, the "
+                 f"{measure.label}: {value(best)} ({own_and_others(best)} when each culture's "
+                 f"selected neurons are {_verb(run)}), beyond random sets of the same sizes "
+                 f"(Holm-adjusted p = {fmt_p(adjusted[best], None)}).")  # fmt: skip
+    else:
+        defined = [m for m in order if adjusted[m] is not None]
+        smallest = min(defined, key=lambda m: adjusted[m]) if defined else None
+        first = (f"**No method beats random sets of its own sizes** on the primary measure, "
+                 f"the {measure.label}, after Holm adjustment" + (
+                     f" (smallest adjusted p = {fmt_p(adjusted[smallest], None)}, {smallest})"
+                     if smallest else "") + ".")  # fmt: skip
+    others = [m for m in order if not winners or m != winners[0]]
+    parts = [f"{m} {'beats' if m in winners else 'does not beat'} RND ({value(m)}, adjusted p "
+             f"= {fmt_p(adjusted[m], None)})" for m in others]  # fmt: skip
+    second = ("Also: " + "; ".join(parts) + ".") if parts else "The run has one method."
+    rnd = [f"{m} {rnd_cell(run.evals[m], measure.key, measure.decimals)}" for m in order]
+    third = (f"Random control: the {measure.label} of each method's size-matched random sets "
+             f"(mean ± sd over draws) is " + ", ".join(rnd) + f"{measure.unit}; {full}.")
+    return [first, "", second, "", third]
+
+
+def _verb(run: RunFiles) -> str:
+    alpha = run.first.get("alpha")
+    return "ablated" if run.first.get("intervention", "ablate") == "ablate" else (
+        f"steered (alpha = {alpha:g})")  # fmt: skip

@@ -18,6 +18,7 @@ from culture_neurons.report.conclusions import (
     Measure,
     beats_cell,
     cell_bold,
+    headline_lines,
     primary_lines,
     ranked,
     rnd_cell,
@@ -45,7 +46,8 @@ def write_report(out_dir, description: str = "") -> Path:
     first, stats, cultures = run.first, run.stats, run.cultures
     steer = first.get("intervention", "ablate") != "ablate"
     lines = ["# Culture-sensitive neurons: " + ("steering" if steer else "ablation")
-             + " report (language modelling)", "", *estimated.notice(run), "## What was run", "",
+             + " report (language modelling)", "", *estimated.notice(run), *_headline(run),
+             "## What was run", "",
              description.strip() or "(no description given)", ""]  # fmt: skip
     fp = run.fingerprint
     if fp:
@@ -120,3 +122,12 @@ def write_report(out_dir, description: str = "") -> Path:
 
 def _layer_totals(counts) -> list[float]:
     return torch.tensor(counts, dtype=torch.float64).sum(0).tolist() if counts else []
+
+
+def _headline(run) -> list[str]:
+    """The report's first three lines (conclusions.headline_lines)."""
+    first = run.first
+    mean = with_ci(first.get("nll_full_mean"), first.get("nll_full_mean_ci"), DECIMALS,
+                   mark=False)  # fmt: skip
+    lines = headline_lines(run, MEASURES["gap"], f"the full model's NLL is {mean} nats/token")
+    return lines + [""] if lines else []

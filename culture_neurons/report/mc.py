@@ -38,6 +38,7 @@ from culture_neurons.report.conclusions import (
     Measure,
     beats_cell,
     cell_bold,
+    headline_lines,
     holds_zero,
     primary_lines,
     ranked,
@@ -159,6 +160,7 @@ def render(run: RunFiles, description: str, figures: dict[str, dict[str, str]]) 
     if not run.labels:
         lines += [HIDDEN_NOTICE, ""]
     lines += estimated.notice(run)
+    lines += _headline(run)
     key, what = ("delta", "accuracy change") if run.labels else ("flip", "flip rate")
     sections = (
         _what_was_run(run, description),
@@ -241,6 +243,19 @@ def _full_model(run: RunFiles) -> list[str]:
     if unparseable:  # only generation scoring can fail to give a letter
         lines += ["", f"The full model gave {unparseable} unparseable answer(s)."]
     return lines
+
+
+def _headline(run: RunFiles) -> list[str]:
+    """The report's first three lines (conclusions.headline_lines)."""
+    first = run.first
+    if run.labels:
+        mean = with_ci(first.get("accuracy_full_mean"), first.get("accuracy_full_mean_ci"), 1,
+                       mark=False)  # fmt: skip
+        full = f"the full model answers {mean} % of the evaluation items right"
+    else:
+        full = "the labels are hidden, so the measure is the share of answers that flip"
+    lines = headline_lines(run, DELTA["gap"] if run.labels else FLIP["gap"], full)
+    return lines + [""] if lines else []
 
 
 def _primary(run: RunFiles) -> list[str]:

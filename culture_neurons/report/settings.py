@@ -46,8 +46,8 @@ def settings_line(run: RunFiles) -> str:
 
 def tokens_line(run: RunFiles) -> str | None:
     """Image and prompt tokens per item of the evaluation and identification items, and the
-    image-token budget (``eval/full.json``'s ``tokens``); None for runs from before it."""
-    tokens = run.full.get("tokens")
+    image-token budget (``eval/full.json``'s ``input_tokens``); None for runs from before it."""
+    tokens = run.full.get("input_tokens")
     if not tokens:
         return None
     budget = tokens.get("budget") or {}

@@ -13,6 +13,7 @@ from PIL import Image
 from culture_neurons.data import CVQA_COLUMNS, load_cvqa, make_synthetic_items, write_synthetic_cvqa
 from culture_neurons.data.synthetic import (
     BUILTIN_CULTURES,
+    CATEGORIES,
     cvqa_arrow_schema,
     resolve_cultures,
     synthetic_rows,
@@ -59,10 +60,10 @@ def test_letters_balanced_per_culture():
         assert collections.Counter(values) == {0: 3, 1: 3, 2: 3, 3: 3}, subset
 
 
-@pytest.mark.parametrize("n_cultures", [1, 2, 6])
-def test_answer_needs_culture_knowledge(n_cultures):
+@pytest.mark.parametrize(("n_cultures", "words"), [(1, 6), (2, 6), (6, 6), (2, 1), (3, 1)])
+def test_answer_needs_culture_knowledge(n_cultures, words):
     cultures = {c.subset: c for c in resolve_cultures(n_cultures)}
-    for row in synthetic_rows(n_cultures, 8):
+    for row in synthetic_rows(n_cultures, 8, words_per_category=words):
         culture = cultures[row["Subset"]]
         options = row["Translated Options"]
         assert len(set(options)) == 4 and len(set(row["Options"])) == 4
@@ -75,6 +76,30 @@ def test_answer_needs_culture_knowledge(n_cultures):
         # The English question does not give the culture away.
         assert culture.language not in row["Translated Question"]
         assert culture.country not in row["Translated Question"]
+
+
+@pytest.mark.parametrize("words", [1, 3])
+def test_own_distractors_need_the_cultures_own_vocabulary(words):
+    """distractors="own": the four options are the image's culture's words, one per category,
+    the answer is the word of the asked category, and every word comes from the culture's
+    first ``words`` of that category; so no option belongs to another culture."""
+    cultures = {c.subset: c for c in resolve_cultures(8)}
+    questions = {question: category for category, (_, question, _) in CATEGORIES.items()}
+    seen = collections.Counter()
+    for row in synthetic_rows(8, 12, words_per_category=words, distractors="own"):
+        culture = cultures[row["Subset"]]
+        category_of = {w: k for k, ws in culture.words.items() for w in ws[:words]}
+        options = row["Translated Options"]
+        assert all(option in category_of for option in options), options
+        assert sorted(category_of[o] for o in options) == sorted(CATEGORIES)
+        asked = questions[row["Translated Question"]]
+        assert category_of[options[row["Label"]]] == asked
+        local_of = dict(zip(culture.words[asked], culture.local_words[asked], strict=True))
+        assert row["Options"][row["Label"]] == local_of[options[row["Label"]]]
+        seen[row["Label"]] += 1
+    assert set(seen) == {0, 1, 2, 3}
+    with pytest.raises(UsageError, match="distractors"):
+        next(synthetic_rows(2, 4, distractors="neighbours"))
 
 
 def test_each_culture_has_its_own_visual_cue():

@@ -26,7 +26,7 @@ def run(assets, out, *extra) -> int:
 
 
 def tokens(out) -> dict:
-    return json.loads((out / "eval" / "full.json").read_text())["tokens"]
+    return json.loads((out / "eval" / "full.json").read_text())["input_tokens"]
 
 
 def test_the_budget_is_recorded_applied_and_reported(assets, tmp_path, capsys):

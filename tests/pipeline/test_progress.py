@@ -69,18 +69,25 @@ def test_17_quiet_silences_our_bars_and_transformers(assets, tmp_path, capsys, m
     assert tf_logging.is_progress_bar_enabled()  # put back afterwards
 
 
-def test_17_the_toys_first_build_says_so(tmp_path, capsys, monkeypatch):
-    """The notice comes before the build (which is stopped here, as Ctrl-C would)."""
+@pytest.mark.parametrize("shipped", [True, False])
+def test_17_the_toy_says_what_it_does_first(shipped, tmp_path, capsys, monkeypatch):
+    """The notice comes before the work (stopped here, as Ctrl-C would): loading the shipped
+    toy, or building it where its files are missing."""
     from culture_neurons.demo import toy
 
     def stop(*a, **k):
         raise KeyboardInterrupt
 
     monkeypatch.setenv("CULTURE_NEURONS_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(toy, "build_toy", stop)
+    monkeypatch.setattr(toy, "load_toy" if shipped else "build_toy", stop)
+    if not shipped:
+        monkeypatch.setattr(toy, "shipped_files_present", lambda: False)
     assert cli.main(["run", "--out", str(tmp_path / "o")]) == 130
     lines = capsys.readouterr().err.splitlines()
-    assert lines[0].startswith("building the embedded toy VLM")
-    assert "about two minutes" in lines[0] and "cached" in lines[0]
+    if shipped:
+        assert lines[0].startswith("loading the embedded toy VLM") and "hashes" in lines[0]
+    else:
+        assert lines[0].startswith("building the embedded toy VLM")
+        assert "a few minutes" in lines[0] and "cached" in lines[0]
     assert lines[-1] == "interrupted; run the same command with --resume to continue"
     assert not (tmp_path / "o").exists()

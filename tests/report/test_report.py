@@ -215,6 +215,33 @@ def test_headline_accuracy_and_sections(labelled):
     assert f"| {(2 / 6 + 2 / 6 + 1 / 7) / 3:.3f} |" in _row(text, "cas", "## Overlap")
 
 
+def test_the_report_opens_with_three_quotable_lines(labelled, tmp_path):
+    """Issue #23: the first lines say which method finds culture-sensitive neurons on the
+    primary measure (value, interval, Holm-adjusted p), how the others fared, and what the
+    random control and the full model gave; recomputed here from the eval JSONs."""
+    out, text = labelled
+    lines = [line for line in text.splitlines()[1:] if line][:3]  # after the title
+    evals = {m: _read(out, m) for m in ("cas", "lap")}
+    adjusted = {m: ev["p_gap_vs_rnd_adj"] for m, ev in evals.items()}
+    beating = sorted((p, m) for m, p in adjusted.items() if p < 0.05)
+    assert beating, "the fake run's cas is built to beat its control"
+    best = beating[0][1]
+    assert lines[0].startswith(f"**{best} finds culture-sensitive neurons** on the primary "
+                               "measure, the gap (self - cross)")  # fmt: skip
+    assert f"{evals[best]['gap']:.1f} [{evals[best]['gap_ci'][0]:.1f}, " in lines[0]
+    other = next(m for m in evals if m != best)
+    verdict = "beats" if adjusted[other] < 0.05 else "does not beat"
+    assert lines[1].startswith(f"Also: {other} {verdict} RND")
+    assert lines[2].startswith("Random control:") and "% of the evaluation items right" in lines[2]
+    for m, ev in evals.items():
+        assert f"{m} {ev['rnd']['gap_mean']:.1f} ± {ev['rnd']['gap_sd']:.1f}" in lines[2]
+
+    hidden = write_report(make_run(tmp_path, labels=False)).read_text(encoding="utf-8")
+    opening = [line for line in hidden.splitlines()[1:] if line and "accuracy is unavailable"
+               not in line][:3]  # fmt: skip
+    assert "the flip gap (self - cross)" in opening[0] and "labels are hidden" in opening[2]
+
+
 def test_matrices_are_tables_with_intervals(labelled):
     out, text = labelled
     cas = _read(out, "cas")

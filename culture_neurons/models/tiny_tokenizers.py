@@ -1,6 +1,6 @@
-"""The tiny models' tokenizers (:mod:`culture_neurons.testing.tiny`): byte-level BPE trained in
+"""The tiny models' tokenizers (:mod:`culture_neurons.models.tiny`): byte-level BPE trained in
 code on a small corpus (so any text tokenizes, nothing is downloaded), each family's special
-tokens (:class:`TokenizerSpec`) and its chat template."""
+tokens (:class:`TokenizerSpec`) and its chat template, close to the real one."""
 
 from __future__ import annotations
 
