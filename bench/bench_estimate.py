@@ -38,6 +38,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import checkout  # noqa: F401  (this checkout's culture_neurons first)
 import numpy as np
 import torch
 

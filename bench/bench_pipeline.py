@@ -45,6 +45,7 @@ import statistics
 import tempfile
 import time
 
+import checkout  # noqa: F401  (this checkout's culture_neurons first)
 import torch
 import transformers
 

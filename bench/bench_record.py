@@ -42,6 +42,7 @@ import statistics
 import time
 from collections.abc import Callable
 
+import checkout  # noqa: F401  (this checkout's culture_neurons first)
 import torch
 import transformers
 

@@ -31,6 +31,7 @@ import sys
 import time
 from pathlib import Path
 
+import checkout  # noqa: F401  (this checkout's culture_neurons first)
 import numpy as np
 import torch
 import torch.nn.functional as F

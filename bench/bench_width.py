@@ -45,9 +45,9 @@ from pathlib import Path
 import torch
 import transformers
 
-BENCH = Path(__file__).resolve().parent
-sys.path[:0] = [str(BENCH), str(BENCH.parent)]  # bench_record; this checkout's package first
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_record, checkout
 import bench_record  # noqa: E402
+import checkout  # noqa: E402, F401  (this checkout's culture_neurons first)
 from bench_record import HAS_NNSIGHT, _cpu_name, instrument, measure  # noqa: E402
 
 from culture_neurons.data.images import InMemoryImage  # noqa: E402

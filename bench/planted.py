@@ -25,6 +25,7 @@ import sys
 import time
 from dataclasses import asdict
 
+import checkout  # noqa: F401  (this checkout's culture_neurons first)
 import torch
 import transformers
 

@@ -29,6 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import checkout  # noqa: F401  (this checkout's culture_neurons first)
 import torch
 
 from culture_neurons.data.faker_text import LOCALES, make_faker_data
