@@ -214,27 +214,39 @@ def image_token_ids(model_or_config) -> tuple[int, ...]:
     return tuple(sorted(i for i in ids if isinstance(i, int)))
 
 
+def image_token_counts(model_or_config, processor,
+                       image_sizes: list[tuple[int, int]]) -> list[int] | None:  # fmt: skip
+    """Image tokens of an image of each ``image_sizes[i] = (height, width)``, from the
+    processor's own formula (its ``_get_num_multimodal_tokens``), no pixels processed. None
+    where the processor cannot count from the size (no such method; Gemma 3 with pan-and-scan
+    crops, which depend on the pixels) and for text-only families."""
+    if not get_adapter(model_or_config).vlm:
+        return None
+    count = getattr(processor, "_get_num_multimodal_tokens", None)
+    image_processor = getattr(processor, "image_processor", None)
+    if count is None or getattr(image_processor, "do_pan_and_scan", False):
+        return None
+    return [int(n) for n in count(image_sizes=[list(s) for s in image_sizes])["num_image_tokens"]]
+
+
 def expanded_prompts(model_or_config, processor, texts: list[str],
                      image_sizes: list[tuple[int, int]]) -> list[str] | None:  # fmt: skip
     """Each prompt of a VLM with its image placeholder expanded as the family's processor
     expands it for an image of ``image_sizes[i] = (height, width)``: tokenizing it gives the
     processor's ``input_ids`` without resizing or normalising any pixels. The count of image
-    tokens comes from the size alone (the processor's ``_get_num_multimodal_tokens``, its
-    own formula). None where the processor cannot count from the size (no such method; Gemma
-    3 with pan-and-scan crops, which depend on the pixels): then only the processor knows.
-    Text-only families: the texts as given.
+    tokens comes from the size alone (:func:`image_token_counts`). None where the processor
+    cannot count from the size: then only the processor knows. Text-only families: the texts
+    as given.
     """
     adapter = get_adapter(model_or_config)
     if not adapter.vlm:
         return list(texts)
-    count = getattr(processor, "_get_num_multimodal_tokens", None)
     token = getattr(processor, "image_token", None)
-    image_processor = getattr(processor, "image_processor", None)
-    if count is None or token is None or getattr(image_processor, "do_pan_and_scan", False):
+    counts = image_token_counts(model_or_config, processor, image_sizes)
+    if counts is None or token is None:
         return None
     if adapter.image_text == "sequence":
         return [t.replace(token, processor.full_image_sequence) for t in texts]
-    counts = count(image_sizes=[list(size) for size in image_sizes])["num_image_tokens"]
     return [t.replace(token, token * n) for t, n in zip(texts, counts, strict=True)]
 
 

@@ -34,17 +34,9 @@ from culture_neurons.models import adapters
 _ORIGINAL = "_culture_neurons_image_setting"
 
 
-def image_tokens(model, processor, sizes: list[tuple[int, int]]) -> list[int] | None:
-    """Image tokens of an image of each ``(height, width)`` in ``sizes``, from the processor's
-    own formula; None where the processor cannot count from a size (see
-    :func:`adapters.expanded_prompts`) and for text-only models."""
-    if not adapters.get_adapter(model).vlm:
-        return None
-    count = getattr(processor, "_get_num_multimodal_tokens", None)
-    image_processor = getattr(processor, "image_processor", None)
-    if count is None or getattr(image_processor, "do_pan_and_scan", False):
-        return None
-    return [int(n) for n in count(image_sizes=[list(s) for s in sizes])["num_image_tokens"]]
+# Image tokens of an image of each (height, width), from the processor's own formula; None
+# where it cannot count from sizes, and for text-only models (the one counting rule).
+image_tokens = adapters.image_token_counts
 
 
 def token_summary(model, processor, items: list, prompt_lengths: list[int]) -> dict:
@@ -57,8 +49,7 @@ def token_summary(model, processor, items: list, prompt_lengths: list[int]) -> d
     out = {"items": len(items), "prompt_mean": float(prompt.mean()),
            "prompt_max": int(prompt.max()), "image_mean": None, "image_max": None,
            "image_share": None}  # fmt: skip
-    counts = image_tokens(model, processor, [it.image_size for it in items]) \
-        if items and adapters.get_adapter(model).vlm else None  # fmt: skip
+    counts = image_tokens(model, processor, [it.image_size for it in items]) if items else None
     if counts:
         image = torch.tensor(counts, dtype=torch.float64)
         out.update(image_mean=float(image.mean()), image_max=int(image.max()),
@@ -128,7 +119,7 @@ def _grid_tokens(model, processor, pinpoints: list[list[int]]) -> list[int]:
 
 
 def _fixed(model, processor, max_tokens: int) -> dict:
-    counts = image_tokens(model, processor, [(336, 336), (1000, 250)])
+    counts = image_tokens(model, processor, [(336, 336)])  # any size: the count is fixed
     if counts is None:  # pan-and-scan: the crops depend on the pixels
         raise UsageError("this processor crops images by their content (pan-and-scan), so no "
                          "budget can be set from sizes; turn pan-and-scan off or leave "
