@@ -49,7 +49,9 @@ def token_summary(model, processor, items: list, prompt_lengths: list[int]) -> d
     out = {"items": len(items), "prompt_mean": float(prompt.mean()),
            "prompt_max": int(prompt.max()), "image_mean": None, "image_max": None,
            "image_share": None}  # fmt: skip
-    counts = image_tokens(model, processor, [it.image_size for it in items]) if items else None
+    # Text items have no image size to read: only a VLM's items are counted.
+    counts = image_tokens(model, processor, [it.image_size for it in items]) \
+        if items and adapters.get_adapter(model).vlm else None  # fmt: skip
     if counts:
         image = torch.tensor(counts, dtype=torch.float64)
         out.update(image_mean=float(image.mean()), image_max=int(image.max()),
