@@ -52,10 +52,9 @@ from bench_record import HAS_NNSIGHT, _cpu_name, instrument, measure  # noqa: E4
 
 from culture_neurons.data.images import InMemoryImage  # noqa: E402
 from culture_neurons.data.items import Item  # noqa: E402
-from culture_neurons.instrument.attribution import attribute  # noqa: E402
 from culture_neurons.models import adapters, image_budget  # noqa: E402
-from culture_neurons.scoring.estimate import mc_margins  # noqa: E402
-from culture_neurons.scoring.prompting import encode, letter_token_ids  # noqa: E402
+from culture_neurons.scoring.estimate import attribute_mc  # noqa: E402
+from culture_neurons.scoring.prompting import encode  # noqa: E402
 from culture_neurons.testing.memory import peak_bytes  # noqa: E402
 from culture_neurons.testing.tiny import tiny_config, tiny_image, tiny_processor  # noqa: E402
 
@@ -88,15 +87,16 @@ bench_record.PROVIDERS["auto"] = instrument("auto")  # the pipeline's default ba
 QUICK = 32  # --quick divides every width by this
 
 
-def build(name: str, quick: bool):
-    """(model, processor) of ``name`` at its real widths (``quick``: / QUICK), random weights."""
+def build(name: str, quick: bool, layers: int = LAYERS):
+    """(model, processor) of ``name`` at its real widths (``quick``: / QUICK), random weights,
+    ``layers`` decoder layers."""
     spec = MODELS[name]
     shrink = QUICK if quick else 1
     text = {k: (v // shrink if k in ("hidden_size", "intermediate_size") else v)
             for k, v in spec["text"].items()}  # fmt: skip
     if quick:  # keep head_dim a multiple of what rotary needs: fewer heads, same layout
         text.update(num_attention_heads=4, num_key_value_heads=2, vocab_size=4096)
-    text["num_hidden_layers"] = LAYERS
+    text["num_hidden_layers"] = layers
     if "mrope" in spec:
         head_dim = text["hidden_size"] // text["num_attention_heads"]
         hw = 3 * head_dim // 16  # real: 24 of the 64 frequencies for h and for w, 16 for t
@@ -141,11 +141,37 @@ def photo_item(size: tuple[int, int], seed: int = 0) -> Item:
 
 def _estimate(model, processor, batch) -> tuple[float, float]:
     """One estimate forward + backward: (seconds, peak MiB above its start)."""
-    quantities = mc_margins(letter_token_ids(processor))
     t0 = time.perf_counter()
-    attribute(model, batch, quantities)
+    attribute_mc(model, processor, batch)
     seconds = time.perf_counter() - t0
-    return seconds, peak_bytes(lambda: attribute(model, batch, quantities)) / 2**20
+    return seconds, peak_bytes(lambda: attribute_mc(model, processor, batch)) / 2**20
+
+
+def estimate_case(name: str, quick: bool, photo: tuple[int, int], budget: int | None,
+                  layers: int) -> list:  # fmt: skip
+    """The estimate's peak only (memory, not time: load does not change it), at ``layers``
+    decoder layers, at the processor's default image size and under the budget."""
+    model, processor = build(name, quick, layers)
+    budget = budget or MODELS[name]["budget"][quick]
+    fp = adapters.fingerprint(model)
+    item = photo_item(photo)
+    rows = []
+    for setting in ("default", budget):
+        done = image_budget.apply(model, processor, None if setting == "default" else setting)
+        tokens = image_budget.image_tokens(model, processor, [item.image_size])[0]
+        batch = encode(model, processor, [item])
+        R = int(batch["input_ids"].numel())
+        peak = peak_bytes(lambda b=batch: attribute_mc(model, processor, b)) / 2**20
+        row = {"case": f"{name} ({'default' if setting == 'default' else f'<= {setting}'})",
+               "model": name, "hidden": fp.hidden_size, "intermediate": fp.num_neurons,
+               "layers": fp.num_layers, "budget": done, "image_tokens": tokens, "rows": R,
+               "layer_rows_mib": R * fp.num_neurons * 4 / 2**20,
+               "layer_input_mib": R * fp.hidden_size * 4 / 2**20, "estimate_peak_mib": peak}
+        rows.append(row)
+        print(f"{row['case']:<36} {fp.num_layers} layers, {tokens:>6} image tokens, {R:>6} rows; "
+              f"estimate peak {peak:.0f} MiB; [rows, N] fp32 = {row['layer_rows_mib']:.0f} MiB, "
+              f"[rows, H] fp32 = {row['layer_input_mib']:.0f} MiB", flush=True)  # fmt: skip
+    return rows
 
 
 def run_case(name: str, quick: bool, photo: tuple[int, int], budget: int | None,
@@ -187,6 +213,8 @@ def main(argv: list[str] | None = None) -> None:
                     help="the budgeted case's (default: 1024 for Qwen, 2000 for LLaVA-NeXT)")
     ap.add_argument("--case", default="", help="only the models whose name contains this")
     ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--estimate-layers", type=int, nargs="*", default=None,
+                    help="only the estimate's peak memory, at each of these decoder depths")
     args = ap.parse_args(argv)
     photo = (160, 120) if args.quick else tuple(int(v) for v in args.photo.split("x"))
     budget = args.max_image_tokens
@@ -198,7 +226,12 @@ def main(argv: list[str] | None = None) -> None:
           + f"; median of {args.repeats}; peak MiB above the forward's start", flush=True)  # fmt: skip
     rows = []
     for name in MODELS:
-        if args.case in name:
+        if args.case not in name:
+            continue
+        if args.estimate_layers:
+            for layers in args.estimate_layers:
+                rows += estimate_case(name, args.quick, photo, budget, layers)
+        else:
             rows += run_case(name, args.quick, photo, budget, args.repeats)
     end_load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     if args.json:

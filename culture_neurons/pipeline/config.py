@@ -113,6 +113,9 @@ class RunConfig:
     backend: str = setting("auto", "exec")
     checkpoint_every: int = setting(0, "exec", minimum=0)  # batches between checkpoints (0: time)
     checkpoint_minutes: float = setting(10.0, "exec", minimum=0)  # wall time between them
+    # GiB the estimate's forward and backward may hold above the weights (None: --batch-size
+    # items per batch); the items per batch follow from it (instrument.attribution.items_within)
+    estimate_memory_gib: float | None = setting(None, "exec", minimum=0.01, caches=("estimate",))
     matrix: str = setting("exact", "evaluate")  # exact, estimate or screen (MATRIX_MODES)
     screen_budget: int = setting(SCREEN_BUDGET, "evaluate", minimum=0)  # extra exact cells/mask
     # same numbers, fewer vision-tower passes

@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 
 from culture_neurons.instrument import Instrument
+from culture_neurons.instrument.attribution import items_within
 from culture_neurons.masks import Masks
 from culture_neurons.pipeline import batching, screen
 from culture_neurons.pipeline.group_log import GroupLog
@@ -90,10 +91,21 @@ def estimate(run, items: list, combined: Masks) -> torch.Tensor:
         bar.update(len(chunk))
         return list(range(1 + S)), block
 
-    return _logged(run, "estimate", key, items, S, config.batch_size, compute,
+    return _logged(run, "estimate", key, items, S, estimate_batch(run, items), compute,
                    weight=len, rows_of=lambda where: list(range(1 + S)),
                    desc="estimated matrix (forward + backward)",
                    padding="estimated matrix")  # fmt: skip
+
+
+def estimate_batch(run, items: list) -> int:
+    """Items per estimate batch: ``--batch-size``, or fewer where ``--estimate-memory-gib``
+    bounds the backward (:func:`~culture_neurons.instrument.attribution.items_within`, at the
+    longest prompt, so every batch fits)."""
+    config = run.config
+    if config.estimate_memory_gib is None or not items:
+        return config.batch_size
+    return items_within(run.model, config.estimate_memory_gib * 2**30, max(run._lengths(items)),
+                        config.batch_size, all_logits=run.task.estimate_all_logits)  # fmt: skip
 
 
 def _logged(run, name: str, key: str, items: list, S: int, size: int, compute, *, weight,

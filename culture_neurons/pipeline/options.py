@@ -238,6 +238,10 @@ OPTIONS: tuple[Option, ...] = (
                "set at once; every number marked estimated)",
                "screen": "estimate, then the diagonal and each mask's --screen-budget most "
                "affected cells exactly (the rest marked estimated)"})),
+    Option("estimate_memory_gib", "--matrix estimate/screen: GiB the estimate's forward and "
+           "backward may hold above the weights; the items per batch follow from it and the "
+           "longest prompt (at most --batch-size; docs/scale.md)", ("run", "evaluate"),
+           "evaluation", type=float, default_text="none: --batch-size items per batch"),
     Option("screen_budget", "--matrix screen: off-diagonal cells per mask (method or RND draw) "
            "confirmed exactly, those the estimate finds most affected; each costs one condition "
            "on one culture's items", ("run", "evaluate"), "evaluation", type=int),

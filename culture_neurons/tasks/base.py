@@ -22,6 +22,9 @@ class Task(Protocol):
     fixed_identify_on: str | None
     hidden_labels_note: str | None  # logged when hidden labels make identify_on "all"
     has_toy: bool  # whether the embedded toy (no --model, no --data) is of this task
+    # whether its estimate differentiates every position's logits (the memory bound's term,
+    # culture_neurons.instrument.attribution.estimate_bytes)
+    estimate_all_logits: bool
 
     def __init__(self, model, processor, config) -> None: ...
 

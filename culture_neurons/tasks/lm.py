@@ -34,6 +34,7 @@ class LMTask:
     fixed_identify_on = "all"  # no right answer: every identification sentence is recorded
     hidden_labels_note = None
     has_toy = False
+    estimate_all_logits = True  # the NLL of every next token
 
     def __init__(self, model, processor, config):
         lm.check_model(model)

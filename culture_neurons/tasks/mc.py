@@ -36,6 +36,7 @@ class MCTask:
                           "items (--identify-on all), and reporting flip rates, never an "
                           "accuracy")  # fmt: skip
     has_toy = True
+    estimate_all_logits = False  # the letter margins at the answer position only
 
     def __init__(self, model, processor, config):
         self.model, self.processor, self.config = model, processor, config

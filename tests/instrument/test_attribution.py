@@ -141,3 +141,54 @@ def test_refused_while_an_instrument_is_attached(llama64, batch):
     with cn.record(llama64, ["a"]), pytest.raises(UsageError, match="detach it first"):
         attribute(llama64, batch, quantities_of(batch))
     attribute(llama64, batch, quantities_of(batch))  # detached: fine again
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2_vl", "llava_next", "gemma3"])
+def test_checkpointing_gives_the_same_attribution_and_restores_the_layers(family):
+    """Recomputing each layer in its backward (the default) attributes exactly as keeping every
+    layer's graph; afterwards every decoder layer's forward is the class's again."""
+    from culture_neurons.testing.tiny import tiny_batch, tiny_processor
+
+    model = tiny_model(family)
+    inputs = dict(tiny_batch(family, tiny_processor(family), n=2, padding_side="right"))
+    quantities = lambda out: out.logits[:, -1, :3]  # noqa: E731
+    q0, A0 = attribute(model, inputs, quantities, checkpoint=False)
+    q1, A1 = attribute(model, inputs, quantities)
+    assert A0.abs().sum() > 0
+    torch.testing.assert_close(A1, A0, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(q1, q0, rtol=0, atol=0)
+    layers = adapters.get_adapter(model).decoder_layers(model)
+    assert all("forward" not in layer.__dict__ for layer in layers)
+
+
+def test_a_forward_set_on_the_instance_is_restored(llama64, batch):
+    """accelerate's device-map hooks put a forward on the instance: it is put back as it was."""
+    layer = adapters.get_adapter(llama64).decoder_layers(llama64)[0]
+    calls = []
+
+    def wrapped(*args, _forward=layer.forward, **kwargs):
+        calls.append(1)
+        return _forward(*args, **kwargs)
+
+    layer.forward = wrapped
+    try:
+        _, A = attribute(llama64, batch, quantities_of(batch))
+        assert layer.forward is wrapped and calls, "the wrapper ran and is still in place"
+        _, A_plain = attribute(llama64, batch, quantities_of(batch), checkpoint=False)
+        torch.testing.assert_close(A, A_plain)
+    finally:
+        del layer.forward
+
+
+@pytest.mark.parametrize("elements", [2 * 64 * 7, 200])  # chunks of rows; of tokens in a row
+def test_the_reduction_in_chunks_equals_one_sum(monkeypatch, elements):
+    from culture_neurons.instrument import attribution
+
+    gen = torch.Generator().manual_seed(3)
+    a, grad = torch.randn(5, 7, 64, generator=gen), torch.randn(5, 7, 64, generator=gen)
+    w = (torch.rand(5, 7, generator=gen) > 0.3).long()
+    grad[0, 6] = float("nan")  # a padded position's NaN gradient is left out, not summed
+    w[0, 6] = 0
+    want = torch.einsum("btn,btn,bt->bn", a, grad.nan_to_num(), w.float())
+    monkeypatch.setattr(attribution, "CHUNK_ELEMENTS", elements)
+    torch.testing.assert_close(attribution._reduce(a, grad, w), want)

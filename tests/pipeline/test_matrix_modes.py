@@ -87,6 +87,25 @@ def test_estimate_fills_every_cell_and_is_marked(exact, tmp_path):
     assert log.read_text().splitlines() == lines
 
 
+def test_a_memory_bound_makes_smaller_estimate_batches_with_the_same_numbers(exact, tmp_path):
+    """--estimate-memory-gib: the batch follows from the stated bound at the longest prompt
+    (instrument.attribution.items_within); items are rows that do not interact, so the numbers
+    are the batch-of-4 run's."""
+    from culture_neurons.instrument.attribution import estimate_bytes
+
+    run = Run(exact["model"], exact["processor"], exact["data"], tmp_path / "probe", CONFIG,
+              progress=False)  # fmt: skip
+    longest = max(run._lengths(list(exact["data"])))
+    gib = estimate_bytes(exact["model"], 2, longest) / 2**30  # 2 items of the longest prompt
+    bounded, _ = evaluate(exact, tmp_path / "bounded", matrix="estimate", estimate_memory_gib=gib)
+    default, _ = evaluate(exact, tmp_path / "default", matrix="estimate")
+    lines = (tmp_path / "bounded" / "progress" / "estimate.jsonl").read_text().splitlines()
+    assert 4 <= len(lines) <= 6  # 12 items in batches of 2 or 3, not 4
+    for method, ev in bounded.items():
+        for key in KEYS:
+            assert ev[key] == default[method][key], (method, key)
+
+
 def test_confirmed_cells_pick_the_most_affected_off_the_diagonal():
     effect = torch.tensor([[0.9, 0.1, 0.5], [0.2, 0.0, 0.7], [0.3, float("nan"), 0.0],
                            [0.0, 0.0, 0.0], [0.0, 0.0, 0.0], [0.0, 0.0, 1.0]])  # fmt: skip

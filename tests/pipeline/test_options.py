@@ -166,7 +166,7 @@ def test_choices_and_bounds_come_from_their_owners():
                if f.metadata.get("minimum") is not None}  # fmt: skip
     assert bounded == {"batch_size": 1, "resamples": 1, "rnd_draws": 0, "checkpoint_every": 0,
                        "checkpoint_minutes": 0, "screen_budget": 0,
-                       "max_image_tokens": 1}  # fmt: skip
+                       "max_image_tokens": 1, "estimate_memory_gib": 0.01}  # fmt: skip
     for opt in OPTIONS:
         if opt.name in fields:
             assert opt.minimum is None, f"{opt.name}: its bound belongs to RunConfig"
