@@ -19,7 +19,7 @@ import torch
 
 from culture_neurons.errors import DataError, UsageError
 from culture_neurons.instrument import Instrument
-from culture_neurons.pipeline import rundir
+from culture_neurons.pipeline import halves, rundir
 from culture_neurons.pipeline.rundir import write_json
 from culture_neurons.stats import Stats, load_stats
 
@@ -131,7 +131,9 @@ def record(run) -> Stats:
     batches = [items[i : i + bs] for i in range(0, len(items), bs)]
     run._log_padding("identification", items, bs)
     device = next(run.model.parameters()).device
-    with Instrument(run.model, run.cultures, activation=run.config.activation,
+    split = run.config.halves  # record 2C half groups, the whole their sum (pipeline.halves)
+    groups = halves.group_names(run.cultures) if split else run.cultures
+    with Instrument(run.model, groups, activation=run.config.activation,
                     scope=run.config.scope, backend=run.config.backend,
                     options=options) as rec, torch.no_grad(), \
             run._bar(len(items), "identification (score + record)" if single
@@ -143,6 +145,8 @@ def record(run) -> Stats:
         for i in range(done, len(batches)):
             chunk = batches[i]
             culture = [run.cultures.index(it.culture) for it in chunk]
+            if split:
+                culture = halves.group_ids(culture, [it.id for it in chunk])
             if single:
                 pred = run.task.group(chunk).predict_staged(rec, culture)
                 rec.commit(pred == torch.tensor([it.label for it in chunk]))
@@ -164,6 +168,10 @@ def record(run) -> Stats:
         stats = run.part.all_reduce_stats(stats)
     elif run.part.sharded:
         stats.shard = (run.part.index, run.part.count)
+    if split:
+        if run.part.main:
+            halves.save(stats, run.out)
+        stats = halves.fold(stats, run.cultures)
     if single and stats.shard is None and int(stats.items.sum()) == 0:
         raise nothing_correct()  # (a shard alone may hold none: the merge tells)
     if run.part.main:
