@@ -270,6 +270,7 @@ def cmd_report(o: Options) -> None:
 
 
 def cmd_merge(o: Options) -> None:
+    from culture_neurons.pipeline import halves
     from culture_neurons.stats import load_stats, merge_shards, stats_folder
 
     out = Path(o["out"])
@@ -302,6 +303,7 @@ def cmd_merge(o: Options) -> None:
         rundir.remove(out, found)
         log.info("--overwrite: replaced %s", ", ".join(found))
     merged.save(out)
+    halves.merge(folders, out)
     if meta is not None:
         rundir.write_json(out / rundir.RUN_FILE, meta)
     print(f"merged {len(parts)} statistics ({int(merged.items.sum())} items) -> {out}")

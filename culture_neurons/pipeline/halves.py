@@ -112,6 +112,19 @@ def load(out: Path, whole: Stats) -> Stats | None:
     return groups
 
 
+def merge(folders: list[Path], out: Path) -> None:
+    """``merge``'s halves: the inputs' half groups added into ``OUT/halves`` when every input
+    has them (else none: a warning says the merged run goes without stability)."""
+    from culture_neurons.stats import merge_shards
+
+    found = [Path(f) / HALVES_DIR for f in folders if (Path(f) / HALVES_DIR / META_FILE).is_file()]
+    if len(found) == len(folders):
+        save(merge_shards([load_stats(f) for f in found]), out)
+    elif found:
+        log.warning("only %d of the %d merged statistics hold split halves: the merged run has "
+                    "no split-half stability", len(found), len(folders))  # fmt: skip
+
+
 def stability(groups: Stats, cultures: list[str], config) -> dict[str, dict]:
     """Per method of ``config`` (a RunConfig): the split-half Jaccard per culture against its
     random expectation (:func:`culture_neurons.selection.stability.overlap`), with each half's
