@@ -95,7 +95,7 @@ def test_eval_json_carries_each_methods_stability(runs):
         C = len(st["names"])
         assert len(st["jaccard"]) == len(st["expected"]) == len(st["sizes"]) == C
         assert all(0 <= j <= 1 for j in st["jaccard"] if j is not None)
-        assert st["pool"] == 2 * 144  # the tiny qwen2.5-vl: 2 layers x 144 neurons
+        assert st["pool"] == 3 * 96  # the tiny qwen2.5-vl: 3 layers x 96 neurons
     report = (out["halves"] / "report.md").read_text()
     assert "## Split-half stability" in report
 
