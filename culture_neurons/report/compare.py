@@ -155,9 +155,9 @@ def _runs(runs: dict[str, RunFiles]) -> list[str]:
         fp, m = r.fingerprint, schema.primary(r.first)
         rows.append([label, _model(r), f"{fp.get('num_layers', '?')} x {fp.get('num_neurons', '?')}",
                      _task(r), str(len(r.cultures)), ", ".join(r.methods),
-                     f"{m.label} ({m.unit})"])  # fmt: skip
+                     m.label])  # fmt: skip
     return ["## Runs", ""] + table(["run", "model", "layers x neurons", "task", "cultures",
-                                    "methods", "primary measure"], rows, "lllrlll")  # fmt: skip
+                                    "methods", "primary measure"], rows, "llllrll")  # fmt: skip
 
 
 def _settings(runs: dict[str, RunFiles]) -> list[str]:
@@ -246,6 +246,11 @@ def _depth(runs: dict[str, RunFiles], figures: Path, notes: list[str]) -> list[s
     if not cultures:
         notes.append("the runs share no culture: the depth profile per culture is not compared")
         return lines
+    for label, r in runs.items():
+        left = [c for c in r.cultures if c not in cultures]
+        if left:
+            notes.append(f"{label}: {len(left)} culture(s) not in every run ({_show(left)}) are "
+                         "left out of the per-culture comparisons")  # fmt: skip
     lines += ["", "### Per culture", "",
               f"Mean depth of each culture's set, for the {len(cultures)} culture(s) every run "
               "has.", ""]  # fmt: skip
