@@ -15,7 +15,8 @@ READING = (
     "what two independent uniform random sets of the same sizes from the same pool give "
     "(exact, from the hypergeometric law of their intersection). J far above E[J] means the "
     "selection is a property of the model rather than of the items it saw; each half has half "
-    "the items, so J understates the stability of the whole run's selection."
+    "the items, so J understates the stability of the whole run's selection. n/a: both "
+    "halves selected nothing for that culture."
 )
 
 
