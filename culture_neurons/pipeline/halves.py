@@ -3,8 +3,10 @@
 Identification records 2C groups instead of C: group ``2 c + h`` holds the items of culture c
 in half h, where ``h = stable_seed("half", item id) & 1`` (a sha256 of the id: the same on
 every machine and run, never Python's salted ``hash()``). The same forwards fill them, and the
-run's statistics are their sum (:func:`fold`: counts exact, sums as the same fp64 additions in
-another order). Deriving the whole from the halves keeps the device totals at 2C, not 3C.
+run's statistics are their sum (:func:`fold`). Counts are exact; sums agree with a recording
+without halves to fp32 rounding (a forward sums each group's rows in fp32 before adding them
+in fp64, and a culture's rows are then two partial sums). Deriving the whole from the halves
+keeps the device totals at 2C, not 3C.
 
     OUT/stats.safetensors, stats.json      the whole (C cultures), as without halves
     OUT/halves/stats.safetensors, .json    the 2C groups, named "<culture> [half h]"
@@ -31,12 +33,12 @@ from culture_neurons.data import stable_seed
 from culture_neurons.errors import CultureNeuronsError, DataError
 from culture_neurons.selection.methods import select
 from culture_neurons.selection.stability import overlap
-from culture_neurons.stats import META_FILE, Stats, load_stats
+from culture_neurons.stats import META_FILE, Stats, load_stats, merge_shards
 
 log = logging.getLogger(__name__)
 
 HALVES_DIR = "halves"
-SPLIT = "half = first 8 bytes of sha256('half' + item id), big-endian, >> 1, & 1"
+SPLIT = "half = (first 8 bytes of sha256('half' 0x1f item id), big-endian) >> 1 & 1"
 
 
 def half_of(item_id: str) -> int:
@@ -115,8 +117,6 @@ def load(out: Path, whole: Stats) -> Stats | None:
 def merge(folders: list[Path], out: Path) -> None:
     """``merge``'s halves: the inputs' half groups added into ``OUT/halves`` when every input
     has them (else none: a warning says the merged run goes without stability)."""
-    from culture_neurons.stats import merge_shards
-
     found = [Path(f) / HALVES_DIR for f in folders if (Path(f) / HALVES_DIR / META_FILE).is_file()]
     if len(found) == len(folders):
         save(merge_shards([load_stats(f) for f in found]), out)
@@ -130,17 +130,17 @@ def stability(groups: Stats, cultures: list[str], config) -> dict[str, dict]:
     random expectation (:func:`culture_neurons.selection.stability.overlap`), with each half's
     items per culture; ``{"unavailable": why}`` where a half cannot be selected on (e.g. a
     culture without an item in one half)."""
-    halves = split(groups, cultures)
-    items = [[int(h.items[c]) for h in halves] for c in range(len(cultures))]
+    parts = split(groups, cultures)
+    items = [[int(h.items[c]) for h in parts] for c in range(len(cultures))]
     empty = [f"{cultures[c]} (half {h})" for c in range(len(cultures)) for h in (0, 1)
-             if int(halves[h].T[c]) == 0]  # fmt: skip
+             if int(parts[h].T[c]) == 0]  # fmt: skip
     out = {}
     for method in config.methods:
         if empty:
             out[method] = {"unavailable": "no token counted for " + ", ".join(empty)}
             continue
         try:
-            a, b = (select(h, method, **config.selector_options(method)) for h in halves)
+            a, b = (select(h, method, **config.selector_options(method)) for h in parts)
         except CultureNeuronsError as e:  # e.g. lape's bar selecting nothing on a half
             out[method] = {"unavailable": f"selection on a half failed: {e}"}
             continue

@@ -6,7 +6,9 @@ prefilled once: its forward scores the items and stages their statistics per ite
 (``Instrument.set_batch(stage=True)``), and the items answered right are committed once the
 logits are known. Otherwise the correct items are found first (the full model's predictions,
 cached in ``progress/ident_full.json``) and recorded in a second prefill, or (``all``) every
-item is recorded.
+item is recorded. With ``halves`` (the default) every item's rows go to its culture's half
+group (:mod:`culture_neurons.pipeline.halves`): 2C groups in the same forwards, whose sum is
+the run's statistics.
 """
 
 from __future__ import annotations
