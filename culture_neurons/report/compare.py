@@ -33,7 +33,14 @@ from culture_neurons import eval_schema as schema
 from culture_neurons.errors import CultureNeuronsError, UsageError
 from culture_neurons.report.conclusions import LEVEL, fmt_p, with_ci
 from culture_neurons.report.figures import new_figure
-from culture_neurons.report.files import FIGURES_DIR, REPORT_FILE, RunFiles, load_run, matrix
+from culture_neurons.report.files import (
+    FIGURES_DIR,
+    REPORT_FILE,
+    RunFiles,
+    load_run,
+    matrix,
+    write_text,
+)
 from culture_neurons.report.layers import load_masks_for
 from culture_neurons.report.stability import summary as stability_summary
 from culture_neurons.report.tables import fmt, table
@@ -70,8 +77,7 @@ def write_comparison(paths: list[str | os.PathLike], out: str | os.PathLike,
         lines += section + [""]
     if notes:
         lines += ["## What could not be compared", "", *(f"- {n}" for n in notes), ""]
-    path = out / REPORT_FILE
-    path.write_text("\n".join(lines), encoding="utf-8")
+    path = write_text(out / REPORT_FILE, "\n".join(lines))
     log.info("comparison of %d runs written to %s", len(runs), path)
     return path
 
