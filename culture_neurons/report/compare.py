@@ -334,7 +334,8 @@ def _effects(runs: dict[str, RunFiles], figures: Path, notes: list[str]) -> list
              f"Holm-adjusted across that run's methods (beats RND where adjusted p < {LEVEL}); "
              "the specificity's p is secondary (unadjusted). Runs of different measures "
              "(units) are not comparable on the gap: the figure gives each measure its own "
-             "scale.", ""]  # fmt: skip
+             "scale. `~`: the run estimated its matrix to first order (`--matrix estimate` or "
+             "`screen`).", ""]  # fmt: skip
     rows, points = [], []
     for label, r in runs.items():
         for m in r.methods:
@@ -346,7 +347,8 @@ def _effects(runs: dict[str, RunFiles], figures: Path, notes: list[str]) -> list
             verdict = "n/a" if q is None else (
                 f"{'beats RND' if q < LEVEL else 'does not beat RND'} (adjusted p = "
                 f"{fmt_p(q, None)})")  # fmt: skip
-            rows.append([label, m, f"{with_ci(gap, gap_ci, meas.decimals, mark=False)} "
+            guess = "~" if ev.get("matrix", "exact") != "exact" else ""  # as the run marks it
+            rows.append([label, m, f"{guess}{with_ci(gap, gap_ci, meas.decimals, mark=False)} "
                          f"{meas.unit.split(' (')[0]}", verdict,
                          with_ci(spec, spec_ci, 2, mark=False),
                          fmt_p(ev.get(meas.p("specificity")), None)])  # fmt: skip
