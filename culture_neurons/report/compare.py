@@ -5,7 +5,8 @@ no model is loaded) and writes::
 
     DIR/report.md                  the tables below, each with what it compares
     DIR/figures/depth.png          each method's selected neurons per layer on a normalised
-                                   depth axis ((layer + 0.5) / L), one line per run
+                                   depth axis ((layer + 0.5) / L) as a density (the layer's
+                                   share x L: 1 = even, whatever L), one line per run
     DIR/figures/depth_<method>.png the same per culture (the cultures the runs share)
     DIR/figures/effects.png        each run's primary gap and specificity with their 95 %
                                    intervals, one scale per measure
@@ -198,10 +199,12 @@ def _show(v) -> str:
 
 
 # -- where the neurons sit ------------------------------------------------------------------
-def _depth_profile(counts: np.ndarray) -> np.ndarray:
-    """Share of the selected neurons in each layer, [L] (NaN if none is selected)."""
+def _depth_density(counts: np.ndarray) -> np.ndarray:
+    """Share of the selected neurons per unit of normalised depth in each layer: the layer's
+    share x L, [L] (1 everywhere = spread evenly; a model's depth does not change the scale);
+    NaN if none is selected."""
     total = counts.sum()
-    return counts / total if total > 0 else np.full(counts.shape, np.nan)
+    return counts * len(counts) / total if total > 0 else np.full(counts.shape, np.nan)
 
 
 def _mean_depth(counts: np.ndarray) -> float:
@@ -233,8 +236,10 @@ def _depth(runs: dict[str, RunFiles], figures: Path, notes: list[str]) -> list[s
     lines = ["## Where the selected neurons sit, on a normalised depth axis", "",
              "Layer l of a model with L decoder layers sits at depth (l + 0.5) / L (0 = the "
              "first layer's input side, 1 = the last layer's output), so models of different "
-             "depth line up. **Mean depth**: the selected neurons' average depth (summed over "
-             "cultures); **top layer**: where most of them sit, as layer / L.", ""]  # fmt: skip
+             "depth line up; the figures plot each layer's share of the set times L (the "
+             "density over depth: 1 = spread evenly, whatever L). **Mean depth**: the selected "
+             "neurons' average depth (summed over cultures); **top layer**: where most of them "
+             "sit, as layer / L.", ""]  # fmt: skip
     rows = []
     for label, r in runs.items():
         for m in r.methods:
@@ -292,7 +297,7 @@ def _depth_figure(path: Path, runs, methods, counts) -> bool:
         ax.set_title(m)
         ax.set_xlabel("normalised depth (layer + 0.5) / L")
         ax.set_xlim(0, 1)
-    axes[0].set_ylabel("share of the selected neurons")
+    axes[0].set_ylabel("density (layer's share x L; 1 = even)")
     axes[-1].legend(fontsize=7)
     fig.savefig(path, dpi=110)
     return True
@@ -300,7 +305,7 @@ def _depth_figure(path: Path, runs, methods, counts) -> bool:
 
 def _plot_profile(ax, per_layer: np.ndarray, label: str) -> None:
     L = len(per_layer)
-    ax.plot((np.arange(L) + 0.5) / L, _depth_profile(per_layer), marker="o", markersize=3,
+    ax.plot((np.arange(L) + 0.5) / L, _depth_density(per_layer), marker="o", markersize=3,
             label=label)  # fmt: skip
 
 
@@ -320,7 +325,8 @@ def _culture_figure(path: Path, runs, method: str, cultures: list[str], counts) 
     for ax in axes[len(cultures):]:
         ax.set_axis_off()
     axes[0].legend(fontsize=6)
-    fig.suptitle(f"{method}: share of each culture's set per normalised depth", fontsize=10)
+    fig.suptitle(f"{method}: density of each culture's set over normalised depth (layer's "
+                 "share x L; 1 = even)", fontsize=10)  # fmt: skip
     fig.savefig(path, dpi=100)
     return True
 
