@@ -150,8 +150,14 @@ def stability(groups: Stats, cultures: list[str], config) -> dict[str, dict]:
 
 
 def of_run(out: Path, whole: Stats, config) -> dict[str, dict] | None:
-    """:func:`stability` of the run in ``out``; None when it was recorded without halves."""
-    groups = load(out, whole)
+    """:func:`stability` of the run in ``out``; None when it was recorded without halves, or
+    with halves that do not add up to its statistics (a warning: the evaluation it ends
+    stands without them)."""
+    try:
+        groups = load(out, whole)
+    except DataError as e:
+        log.warning("no split-half stability: %s", e)
+        return None
     if groups is None:
         log.info("no split-half statistics in %s (recorded with --no-halves or by an older "
                  "version): the eval JSONs carry no stability", out)  # fmt: skip

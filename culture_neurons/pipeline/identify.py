@@ -170,13 +170,14 @@ def record(run) -> Stats:
         stats = run.part.all_reduce_stats(stats)
     elif run.part.sharded:
         stats.shard = (run.part.index, run.part.count)
+    groups = None
     if split:
-        if run.part.main:
-            halves.save(stats, run.out)
-        stats = halves.fold(stats, run.cultures)
+        groups, stats = stats, halves.fold(stats, run.cultures)
     if single and stats.shard is None and int(stats.items.sum()) == 0:
         raise nothing_correct()  # (a shard alone may hold none: the merge tells)
     if run.part.main:
+        if groups is not None:
+            halves.save(groups, run.out)
         stats.save(run.out, extra={"items_counted": int(stats.items.sum())})
     return stats
 
