@@ -132,7 +132,7 @@ def test_a_culture_missing_from_a_half_is_said():
     assert got["lap"] == {"unavailable": "no token counted for c1 (half 1)"}
 
 
-def test_halves_that_do_not_add_up_are_refused(tmp_path):
+def test_halves_that_do_not_add_up_are_refused(tmp_path, caplog):
     g, cultures = _groups()
     halves.save(g, tmp_path)
     whole = halves.fold(g, cultures)
@@ -142,3 +142,6 @@ def test_halves_that_do_not_add_up_are_refused(tmp_path):
     other.K[0, 0, 0] += 1
     with pytest.raises(DataError, match="does not add up"):
         halves.load(tmp_path, other)
+    # at the end of an evaluation: no stability, one warning naming why
+    assert halves.of_run(tmp_path, other, RunConfig(methods=("lap",), ratio=0.1)) is None
+    assert "does not add up" in caplog.text
