@@ -139,7 +139,9 @@ def _model(run: RunFiles) -> str:
 
 
 def _task(run: RunFiles) -> str:
-    return run.config.get("task") or run.first.get("task") or "mc"
+    from culture_neurons.tasks import DEFAULT
+
+    return run.config.get("task") or run.first.get("task") or DEFAULT
 
 
 def _layers_of(run: RunFiles) -> int:
