@@ -35,6 +35,7 @@ import torch
 from culture_neurons.data.faker_text import LOCALES, make_faker_data
 from culture_neurons.errors import UsageError
 from culture_neurons.models.loading import load_model
+from culture_neurons.pipeline.config import MATRIX_MODES
 from culture_neurons.pipeline.run import Run, RunConfig
 
 # The locales of issue #16's measurement: close pairs (ru/uk, es_ES/es_MX, hi/bn, nl/sv) and a
@@ -188,6 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="run dir (default: a temporary one)")
+    p.add_argument("--matrix", default="exact", choices=MATRIX_MODES,
+                   help="exact, or estimated to first order (estimate, screen)")
     a = p.parse_args(argv)
 
     start = time.perf_counter()
@@ -196,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     model, tok = load_model(str(cached_model()), "float32", "cpu")
     loaded = time.perf_counter() - start
     config = RunConfig(task="lm", identify_on="all", ratio=a.ratio, rnd_draws=a.rnd_draws,
-                       batch_size=a.batch_size, seed=a.seed)  # fmt: skip
+                       batch_size=a.batch_size, seed=a.seed, matrix=a.matrix)  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(a.out) if a.out else Path(tmp)
         run = Run(model, tok, data, out, config, overwrite=True, progress=sys.stderr.isatty(),

@@ -145,6 +145,10 @@ FIELDS = {
     "screen_budget": "--matrix screen: exact cells per mask",
     "confirmed": "--matrix screen: [S][C] cells computed exactly",
     "estimate": "--matrix screen: {matrix: [S][C]} as the estimate alone gives it",
+    "stability": "split-half stability of the method's selection (pipeline.halves): per culture "
+                 "(names) the Jaccard of the two halves' sets, its expectation for random sets of "
+                 "their sizes from the pool, the sizes [[a, b]], the halves' items, the means; "
+                 "or {unavailable: why}",
 }
 
 

@@ -5,6 +5,7 @@
     culture-neurons run --task lm --model ./gemma-3-270m --data faker --out runs/lm
     culture-neurons record|select|evaluate|report ... --out DIR
     culture-neurons merge A B C --out DIR     # add statistics of separate jobs
+    culture-neurons compare RUN RUN ... --out DIR   # one report over finished runs
 
 The options, their defaults and the ``--config FILE.toml`` file come from one table
 (:mod:`culture_neurons.pipeline.options`). Every step reads the run's settings from
@@ -270,6 +271,7 @@ def cmd_report(o: Options) -> None:
 
 
 def cmd_merge(o: Options) -> None:
+    from culture_neurons.pipeline import halves
     from culture_neurons.stats import load_stats, merge_shards, stats_folder
 
     out = Path(o["out"])
@@ -302,6 +304,7 @@ def cmd_merge(o: Options) -> None:
         rundir.remove(out, found)
         log.info("--overwrite: replaced %s", ", ".join(found))
     merged.save(out)
+    halves.merge(folders, out)
     if meta is not None:
         rundir.write_json(out / rundir.RUN_FILE, meta)
     print(f"merged {len(parts)} statistics ({int(merged.items.sum())} items) -> {out}")
@@ -356,8 +359,15 @@ def _print_summary(results: dict, out) -> None:
     print(f"results in {out} ({', '.join(made)}){later}")
 
 
+def cmd_compare(o: Options) -> None:
+    from culture_neurons.report.compare import write_comparison
+
+    print(f"comparison -> {write_comparison(o.inputs, o['out'], overwrite=o['overwrite'])}")
+
+
 COMMANDS = {"run": cmd_run, "record": cmd_record, "select": cmd_select,
-            "evaluate": cmd_evaluate, "report": cmd_report, "merge": cmd_merge}  # fmt: skip
+            "evaluate": cmd_evaluate, "report": cmd_report, "merge": cmd_merge,
+            "compare": cmd_compare}  # fmt: skip
 # How a stopped command continues.
 CONTINUE = {"run": "the same command with --resume", "record": "the same command with --resume",
             "evaluate": "the same command (it continues where it stopped)"}  # fmt: skip

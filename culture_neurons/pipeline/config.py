@@ -124,6 +124,9 @@ class RunConfig:
     # Image tokens per image at most (None: the processor's default); how each family applies
     # it: culture_neurons.models.image_budget. Identification and evaluation share it.
     max_image_tokens: int | None = setting(None, "identify", minimum=1)
+    # Also record the identification items' two hash halves, for split-half stability
+    # (culture_neurons.pipeline.halves: 2C totals instead of C, no extra forward).
+    halves: bool = setting(True, "identify", caches=("statistics",))
 
     def __post_init__(self) -> None:
         self.methods = tuple(self.methods)

@@ -6,7 +6,9 @@ prefilled once: its forward scores the items and stages their statistics per ite
 (``Instrument.set_batch(stage=True)``), and the items answered right are committed once the
 logits are known. Otherwise the correct items are found first (the full model's predictions,
 cached in ``progress/ident_full.json``) and recorded in a second prefill, or (``all``) every
-item is recorded.
+item is recorded. With ``halves`` (the default) every item's rows go to its culture's half
+group (:mod:`culture_neurons.pipeline.halves`): 2C groups in the same forwards, whose sum is
+the run's statistics.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import torch
 
 from culture_neurons.errors import DataError, UsageError
 from culture_neurons.instrument import Instrument
-from culture_neurons.pipeline import rundir
+from culture_neurons.pipeline import halves, rundir
 from culture_neurons.pipeline.rundir import write_json
 from culture_neurons.stats import Stats, load_stats
 
@@ -131,7 +133,9 @@ def record(run) -> Stats:
     batches = [items[i : i + bs] for i in range(0, len(items), bs)]
     run._log_padding("identification", items, bs)
     device = next(run.model.parameters()).device
-    with Instrument(run.model, run.cultures, activation=run.config.activation,
+    split = run.config.halves  # record 2C half groups, the whole their sum (pipeline.halves)
+    groups = halves.group_names(run.cultures) if split else run.cultures
+    with Instrument(run.model, groups, activation=run.config.activation,
                     scope=run.config.scope, backend=run.config.backend,
                     options=options) as rec, torch.no_grad(), \
             run._bar(len(items), "identification (score + record)" if single
@@ -143,6 +147,8 @@ def record(run) -> Stats:
         for i in range(done, len(batches)):
             chunk = batches[i]
             culture = [run.cultures.index(it.culture) for it in chunk]
+            if split:
+                culture = halves.group_ids(culture, [it.id for it in chunk])
             if single:
                 pred = run.task.group(chunk).predict_staged(rec, culture)
                 rec.commit(pred == torch.tensor([it.label for it in chunk]))
@@ -164,9 +170,14 @@ def record(run) -> Stats:
         stats = run.part.all_reduce_stats(stats)
     elif run.part.sharded:
         stats.shard = (run.part.index, run.part.count)
+    groups = None
+    if split:
+        groups, stats = stats, halves.fold(stats, run.cultures)
     if single and stats.shard is None and int(stats.items.sum()) == 0:
         raise nothing_correct()  # (a shard alone may hold none: the merge tells)
     if run.part.main:
+        if groups is not None:
+            halves.save(groups, run.out)
         stats.save(run.out, extra={"items_counted": int(stats.items.sum())})
     return stats
 

@@ -37,7 +37,7 @@ import torch
 from culture_neurons.errors import DataError, StatsMismatchError, UsageError
 from culture_neurons.masks import Masks, load_masks
 from culture_neurons.models import adapters, image_budget
-from culture_neurons.pipeline import batching, identify, matrix, progress, retest, rundir
+from culture_neurons.pipeline import batching, halves, identify, matrix, progress, retest, rundir
 from culture_neurons.pipeline.config import RunConfig, identify_on_for
 from culture_neurons.pipeline.distributed import Partition
 from culture_neurons.pipeline.identify import Checkpoints
@@ -217,11 +217,21 @@ class Run:
         # per-item scores, so that report recomputes the tests without the model
         retest.save_items(self.out, per_set, preds[0], culture, self.task.item_data(items, self.data))
         hashes = {n: m.content_hash() for n, m in masks.items()}
+        stability = self._stability()
         for name, res in results.items():
+            if name in stability:
+                res["stability"] = stability[name]
             # Which masks these numbers belong to (``report`` refuses them under others).
             res["masks_hash"] = {n: hashes[n] for n in [name, *nulls[name]]}
             write_json(self.out / "eval" / f"{name}.json", res)
         return results
+
+    def _stability(self) -> dict[str, dict]:
+        """Each method's split-half stability (:mod:`culture_neurons.pipeline.halves`; {}
+        when the statistics were recorded without halves)."""
+        if not (self.out / "stats.json").is_file():
+            return {}
+        return halves.of_run(self.out, load_stats(self.out), self.config) or {}
 
     # -- everything -------------------------------------------------------------------------
     def run(self) -> dict[str, dict]:

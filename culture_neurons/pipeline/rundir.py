@@ -29,8 +29,8 @@ from culture_neurons.pipeline.config import RunConfig, flag, step_of
 
 RUN_FILE = "run.json"
 # Everything a run writes into OUT, in the order it is written.
-RESULTS = ("run.json", "progress", "stats.safetensors", "stats.json", "masks", "eval",
-           "figures", "report.md")  # fmt: skip
+RESULTS = ("run.json", "progress", "stats.safetensors", "stats.json", "halves", "masks",
+           "eval", "figures", "report.md")  # fmt: skip
 # What each step's results make stale when they are replaced.
 DERIVED = {
     "stats": ("masks", "eval", "figures", "report.md"),

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from culture_neurons.eval_schema import NLL_DELTA, ci_of
-from culture_neurons.report import estimated
+from culture_neurons.report import estimated, stability
 from culture_neurons.report.conclusions import (
     CELLS_NOTE,
     HOLDS_ZERO_NOTE,
@@ -105,6 +105,7 @@ def write_report(out_dir, description: str = "") -> Path:
     rows = [[m, *(f"{x:g}" for x in _layer_totals(ev["layer_counts"]))]
             for m, ev in run.evals.items()]  # fmt: skip
     lines += table(["method", *(f"L{i}" for i in range(L))], rows)
+    lines += [""] + stability.section(run)
     for m, ev in run.evals.items():
         lines += ["", f"## {m}: NLL change (nats/token; row = changed culture)", ""]
         ci = ev.get("delta_ci") or [[None] * len(cultures)] * len(cultures)

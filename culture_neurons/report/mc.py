@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from culture_neurons import eval_schema as schema
-from culture_neurons.report import estimated
+from culture_neurons.report import estimated, stability
 from culture_neurons.report.conclusions import (
     CELLS_NOTE,
     HOLDS_ZERO_NOTE,
@@ -171,6 +171,7 @@ def render(run: RunFiles, description: str, figures: dict[str, dict[str, str]]) 
         _layers(run, figures),
         _set_sizes(run),
         _overlap(run),
+        stability.section(run),
         _matrices(run, figures),
         estimated.agreement(run, key, what, 3),
         _files(run),

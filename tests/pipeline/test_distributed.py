@@ -103,6 +103,8 @@ def test_shards_merge_to_the_unsharded_stats(assets, tmp_path):
     merged = tmp_path / "merged"
     assert cli.main(["merge", *map(str, shards), "--out", str(merged)]) == 0
     assert_same_stats(load_stats(whole), load_stats(merged))
+    # the split halves merge too (pipeline.halves)
+    assert_same_stats(load_stats(whole / "halves"), load_stats(merged / "halves"))
     parts = [load_stats(s) for s in shards]
     assert [p.shard for p in parts] == [(0, 3), (1, 3), (2, 3)]
     with pytest.raises(StatsMismatchError, match="missing: 2/3"):

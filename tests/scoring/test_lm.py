@@ -184,6 +184,7 @@ def test_run_writes_nll_matrices_that_match_a_plain_forward(model_dir, tiny, tmp
     report = (out / "report.md").read_text()
     assert "positive = hurt" in report and "accuracy" not in report.lower()
     assert "RND gap" in report and "[" in report  # intervals and the control are shown
+    assert "## Split-half stability" in report and "stability" in eval_json(out, "lap")
 
 
 def test_resume_after_a_torn_matrix_gives_the_same_numbers(model_dir, tmp_path):
