@@ -120,6 +120,9 @@ class ToyConfig:
     eval_items: int = 150  # per culture in the run's data (half identify, half evaluate)
     train_items: int = 512  # per culture, drawn with another seed than data_path
     words_per_category: int = 1  # facts per culture and category (synthetic.py has up to 6)
+    answers: str = "words"  # synthetic answers: "words" (invented) or "facts" (shared nouns)
+    vivid: bool = False  # synthetic images: saturated backgrounds (see draw_image)
+    image_size: int = 64  # image side in pixels: 64 -> 4 image tokens, 112 (the cap) -> 16
     hidden: int = 64  # Qwen2-7B 3584
     intermediate: int = 96  # 18944; L * N = 288 neurons, 10 % = 29 per culture (module doc)
     layers: int = 3  # 28
@@ -132,6 +135,8 @@ class ToyConfig:
     weight_decay: float = 0.01
     warmup: int = 30
     init_std: float = 0.1  # decoder init (HF default 0.02); see _init_decoder
+    answer_positions: int = 1  # the last k prompt positions all learn the answer (training)
+    firing_penalty: float = 0.0  # weight of the mean relu(gate) penalty (training.train)
 
 
 @dataclass
@@ -277,12 +282,15 @@ def _build_steps(seed: int, config: ToyConfig, out: Path) -> None:
     start = time.perf_counter()
     data_path = write_synthetic_cvqa(
         out / "data.parquet", config.cultures, config.eval_items, seed=seed,
-        words_per_category=config.words_per_category,
+        words_per_category=config.words_per_category, image_size=config.image_size,
+        answers=config.answers, vivid=config.vivid,
     )  # fmt: skip
     data = load_cvqa(data_path, min_items=1)
     train_items = list(
         make_synthetic_items(config.cultures, config.train_items, seed=_train_seed(seed),
-                             words_per_category=config.words_per_category)  # fmt: skip
+                             words_per_category=config.words_per_category,
+                             image_size=config.image_size, answers=config.answers,
+                             vivid=config.vivid)  # fmt: skip
     )
     processor = toy_processor(config)
     model = toy_model(processor, config, seed)
@@ -351,7 +359,26 @@ def describe(model, config: ToyConfig, meta: dict) -> str:
         f"{config.train_items} synthetic CVQA items (cross-entropy on the option letter at "
         f"the answer position). The run's data are {config.cultures} cultures x "
         f"{config.eval_items} other items of the same cultures, never trained on; the run "
-        f"splits each culture's items into an identification part and an evaluation part."
+        f"splits each culture's items into an identification part and an evaluation part. "
+        + _lape_note(tc.num_hidden_layers * tc.intermediate_size, config.cultures)
+    )
+
+
+def _lape_note(neurons: int, cultures: int) -> str:
+    """Why lape leaves cultures without a set on the toy: it keeps its own share of all
+    neurons (``lape_top_rate``, never the run's ratio), a handful of the toy's few hundred."""
+    from culture_neurons.pipeline.config import RunConfig
+
+    rate = RunConfig().lape_top_rate
+    kept = max(1, round(neurons * rate))
+    if kept >= cultures:
+        return ""
+    return (
+        f"At its default top rate lape keeps {rate:.0%} of all {neurons} neurons ({kept}) "
+        f"before assigning each to the cultures where it fires most, fewer than the "
+        f"{cultures} cultures, so most cultures get no lape set and their lape row is the "
+        f"unablated model's (a property of the toy's size, not of its neurons: "
+        f"--lape-top-rate sets the share)."
     )
 
 
@@ -364,6 +391,8 @@ def _corpus(config: ToyConfig) -> list[str]:
     lines = list(tiny.corpus())
     fixed = ["You are a helpful assistant.", INSTRUCTION, "system", "user", "assistant"]
     fixed += [question for _, question, _ in CATEGORIES.values()]
+    fixed += [f"{letter}. {noun}" for _, _, nouns in CATEGORIES.values() for noun in nouns
+              for letter in LETTERS]  # the options of answers="facts"
     for culture in resolve_cultures(config.cultures):
         for words in culture.words.values():
             lines += [f"{letter}. {word}" for word in words for letter in LETTERS]
