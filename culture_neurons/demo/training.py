@@ -66,8 +66,11 @@ def train(model, processor, items: list[Item], config: ToyConfig, seed: int) -> 
     """Train ``model`` in place on ``items``; return the loss of every step.
 
     Loss: cross-entropy over the four option-letter scores (the evaluator's
-    :func:`letter_scores`) of the next-token logits at the last prompt position. AdamW, linear
-    warmup then cosine decay; minibatch order from a generator seeded with ``seed``.
+    :func:`letter_scores`) of the next-token logits at each of the last
+    ``config.answer_positions`` prompt positions (averaged; the logged loss is the answer
+    position's), plus ``config.firing_penalty`` x the mean ``relu(gate_proj(x))`` (see
+    :class:`_GateRecorder`). AdamW, linear warmup then cosine decay; minibatch order from a
+    generator seeded with ``seed``.
     """
     encoded = _Encoded(model, processor, items)
     letters = letter_token_ids(processor)
@@ -76,10 +79,22 @@ def train(model, processor, items: list[Item], config: ToyConfig, seed: int) -> 
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_factor(config))
     gen = torch.Generator().manual_seed(stable_seed("toy-batches", seed) % (2**31))
-    order = torch.randperm(len(encoded), generator=gen)
-    cursor, losses = 0, []
+    losses: list[float] = []
     gates = _GateRecorder(model) if config.firing_penalty else None
     model.train()
+    try:
+        _steps(model, encoded, letters, optimizer, schedule, gen, gates, config, seed, losses)
+    finally:
+        if gates is not None:
+            gates.remove()
+        model.requires_grad_(True)
+        model.eval()
+    return losses
+
+
+def _steps(model, encoded, letters, optimizer, schedule, gen, gates, config, seed, losses):
+    """The training loop of :func:`train` (appends each step's answer-position loss)."""
+    order, cursor = torch.randperm(len(encoded), generator=gen), 0
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # dropout, if a config enables it
         for step in range(config.steps):
@@ -102,11 +117,6 @@ def train(model, processor, items: list[Item], config: ToyConfig, seed: int) -> 
             losses.append(loss.item())
             if step % 50 == 0 or step == config.steps - 1:
                 log.info("toy: step %d/%d loss %.3f", step, config.steps, losses[-1])
-    if gates is not None:
-        gates.remove()
-    model.requires_grad_(True)
-    model.eval()
-    return losses
 
 
 class _GateRecorder:
