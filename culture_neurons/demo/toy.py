@@ -385,8 +385,8 @@ def _lape_note(neurons: int, cultures: int) -> str:
     return (
         f"At its default top rate lape keeps {rate:.0%} of all {neurons} neurons ({kept}) "
         f"before assigning each to the cultures where it fires most, fewer than the "
-        f"{cultures} cultures, so most cultures get no lape set and their lape row is the "
-        f"unablated model's (a property of the toy's size, not of its neurons: "
+        f"{cultures} cultures, so some cultures get no lape set and their lape row is the "
+        f"unablated model's (a matter of the toy's size, not of its neurons: "
         f"--lape-top-rate sets the share)."
     )
 
