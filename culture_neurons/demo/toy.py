@@ -36,9 +36,9 @@ for that culture (what cas counts: ``a > 0``), not only in how strongly shared n
   tokens that only a culture's items have are a larger share of what the statistics count;
 - the answer letter is learned at the last 8 prompt positions (``answer_positions``: from the
   last option line on, every position has read all the options), not only at the answer
-  position: the culture matching runs at 8 of the ~43 positions, so the neurons doing it fire
-  there, where cas's per-token firing counts can see them (the evaluation scores the answer
-  position only, as before);
+  position: the culture matching is needed at 8 of the ~43 positions, so the neurons doing it
+  can fire at 8 positions, not 1, of what cas's per-token firing counts see (the evaluation
+  scores the answer position only, as before);
 - a firing penalty, 0.2 x the mean of ``relu(gate_proj(x))`` over tokens, neurons and layers
   (``firing_penalty``): each gate is pushed below 0 wherever firing does not help the answer, so
   a neuron fires for what it detects and is silent elsewhere (mean firing probability 8 %
