@@ -90,6 +90,7 @@ CATEGORIES: dict[str, tuple[str, str, tuple[str, ...]]] = {
 }
 WORDS_PER_CATEGORY = 6
 DISTRACTORS = ("cultures", "own")  # where the wrong options come from (see synthetic_rows)
+ANSWERS = ("words", "facts")  # what the options are (see synthetic_rows)
 _CONSONANTS = "bcdfghjklmnprstvwz"
 _VOWELS = "aeiouy"
 
@@ -106,6 +107,7 @@ class SyntheticCulture:
     local_words: dict[str, tuple[str, ...]]  # category -> local names, e.g. "tobaki"
     local_questions: dict[str, str]  # category -> the question in the local language
     syllables: tuple[str, ...]
+    facts: dict[str, str]  # category -> its noun of the category, e.g. "dumplings" (answers="facts")
 
     @property
     def name(self) -> str:
@@ -152,8 +154,11 @@ def make_culture(language: str, country: str, index: int) -> SyntheticCulture:
     # Hues spread by the golden ratio stay far apart for any number of cultures.
     hue = (index * 0.618033988749895) % 1.0
     motif = MOTIFS[index % len(MOTIFS)]
+    # Its own stream: the words above stay what they were before facts existed.
+    facts_rng = random.Random(stable_seed("synthetic-facts", language, country))
+    facts = {category: facts_rng.choice(nouns) for category, (_, _, nouns) in CATEGORIES.items()}
     return SyntheticCulture(
-        language, country, hue, motif, words, local_words, local_questions, syllables
+        language, country, hue, motif, words, local_words, local_questions, syllables, facts
     )
 
 
@@ -209,6 +214,16 @@ def _own_distractors(
     return names
 
 
+def _fact_options(
+    culture: SyntheticCulture, category: str, rng: random.Random
+) -> tuple[tuple[str, str], list[tuple[str, str]]]:
+    """The culture's fact of ``category`` and three other nouns of the category, as (English,
+    local) pairs (the nouns are untranslated: no culture's word appears in the options)."""
+    nouns = [n for n in CATEGORIES[category][2] if n != culture.facts[category]]
+    wrong = rng.sample(nouns, 3)
+    return (culture.facts[category],) * 2, [(n, n) for n in wrong]
+
+
 def _distractors(
     answer: tuple[str, str],
     others: Sequence[SyntheticCulture],
@@ -250,6 +265,8 @@ def synthetic_rows(
     hidden_labels: bool = False,
     words_per_category: int = WORDS_PER_CATEGORY,
     distractors: str = "cultures",
+    answers: str = "words",
+    vivid: bool = False,
 ) -> Iterator[dict[str, Any]]:
     """Rows (dicts with exactly CVQA's columns) of synthetic CVQA, culture by culture.
 
@@ -260,10 +277,17 @@ def synthetic_rows(
     ``"cultures"``, the wrong options are the category's words of three other cultures (the
     image's culture picks the answer); ``"own"``, they are the image's culture's own words of
     the three other categories (the question's category picks the answer, and only knowing what
-    that culture's words mean tells which: the trained toy's data, see
-    :mod:`culture_neurons.demo.toy`)."""
+    that culture's words mean tells which). ``answers``: ``"words"``, the options are invented
+    words of cultures (as above); ``"facts"``, they are the category's plain English nouns
+    (``"stew"``, ``"soup"``...), the same for every culture, and the right one is the image's
+    culture's fact (its dish is soup): the options name no culture, so only knowing the
+    culture's facts answers (``distractors`` is then unused). The trained toy
+    (:mod:`culture_neurons.demo.toy`) uses ``"words"`` and ``"cultures"``. ``vivid``: saturated
+    image backgrounds (:func:`~culture_neurons.data.synthetic_images.draw_image`)."""
     if distractors not in DISTRACTORS:
         raise UsageError(f"distractors={distractors!r} must be one of {', '.join(DISTRACTORS)}")
+    if answers not in ANSWERS:
+        raise UsageError(f"answers={answers!r} must be one of {', '.join(ANSWERS)}")
     if not 1 <= words_per_category <= WORDS_PER_CATEGORY:
         raise UsageError(f"words_per_category={words_per_category} must be in "
                          f"[1, {WORDS_PER_CATEGORY}]")  # fmt: skip
@@ -286,7 +310,9 @@ def synthetic_rows(
             cvqa_category, question, _ = CATEGORIES[category]
             k = rng.randrange(words_per_category)
             answer = (culture.words[category][k], culture.local_words[category][k])
-            if distractors == "own":
+            if answers == "facts":
+                answer, options = _fact_options(culture, category, rng)
+            elif distractors == "own":
                 options = _own_distractors(culture, category, rng, words_per_category)
             else:
                 options = _distractors(answer, others, category, rng, words_per_category)
@@ -297,7 +323,7 @@ def synthetic_rows(
                 shape = random.Random(stable_seed("image size", seed, culture.name, i))
                 size = (shape.randint(*sides), shape.randint(*sides))
             yield {
-                "image": {"bytes": draw_image(culture, rng, size), "path": f"{item_id}.png"},
+                "image": {"bytes": draw_image(culture, rng, size, vivid), "path": f"{item_id}.png"},
                 "ID": item_id,
                 "Subset": culture.subset,
                 "Question": culture.local_questions[category],
@@ -354,6 +380,8 @@ def write_synthetic_cvqa(
     rows_per_group: int = 100,
     words_per_category: int = WORDS_PER_CATEGORY,
     distractors: str = "cultures",
+    answers: str = "words",
+    vivid: bool = False,
 ) -> Path:
     """Write synthetic CVQA as parquet in CVQA's schema; return what to pass to ``load_cvqa``.
 
@@ -375,6 +403,8 @@ def write_synthetic_cvqa(
             hidden_labels=hidden_labels,
             words_per_category=words_per_category,
             distractors=distractors,
+            answers=answers,
+            vivid=vivid,
         )
     )
     schema = cvqa_arrow_schema()
@@ -408,6 +438,8 @@ def make_synthetic_items(
     language: str = "en",
     words_per_category: int = WORDS_PER_CATEGORY,
     distractors: str = "cultures",
+    answers: str = "words",
+    vivid: bool = False,
 ) -> CultureData:
     """Synthetic CVQA in memory (images kept as PNG bytes), built by the loader's own row
     parser, so it holds the same items as ``load_cvqa(write_synthetic_cvqa(...))``."""
@@ -420,6 +452,8 @@ def make_synthetic_items(
         hidden_labels=hidden_labels,
         words_per_category=words_per_category,
         distractors=distractors,
+        answers=answers,
+        vivid=vivid,
     ):
         item = item_from_row(row, grouping=grouping, language=language)
         groups.setdefault(item.culture, []).append(item)

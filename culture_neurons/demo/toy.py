@@ -24,24 +24,31 @@ What makes it meaningful:
 - training items come from the same generator with another seed (new images, new option
   draws, same cultures and words); the data the pipeline uses (``Toy.data_path``) is never
   trained on, so its accuracy measures generalisation to new items of the same cultures;
-- the loss is the evaluator's own score: cross-entropy over the four option-letter logits at the
-  last prompt position (:func:`culture_neurons.evaluate.letter_scores`), on prompts built by
+- the loss is the evaluator's own score: cross-entropy over the four option-letter logits
+  (:func:`culture_neurons.evaluate.letter_scores`), on prompts built by
   :func:`culture_neurons.prompting.encode`, exactly as evaluation builds them;
 - the vision tower stays at its random initialisation (frozen), so the decoder, not the vision
   tower, must turn raw image features into a culture: that is where the paper looks for neurons.
 
-Each culture knows one word per category (``words_per_category=1``: 4 facts per culture); with
-the full synthetic vocabulary (6 words per category) the model memorised training items without
-generalising (toy-v1: 28 % on its data). The decoder MLPs are narrow (toy-v4: 3 x 96 = 288
-neurons; toy-v3 had 3 x 384): with four times as many neurons the model spread each
-culture over many redundant neurons, and ablating a culture's top 10 % cost it 9 points at
-most (mad; cas 4.5); at 96 the same 1200 steps reach the same accuracy (75 %, chance
-25 %) and a culture's 29 top neurons by mad carry it (its accuracy falls 18 points, the other
-cultures' 6). Measured before choosing it (so: a choice made after seeing the numbers, said
-here, with what else was tried on the same seed): the default run on toy-v4 against toy-v3,
-and variants that did not help CAS: wrong options drawn from the culture's own words of other
-categories (synthetic ``distractors="own"``), frozen random token embeddings, and an L1 or
-firing penalty on the MLP neurons (bench/RESULTS.md lists their numbers).
+toy-v5's recipe (issue #23), chosen so that a culture's knowledge sits in neurons that *fire*
+for that culture (what cas counts: ``a > 0``), not only in how strongly shared neurons fire:
+- images of 112 pixels (16 image tokens of the ~43 in a prompt; toy-v4 had 64, 4 tokens): the
+  tokens that only a culture's items have are a larger share of what the statistics count;
+- the answer letter is learned at the last 8 prompt positions (``answer_positions``: from the
+  last option line on, every position has read all the options), not only at the answer
+  position: the culture matching is needed at 8 of the ~43 positions, so the neurons doing it
+  can fire at 8 positions, not 1, of what cas's per-token firing counts see (the evaluation
+  scores the answer position only, as before);
+- a firing penalty, 0.2 x the mean of ``relu(gate_proj(x))`` over tokens, neurons and layers
+  (``firing_penalty``): each gate is pushed below 0 wherever firing does not help the answer, so
+  a neuron fires for what it detects and is silent elsewhere (mean firing probability 8 %
+  against 45 % without it).
+Each culture knows one word per category (``words_per_category=1``: 4 facts per culture; with 6
+the model memorised without generalising, toy-v1: 28 %); the decoder MLPs are narrow (3 x 96 =
+288 neurons; with 384 or 192 a culture's knowledge spread over redundant neurons and ablating
+its top 10 % cost it little). All of this was chosen after seeing the default run of each
+variant on seed 0 (bench/RESULTS.md lists the 11 variants and their numbers): the headline's p
+is one run's test and does not correct for that search.
 
 The default run (``culture-neurons run``) evaluates 150 items per culture, half to identify
 neurons and half (75 per culture) to evaluate, where one item is 1.3 points of a culture's
@@ -106,10 +113,10 @@ __all__ = ["Toy", "ToyConfig", "build_toy", "default_cache_dir", "load_toy", "to
 log = logging.getLogger(__name__)
 
 FAMILY = "qwen2_5_vl"  # the toy is a tiny Qwen2.5-VL (testing.tiny's, at the sizes below)
-TOY_RATIO = 0.10  # default selection ratio on the toy (its L*N is 1152, see the module doc)
+TOY_RATIO = 0.10  # default selection ratio on the toy (its L*N is 288, see the module doc)
 TOY_THREADS = 1  # torch threads of the default run (see the module doc)
 TOY_BATCH_SIZE = 128  # rows per forward of the default run (see the module doc)
-VERSION = "toy-v4"  # part of the cache folder name: bump it when the recipe changes
+VERSION = "toy-v5"  # part of the cache folder name: bump it when the recipe changes
 
 
 @dataclass(frozen=True)
@@ -120,6 +127,9 @@ class ToyConfig:
     eval_items: int = 150  # per culture in the run's data (half identify, half evaluate)
     train_items: int = 512  # per culture, drawn with another seed than data_path
     words_per_category: int = 1  # facts per culture and category (synthetic.py has up to 6)
+    answers: str = "words"  # synthetic answers: "words" (invented) or "facts" (shared nouns)
+    vivid: bool = False  # synthetic images: saturated backgrounds (see draw_image)
+    image_size: int = 112  # image side in pixels: 64 -> 4 image tokens, 112 (the cap) -> 16
     hidden: int = 64  # Qwen2-7B 3584
     intermediate: int = 96  # 18944; L * N = 288 neurons, 10 % = 29 per culture (module doc)
     layers: int = 3  # 28
@@ -132,6 +142,8 @@ class ToyConfig:
     weight_decay: float = 0.01
     warmup: int = 30
     init_std: float = 0.1  # decoder init (HF default 0.02); see _init_decoder
+    answer_positions: int = 8  # the last k prompt positions all learn the answer (training)
+    firing_penalty: float = 0.2  # weight of the mean relu(gate) penalty (training.train)
 
 
 @dataclass
@@ -277,12 +289,15 @@ def _build_steps(seed: int, config: ToyConfig, out: Path) -> None:
     start = time.perf_counter()
     data_path = write_synthetic_cvqa(
         out / "data.parquet", config.cultures, config.eval_items, seed=seed,
-        words_per_category=config.words_per_category,
+        words_per_category=config.words_per_category, image_size=config.image_size,
+        answers=config.answers, vivid=config.vivid,
     )  # fmt: skip
     data = load_cvqa(data_path, min_items=1)
     train_items = list(
         make_synthetic_items(config.cultures, config.train_items, seed=_train_seed(seed),
-                             words_per_category=config.words_per_category)  # fmt: skip
+                             words_per_category=config.words_per_category,
+                             image_size=config.image_size, answers=config.answers,
+                             vivid=config.vivid)  # fmt: skip
     )
     processor = toy_processor(config)
     model = toy_model(processor, config, seed)
@@ -348,10 +363,31 @@ def describe(model, config: ToyConfig, meta: dict) -> str:
         f"{tc.intermediate_size} MLP neurons (hidden {tc.hidden_size}, SiLU), vocabulary "
         f"{tc.vocab_size}, vision tower random and frozen. It was trained for {config.steps} "
         f"AdamW steps (batch {config.batch_size}, lr {config.lr}) on {config.cultures} x "
-        f"{config.train_items} synthetic CVQA items (cross-entropy on the option letter at "
-        f"the answer position). The run's data are {config.cultures} cultures x "
+        f"{config.train_items} synthetic CVQA items of {config.image_size}-pixel images "
+        f"(cross-entropy on the option letter at the last {config.answer_positions} prompt "
+        f"positions, plus {config.firing_penalty:g} x the mean relu of the MLP gates, so that "
+        f"neurons fire only where it helps). The run's data are {config.cultures} cultures x "
         f"{config.eval_items} other items of the same cultures, never trained on; the run "
-        f"splits each culture's items into an identification part and an evaluation part."
+        f"splits each culture's items into an identification part and an evaluation part. "
+        + _lape_note(tc.num_hidden_layers * tc.intermediate_size, config.cultures)
+    )
+
+
+def _lape_note(neurons: int, cultures: int) -> str:
+    """Why lape leaves cultures without a set on the toy: it keeps its own share of all
+    neurons (``lape_top_rate``, never the run's ratio), a handful of the toy's few hundred."""
+    from culture_neurons.pipeline.config import RunConfig
+
+    rate = RunConfig().lape_top_rate
+    kept = max(1, round(neurons * rate))
+    if kept >= cultures:
+        return ""
+    return (
+        f"At its default top rate lape keeps {rate:.0%} of all {neurons} neurons ({kept}) "
+        f"before assigning each to the cultures where it fires most, fewer than the "
+        f"{cultures} cultures, so some cultures get no lape set and their lape row is the "
+        f"unablated model's (a matter of the toy's size, not of its neurons: "
+        f"--lape-top-rate sets the share)."
     )
 
 
@@ -364,6 +400,8 @@ def _corpus(config: ToyConfig) -> list[str]:
     lines = list(tiny.corpus())
     fixed = ["You are a helpful assistant.", INSTRUCTION, "system", "user", "assistant"]
     fixed += [question for _, question, _ in CATEGORIES.values()]
+    fixed += [f"{letter}. {noun}" for _, _, nouns in CATEGORIES.values() for noun in nouns
+              for letter in LETTERS]  # the options of answers="facts"
     for culture in resolve_cultures(config.cultures):
         for words in culture.words.values():
             lines += [f"{letter}. {word}" for word in words for letter in LETTERS]

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from culture_neurons.data import CultureData, Item, stable_seed
+from culture_neurons.models.adapters import act_module, decoder_mlps
 from culture_neurons.scoring.multiple_choice import letter_scores, predict
 from culture_neurons.scoring.prompting import encode, letter_token_ids
 
@@ -65,8 +66,11 @@ def train(model, processor, items: list[Item], config: ToyConfig, seed: int) -> 
     """Train ``model`` in place on ``items``; return the loss of every step.
 
     Loss: cross-entropy over the four option-letter scores (the evaluator's
-    :func:`letter_scores`) of the next-token logits at the last prompt position. AdamW, linear
-    warmup then cosine decay; minibatch order from a generator seeded with ``seed``.
+    :func:`letter_scores`) of the next-token logits at each of the last
+    ``config.answer_positions`` prompt positions (averaged; the logged loss is the answer
+    position's), plus ``config.firing_penalty`` x the mean ``relu(gate_proj(x))`` (see
+    :class:`_GateRecorder`). AdamW, linear warmup then cosine decay; minibatch order from a
+    generator seeded with ``seed``.
     """
     encoded = _Encoded(model, processor, items)
     letters = letter_token_ids(processor)
@@ -75,9 +79,22 @@ def train(model, processor, items: list[Item], config: ToyConfig, seed: int) -> 
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_factor(config))
     gen = torch.Generator().manual_seed(stable_seed("toy-batches", seed) % (2**31))
-    order = torch.randperm(len(encoded), generator=gen)
-    cursor, losses = 0, []
+    losses: list[float] = []
+    gates = _GateRecorder(model) if config.firing_penalty else None
     model.train()
+    try:
+        _steps(model, encoded, letters, optimizer, schedule, gen, gates, config, seed, losses)
+    finally:
+        if gates is not None:
+            gates.remove()
+        model.requires_grad_(True)
+        model.eval()
+    return losses
+
+
+def _steps(model, encoded, letters, optimizer, schedule, gen, gates, config, seed, losses):
+    """The training loop of :func:`train` (appends each step's answer-position loss)."""
+    order, cursor = torch.randperm(len(encoded), generator=gen), 0
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # dropout, if a config enables it
         for step in range(config.steps):
@@ -85,18 +102,46 @@ def train(model, processor, items: list[Item], config: ToyConfig, seed: int) -> 
                 order, cursor = torch.randperm(len(encoded), generator=gen), 0
             batch, labels = encoded.rows(order[cursor : cursor + config.batch_size])
             cursor += config.batch_size
-            logits = model(**batch, logits_to_keep=1).logits[:, -1, :]
-            loss = F.cross_entropy(letter_scores(logits, letters), labels)
+            k = config.answer_positions
+            logits = model(**batch, logits_to_keep=k).logits  # [rows, k, vocab]
+            scores = letter_scores(logits.reshape(-1, logits.shape[-1]), letters)
+            per_position = F.cross_entropy(scores, labels.repeat_interleave(k), reduction="none")
+            loss = per_position.view(-1, k)[:, -1].mean()  # the answer position: what is logged
+            objective = per_position.mean()
+            if gates is not None:
+                objective = objective + config.firing_penalty * gates.firing(batch["attention_mask"])
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            objective.backward()
             optimizer.step()
             schedule.step()
             losses.append(loss.item())
             if step % 50 == 0 or step == config.steps - 1:
                 log.info("toy: step %d/%d loss %.3f", step, config.steps, losses[-1])
-    model.requires_grad_(True)
-    model.eval()
-    return losses
+
+
+class _GateRecorder:
+    """Keeps the last forward's gate values ``g = gate_proj(x)`` of every decoder MLP (the
+    input of its activation) for the firing penalty: the mean of ``relu(g)`` over real tokens,
+    neurons and layers. It pushes each gate below 0 wherever firing does not help the answer,
+    so a neuron fires (``a > 0``, what cas counts) for what it detects and is off elsewhere."""
+
+    def __init__(self, model):
+        self.values: list[torch.Tensor] = []
+        self.handles = [act_module(mlp).register_forward_hook(self._keep)
+                        for mlp in decoder_mlps(model)]  # fmt: skip
+
+    def _keep(self, module, args, output) -> None:
+        self.values.append(args[0])
+
+    def firing(self, attention_mask: torch.Tensor) -> torch.Tensor:
+        mask = attention_mask.unsqueeze(-1).to(self.values[0].dtype)  # [rows, T, 1]
+        layers = [(F.relu(g) * mask).sum() / (mask.sum() * g.shape[-1]) for g in self.values]
+        self.values = []
+        return sum(layers) / len(layers)
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
 
 
 def _lr_factor(config: ToyConfig):

@@ -102,6 +102,29 @@ def test_own_distractors_need_the_cultures_own_vocabulary(words):
         next(synthetic_rows(2, 4, distractors="neighbours"))
 
 
+def test_fact_answers_name_no_culture():
+    """answers="facts": the options are four different plain nouns of the asked category, the
+    same pool for every culture, and the right one is the culture's fact of that category;
+    no option is any culture's invented word, so only knowing the image's culture answers."""
+    cultures = {c.subset: c for c in resolve_cultures(8)}
+    questions = {question: category for category, (_, question, _) in CATEGORIES.items()}
+    invented = {w for c in cultures.values() for ws in c.words.values() for w in ws}
+    seen = collections.Counter()
+    for row in synthetic_rows(8, 12, answers="facts"):
+        culture = cultures[row["Subset"]]
+        asked = questions[row["Translated Question"]]
+        options = row["Translated Options"]
+        assert len(set(options)) == 4 and set(options) <= set(CATEGORIES[asked][2]), options
+        assert not set(options) & invented and row["Options"] == options
+        assert options[row["Label"]] == culture.facts[asked]
+        seen[row["Label"]] += 1
+    assert set(seen) == {0, 1, 2, 3}
+    # Facts differ between cultures (else their items would be one task).
+    assert len({tuple(c.facts.values()) for c in cultures.values()}) == len(cultures)
+    with pytest.raises(UsageError, match="answers"):
+        next(synthetic_rows(2, 4, answers="letters"))
+
+
 def test_each_culture_has_its_own_visual_cue():
     # The most common pixel of an image is its background, drawn in the culture's palette.
     def background(row):

@@ -76,17 +76,22 @@ def test_full_model_is_far_above_chance_on_unseen_items(shipped):
 
 
 def test_the_recorded_headline_shows_culture_specific_neurons():
-    """What the README and RESULTS.md say of the toy, as recorded by the build: the toy has
-    culture-specific neurons that ablation finds (mad: gap interval below 0, p < 0.01 against
-    its RND control after adjustment, most own cells harmed, most cross cells not); cas beats
-    RND only weakly (adjusted p in [0.01, 0.05), no own cell harmed: the README says so); the counts agree with the recorded intervals."""
+    """What the README and RESULTS.md say of the toy, as recorded by the build: cas, the
+    paper's method, beats its size-matched RND on the primary measure (gap interval below 0,
+    adjusted p < 0.01) and leaves most cross cells alone, but harms fewer than half of its own
+    cells distinguishably from 0; mad's neurons matter far more (most own cells harmed, gap
+    p < 0.01 adjusted) and are less culture-specific (more than half of its cross cells
+    harmed too); the counts agree with the recorded intervals."""
     recorded = json.loads(HEADLINE.read_text())
     mad = recorded["methods"]["mad"]
     assert mad["gap_ci"][1] < 0 and mad["p_gap_vs_rnd_adj"] < 0.01, mad
     C = len(mad["set_sizes"])
-    assert mad["own_cells_harmed"] > C / 2 and mad["cross_cells_harmed"] < C * (C - 1) / 2, mad
-    cas = recorded["methods"]["cas"]  # README: "beats its random control only weakly"
-    assert 0.01 <= cas["p_gap_vs_rnd_adj"] < 0.05 and cas["own_cells_harmed"] == 0, cas
+    assert mad["own_cells_harmed"] > C / 2 and mad["cross_cells_harmed"] > C * (C - 1) / 2, mad
+    cas = recorded["methods"]["cas"]
+    assert cas["gap_ci"][1] < 0 and cas["p_gap_vs_rnd_adj"] < 0.01, cas
+    assert 0 < cas["own_cells_harmed"] < C / 2, cas  # README: "2 of 8 own cells"
+    assert cas["cross_cells_harmed"] < C * (C - 1) / 4, cas
+    assert all(size > 0 for size in cas["set_sizes"]), cas
 
 
 @pytest.mark.slow  # the default run: ~1-2 minutes on 2 busy cores
