@@ -80,7 +80,7 @@ def _run_config(o: Options, meta: dict | None = None):
         from culture_neurons.demo.toy import TOY_BATCH_SIZE, TOY_RATIO
 
         if "ratio" not in o.given:
-            kw["ratio"] = TOY_RATIO  # the toy has 1152 neurons: 0.5 % would be 6 per culture
+            kw["ratio"] = TOY_RATIO  # the toy has 288 neurons: 0.5 % would be 1 per culture
         if "batch_size" not in o.given:
             kw["batch_size"] = TOY_BATCH_SIZE  # 8-row forwards run at half the speed
     return RunConfig(**kw)

@@ -202,8 +202,8 @@ OPTIONS: tuple[Option, ...] = (
            choices=SELECTORS),
     Option("ratio", "share of all L x N neurons selected per culture by cas, lap and mad",
            ("run", "select"), "selection", type=float,
-           default_text="0.005 = 0.5 %; 0.1 on the embedded toy, whose 1152 neurons would "
-           "leave 6"),
+           default_text="0.005 = 0.5 %; 0.1 on the embedded toy, whose 288 neurons would "
+           "leave 1"),
     Option("per_layer", "select the top ratio of every layer instead of across layers",
            ("run", "select"), "selection", type=bool),
     Option("cas_normalize", "cas: rank the firing probability normalised over cultures",
