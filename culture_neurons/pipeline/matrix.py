@@ -50,17 +50,19 @@ def screened(run, items: list, combined: Masks, culture: torch.Tensor,
     C, S, task = len(run.cultures), len(combined), run.task
     names = list(masks)
     nulls = rnd_draws_of({m: masks[m] for m in run.config.methods if m in masks}, run.config)
-    estimated = estimate(run, items, combined)
+    scaled = estimate(run, items, combined, tuple(screen.FILLS.values()))  # [1 + K * S, n]
+    by_fill = {how: torch.cat([scaled[:1], scaled[1 + k * S : 1 + (k + 1) * S]])
+               for k, how in enumerate(screen.FILLS)}  # fmt: skip
 
     def effect(scores: torch.Tensor) -> torch.Tensor:
         return task.effect(task.point(scores[0], scores[1:], items, culture, C, run.data))
 
-    confirmed = screen.confirmed_cells(effect(estimated), C, run.config.screen_budget)
+    confirmed = screen.confirmed_cells(effect(by_fill["estimate"]), C, run.config.screen_budget)
     exact_cells = exact(run, items, combined, confirmed=confirmed, culture=culture)
-    estimated = task.onto(estimated, exact_cells[0])
-    est_effect = effect(estimated)
+    by_fill = {how: task.onto(e, exact_cells[0]) for how, e in by_fill.items()}
+    estimated = by_fill["estimate"]
     ratio = screen.drift(effect(screen.combine(exact_cells, estimated, confirmed, culture)),
-                         est_effect, confirmed, C)  # fmt: skip
+                         effect(estimated), confirmed, C)  # fmt: skip
     drifting = torch.nonzero(screen.drifts(ratio)).flatten().tolist()
     more = screen.whole(drifting, S, C) & ~confirmed
     rounds = [{"confirmed": int(confirmed.sum()), "drifting": [names[i] for i in drifting]}]
@@ -72,12 +74,11 @@ def screened(run, items: list, combined: Masks, culture: torch.Tensor,
                                                                   exact_cells[1:])])  # fmt: skip
             confirmed = confirmed | more
         filled = {}
-        for how in screen.FILLS:
-            scores_ = screen.fill(exact_cells, estimated, confirmed, culture, how)
-            if scores_ is not None:
-                per_set = {n: scores_[1 + i * C : 1 + (i + 1) * C] for i, n in enumerate(names)}
-                filled[how] = task.results(masks, per_set, scores_[0], items, culture,
-                                           run.cultures, run.data, nulls)[1]  # fmt: skip
+        for how, e in by_fill.items():
+            scores_ = screen.combine(exact_cells, e, confirmed, culture)
+            per_set = {n: scores_[1 + i * C : 1 + (i + 1) * C] for i, n in enumerate(names)}
+            filled[how] = task.results(masks, per_set, scores_[0], items, culture, run.cultures,
+                                       run.data, nulls)[1]  # fmt: skip
         unsettled = screen.unsettled(filled)
         whole = [names.index(n) for m in unsettled for n in [m, *nulls[m]]]
         more = screen.whole(whole, S, C) & ~confirmed
@@ -130,20 +131,23 @@ def exact(run, items: list, combined: Masks, confirmed: torch.Tensor | None = No
                        desc="ablation matrix", padding=f"ablation {name}")  # fmt: skip
 
 
-def estimate(run, items: list, combined: Masks) -> torch.Tensor:
-    """[1 + S, n] scores, row 0 the full model (exact: the forward the gradients come from),
-    every other row the first-order estimate, for every set at once."""
+def estimate(run, items: list, combined: Masks, scales: tuple[float, ...] = (1.0,)) -> torch.Tensor:
+    """[1 + K * S, n] scores, row 0 the full model (exact: the forward the gradients come
+    from), row 1 + k * S + s the first-order estimate under set s with its change x
+    ``scales[k]`` (one forward and backward serve every set and scale)."""
     config, S = run.config, len(combined)
+    rows = len(scales) * S
     key = run._key("estimated matrix", combined.content_hash(), config.cache_settings("estimate"),
-                   "by length")  # fmt: skip
+                   "by length", list(scales))  # fmt: skip
 
     def compute(chunk: list, where: list[int], bar) -> tuple[list[int], torch.Tensor]:
-        block = run.task.estimated(run.model, run.processor, chunk, combined, config.alpha)
+        block = run.task.estimated(run.model, run.processor, chunk, combined, config.alpha,
+                                   scales)  # fmt: skip
         bar.update(len(chunk))
-        return list(range(1 + S)), block
+        return list(range(1 + rows)), block
 
-    return _logged(run, "estimate", key, items, S, config.batch_size, compute,
-                   weight=len, rows_of=lambda where: list(range(1 + S)),
+    return _logged(run, "estimate", key, items, rows, config.batch_size, compute,
+                   weight=len, rows_of=lambda where: list(range(1 + rows)),
                    desc="estimated matrix (forward + backward)",
                    padding="estimated matrix")  # fmt: skip
 
