@@ -22,16 +22,22 @@ model:
 - ``exact_s`` / ``screen_s``: wall time of each evaluation (with ``load_1min``: a time taken
   on a loaded machine is no benchmark).
 
-JSON: ``{"machine": ..., "models": [{"model", "cultures", "items", "conditions", "exact_s",
+Rules (``--rules``, :data:`RULES`): ``screen`` (the default rule), ``screen_1.25`` (an error
+model of 1.25x instead of 2x: fewer cells confirmed, is it still right?) and ``first_cells``
+(the diagonal and the budget's cells, no rounds: screening before drift and conclusions were
+checked).
+
+JSON: ``{"machine": ..., "models": [{"model", "rule", "cultures", "items", "conditions", "exact_s",
 "screen_s", "verdicts_differ", "verdicts_differ_by_measure", "max_ci_ratio", "ranking_agrees",
 "exact_prefills", "screen_prefills", "estimated_items", "prefill_ratio", "whole",
-"differing"}]}``.
+"differing", "drift"}]}`` (one row per model and rule).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import tempfile
@@ -88,8 +94,19 @@ def ranking(results: dict) -> list[str]:
     return sorted(results, key=key)
 
 
-def measure(name: str, model, processor, data, config: RunConfig) -> dict:
-    """Identify and select once, evaluate exact and screened; the model's row."""
+# Screening rules (providers): the default, a tighter error model, and the first cells alone
+# (no rounds: the rule before drift and conclusions were checked, issue #26's baseline).
+RULES = {
+    "screen": (screen.DRIFT_LIMIT, dict(screen.FILLS)),
+    "screen_1.25": (1.25, {"estimate": 1.0, "smaller": 1 / 1.25, "larger": 1.25}),
+    "first_cells": (math.inf, {"estimate": 1.0}),
+}
+
+
+def measure(name: str, model, processor, data, config: RunConfig, rules: list[str]) -> list:
+    """Identify and select once, evaluate exact and under every screening rule of ``rules``;
+    the model's rows, one per rule."""
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         run = Run(model, processor, data, tmp / "exact", config, progress=False)
@@ -98,17 +115,29 @@ def measure(name: str, model, processor, data, config: RunConfig) -> dict:
         exact = run.evaluate(masks)
         exact_s = time.perf_counter() - start
         load_exact = os.getloadavg()[0]
-        screened_config = replace(config, matrix="screen", screen_budget=None)
-        run_s = Run(model, processor, data, tmp / "screen", screened_config, progress=False)
-        start = time.perf_counter()
-        got = run_s.evaluate(masks)
-        screen_s = time.perf_counter() - start
-        load_screen = os.getloadavg()[0]
+        for rule in rules:
+            screen.DRIFT_LIMIT, screen.FILLS = RULES[rule]
+            try:
+                screened_config = replace(config, matrix="screen", screen_budget=None)
+                run_s = Run(model, processor, data, tmp / rule, screened_config, progress=False)
+                start = time.perf_counter()
+                got = run_s.evaluate(masks)
+                screen_s = time.perf_counter() - start
+            finally:
+                screen.DRIFT_LIMIT, screen.FILLS = RULES["screen"]
+            rows.append(_row(name, rule, run, masks, config, exact, got, exact_s, screen_s,
+                             [load_exact, os.getloadavg()[0]]))  # fmt: skip
+    return rows
+
+
+def _row(name, rule, run, masks, config, exact, got, exact_s, screen_s, load) -> dict:
     record = next(iter(got.values()))["screen"]
     whole = sorted({m for res in got.values() for m in res["screen"]["whole"]})
+    ratio = {m: r for res in got.values() for m, r in res["screen"]["ratio"].items()}
+    sizes = {m: sum(masks[m].sizes().tolist()) / len(run.cultures) for m in ratio}
     C = len(run.cultures)
     return {
-        "model": name, "cultures": C, "items": record["estimated_items"],
+        "model": name, "rule": rule, "cultures": C, "items": record["estimated_items"],
         "conditions": 1 + C * len(masks), "methods": list(exact),
         "rnd_draws": config.rnd_draws, "masks": len(masks),
         **compare(exact, got),
@@ -116,8 +145,10 @@ def measure(name: str, model, processor, data, config: RunConfig) -> dict:
         "estimated_items": record["estimated_items"],
         "prefill_ratio": record["exact_prefills"] / record["prefills"],
         "whole": whole, "rounds": record["rounds"],
+        # the drift check: exact / estimated effect of each mask's first cells, by set size
+        "drift": [{"mask": m, "mean_set_size": sizes[m], "ratio": ratio[m]} for m in ratio],
         "exact_s": exact_s, "screen_s": screen_s,
-        "load_1min": [load_exact, load_screen],  # when each finished: a loaded machine's time
+        "load_1min": load,  # when each finished: a time taken under load is no benchmark
     }  # fmt: skip
 
 
@@ -165,11 +196,12 @@ def quick_cases() -> list[tuple]:
 
 
 def table(models: list[dict]) -> str:
-    lines = ["| model | C | items | conditions | verdicts differ | max |screen - exact| / "
-             "half-CI | ranking agrees | prefills exact / screen | ratio | confirmed whole |",
-             "|" + " --- |" * 10]  # fmt: skip
+    lines = ["| model | rule | C | items | conditions | verdicts differ | max |screen - exact| "
+             "/ half-CI | ranking agrees | prefills exact / screen | ratio | confirmed whole |",
+             "|" + " --- |" * 11]  # fmt: skip
     for m in models:
-        lines.append(f"| {m['model']} | {m['cultures']} | {m['items']} | {m['conditions']} | "
+        lines.append(f"| {m['model']} | {m['rule']} | {m['cultures']} | {m['items']} | "
+                     f"{m['conditions']} | "
                      f"{m['verdicts_differ']} | {m['max_ci_ratio']:.2f} | "
                      f"{'yes' if m['ranking_agrees'] else 'no'} | {m['exact_prefills']} / "
                      f"{m['screen_prefills']} (+ {m['estimated_items']} fwd+bwd) | "
@@ -184,6 +216,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--models", default="toy", help="toy, gemma or both (comma-separated)")
     p.add_argument("--locales", type=int, default=GEMMA_LOCALES)
     p.add_argument("--sentences", type=int, default=GEMMA_SENTENCES)
+    p.add_argument("--rules", default=",".join(RULES),
+                   help=f"screening rules to compare with exact: {', '.join(RULES)}")
     p.add_argument("--rnd-draws", type=int, default=None,
                    help=f"RND draws (default: the run's default for the toy, {GEMMA_DRAWS} "
                    "for Gemma)")  # fmt: skip
@@ -196,8 +230,9 @@ def main(argv: list[str] | None = None) -> int:
             [gemma_case(a.locales, a.sentences, a.rnd_draws or GEMMA_DRAWS)]
             if "gemma" in wanted else [])  # fmt: skip
     models = []
+    rules = [r.strip() for r in a.rules.split(",")]
     for spec in specs:
-        models.append(measure(*spec))
+        models += measure(*spec, rules)
         print(f"# {spec[0]}: done", file=sys.stderr, flush=True)
     print(table(models))
     if a.json:
