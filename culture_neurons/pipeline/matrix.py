@@ -42,9 +42,10 @@ def scores(run, items: list, combined: Masks, culture: torch.Tensor,
 def screened(run, items: list, combined: Masks, culture: torch.Tensor,
              masks: dict[str, Masks]) -> tuple[torch.Tensor, dict]:  # fmt: skip
     """``--matrix screen`` in rounds (:mod:`culture_neurons.pipeline.screen`): the estimate,
-    the first cells, then every mask that drifts and every method whose conclusions depend
-    on the unconfirmed cells confirmed whole, until none does. ``([1 + S, n] scores, record)``,
-    the record holding the estimate, the confirmed cells and what each round found."""
+    the first cells, every mask that drifts confirmed whole, then, while a method's
+    conclusions depend on the unconfirmed cells, half of its masks' remaining cells.
+    ``([1 + S, n] scores, record)``, the record holding the estimate, the confirmed cells and
+    what each round found."""
     from culture_neurons.selection.controls import rnd_draws_of
 
     C, S, task = len(run.cultures), len(combined), run.task
@@ -73,15 +74,19 @@ def screened(run, items: list, combined: Masks, culture: torch.Tensor,
             exact_cells = torch.cat([exact_cells[:1], torch.where(more[:, culture], extra[1:],
                                                                   exact_cells[1:])])  # fmt: skip
             confirmed = confirmed | more
-        filled = {}
+        filled, effects = {}, []
         for how, e in by_fill.items():
             scores_ = screen.combine(exact_cells, e, confirmed, culture)
             per_set = {n: scores_[1 + i * C : 1 + (i + 1) * C] for i, n in enumerate(names)}
             filled[how] = task.results(masks, per_set, scores_[0], items, culture, run.cultures,
                                        run.data, nulls)[1]  # fmt: skip
+            effects.append(effect(scores_))
         unsettled = screen.unsettled(filled)
-        whole = [names.index(n) for m in unsettled for n in [m, *nulls[m]]]
-        more = screen.whole(whole, S, C) & ~confirmed
+        effects = torch.stack(effects)  # [fills, S, C]
+        # how far the fills put each cell apart, plus the estimated effect (breaks ties)
+        spread = effects.amax(0) - effects.amin(0) + effects[0]
+        more = screen.next_cells(spread, confirmed, [names.index(n) for m in unsettled
+                                                     for n in [m, *nulls[m]]], C)  # fmt: skip
         rounds[-1]["unsettled"] = unsettled
         if not more.any():
             break

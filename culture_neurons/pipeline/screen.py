@@ -23,8 +23,9 @@ too small shrink cross and inflate specificity. Screening therefore confirms in 
    estimate with every estimated change (the letter margins' shifts, the NLL change) divided
    and multiplied by ``DRIFT_LIMIT``, the error drift lets pass. Where a verdict differs
    between fills, or a summary moves by more than ``POINT_SHARE`` of its interval's
-   half-width, the method's mask and its RND draws are confirmed whole (:func:`unsettled`),
-   and the conclusions checked again.
+   half-width (:func:`unsettled`), half of the unconfirmed cells of the method's mask and of
+   its RND draws are confirmed, those the fills put furthest apart (:func:`next_cells`), and
+   the conclusions checked again, until they settle (at worst every cell is exact).
 
 A conclusion screening reports is thus one that an estimate off by up to ``DRIFT_LIMIT`` on
 every unconfirmed cell would not change; where it could, the numbers are exact. What drift
@@ -32,8 +33,9 @@ cannot see: a mask whose first cells change nothing while the estimate misses ch
 elsewhere in it; on sets large enough to matter the diagonal changes, and the ratio shows the
 miss (tests/pipeline/test_matrix_modes.py). The error model is the aggregate one drift
 measures, not a bound on every cell: bench/bench_screen.py compares conclusions with exact's.
-Cost: 1 + (C + budget) / C conditions per mask that neither drifts nor is unsettled, C + 1 per
-other mask (exact: C per mask), and one forward and backward per item for the estimate.
+Cost: 1 + (C + budget) / C conditions per mask that neither drifts nor is unsettled, between
+that and C per other mask (exact: C per mask), one forward and backward per item for the
+estimate, and per round the tests of every method under three fills (no model work).
 
 Symbols: S sets (masks x C, in :func:`culture_neurons.pipeline.matrix.combine`'s order: mask i's
 set of culture j is row i * C + j), C cultures, n evaluation items.
@@ -91,6 +93,28 @@ def drift(exact_effect: torch.Tensor, estimated_effect: torch.Tensor, confirmed:
 def drifts(ratio: torch.Tensor) -> torch.Tensor:
     """bool ``[masks]``: the ratios (:func:`drift`) outside ``[1 / DRIFT_LIMIT, DRIFT_LIMIT]``."""
     return (ratio > DRIFT_LIMIT) | (ratio < 1 / DRIFT_LIMIT)
+
+
+def next_cells(spread: torch.Tensor, confirmed: torch.Tensor, masks: list[int],
+               C: int) -> torch.Tensor:  # fmt: skip
+    """``[S, C]`` bool: for each mask of ``masks`` (indices in combine's order), the half
+    (rounded up) of its unconfirmed cells that ``spread`` ``[S, C]`` ranks highest (how far
+    the fills put a cell apart: the cells a conclusion can rest on; NaN last). Halving
+    confirms every cell of a mask within ``log2(C * C)`` rounds, and the few cells that carry
+    the effect first. Ties go to the first cell in row-major order."""
+    out = torch.zeros_like(confirmed)
+    for i in masks:
+        rows = slice(i * C, (i + 1) * C)
+        open_ = ~confirmed[rows].flatten()
+        left = int(open_.sum())
+        if not left:
+            continue
+        score = spread[rows].double().flatten().nan_to_num(-1.0).where(open_, -math.inf)
+        pick = torch.argsort(score, descending=True, stable=True)[: (left + 1) // 2]
+        block = out[rows].flatten()
+        block[pick] = True
+        out[rows] = block.view(C, C)
+    return out
 
 
 def whole(masks: list[int], S: int, C: int) -> torch.Tensor:

@@ -143,3 +143,25 @@ def test_screen_budget_only_with_screen(tmp_path, capsys):
     toml.write_text('matrix = "estimate"\nscreen_budget = 1\n')
     assert cli.main(["run", "--out", out, "--config", str(toml), "--quiet"]) == 2
     assert "got --matrix estimate" in capsys.readouterr().err
+
+
+def test_next_cells_confirm_half_of_each_named_masks_open_cells_widest_first():
+    g = torch.Generator().manual_seed(3)
+    C, masks = 4, 3
+    spread = torch.rand(masks * C, C, generator=g, dtype=torch.float64)
+    spread[1, 2] = float("nan")
+    confirmed = torch.rand(masks * C, C, generator=g) < 0.3
+    confirmed[2 * C : 3 * C] = True  # mask 2: nothing left to confirm
+    got = screen.next_cells(spread, confirmed, [0, 2], C)
+    want = torch.zeros_like(confirmed)
+    open_ = [(s, c) for s in range(C) for c in range(C) if not confirmed[s, c]]
+    key = {(s, c): (-1.0 if math.isnan(spread[s, c]) else spread[s, c].item()) for s, c in open_}
+    for s, c in sorted(open_, key=lambda sc: -key[sc])[: (len(open_) + 1) // 2]:
+        want[s, c] = True
+    assert torch.equal(got, want)
+    assert not (got & confirmed).any()
+    # rounds of halving leave nothing open after ceil(log2(C * C)) + 1 of them
+    cells = torch.zeros(C, C, dtype=torch.bool)
+    for _ in range(math.ceil(math.log2(C * C)) + 1):
+        cells |= screen.next_cells(torch.zeros(C, C), cells, [0], C)
+    assert cells.all()
