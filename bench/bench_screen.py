@@ -167,12 +167,14 @@ def toy_case(draws: int | None) -> tuple:
 
 def gemma_case(locales: int, sentences: int, draws: int) -> tuple:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from real_lm import MODEL_NAME, cached_model  # noqa: E402 (bench/real_lm.py)
+    from real_lm import BENCH_LOCALES, MODEL_NAME, cached_model  # noqa: E402 (bench/real_lm.py)
 
     from culture_neurons.data.faker_text import LOCALES, make_faker_data
     from culture_neurons.models.loading import load_model
 
-    data = make_faker_data(list(LOCALES)[:locales], per_culture=sentences, seed=0)
+    # real_lm's locales (close pairs and distant ones, issue #26's run), then Faker's others
+    names = [*BENCH_LOCALES, *(loc for loc in LOCALES if loc not in BENCH_LOCALES)]
+    data = make_faker_data(names[:locales], per_culture=sentences, seed=0)
     model, tok = load_model(str(cached_model()), "float32", "cpu")
     config = RunConfig(task="lm", identify_on="all", ratio=0.005, rnd_draws=draws,
                        batch_size=32, methods=("cas", "lape", "mad"))  # fmt: skip
