@@ -145,6 +145,8 @@ FIELDS = {
     "screen_budget": "--matrix screen: exact cells per mask",
     "confirmed": "--matrix screen: [S][C] cells computed exactly",
     "estimate": "--matrix screen: {matrix: [S][C]} as the estimate alone gives it",
+    "screen": "--matrix screen: each own mask's exact / estimated effect ratio, masks "
+              "confirmed whole, the rounds (drifting masks, unsettled conclusions), prefills",
 }
 
 
