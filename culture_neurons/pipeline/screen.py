@@ -23,7 +23,8 @@ too small shrink cross and inflate specificity. Screening therefore confirms in 
    estimate with every estimated change (the letter margins' shifts, the NLL change) divided
    and multiplied by ``DRIFT_LIMIT``, the error drift lets pass. Where a verdict differs
    between fills, or a summary moves by more than ``POINT_SHARE`` of its interval's
-   half-width (:func:`unsettled`), half of the unconfirmed cells of the method's mask and of
+   half-width, or two methods' order by primary gap is within the fills' spread
+   (:func:`unsettled`), half of the unconfirmed cells of the method's mask and of
    its RND draws are confirmed, those the fills put furthest apart (:func:`next_cells`), and
    the conclusions checked again, until they settle (at worst every cell is exact).
 
@@ -47,7 +48,7 @@ import math
 
 import torch
 
-from culture_neurons.eval_schema import SUMMARIES, measures_of
+from culture_neurons.eval_schema import SUMMARIES, measures_of, primary
 
 DRIFT_LIMIT = 2.0  # exact / estimated effect on a mask's confirmed cells, either way
 LEVEL = 0.05  # a p below it is a verdict ("beats RND")
@@ -160,8 +161,9 @@ def moved(a: dict, b: dict) -> list[str]:
 
 def unsettled(filled: dict[str, dict]) -> dict[str, list[str]]:
     """``{method: what differs}`` between the eval JSONs of the same run under each fill
-    (``{fill: {method: eval JSON}}``, the estimate's first): the methods whose verdicts or
-    summaries depend on how the unconfirmed cells are filled (module doc, 3.)."""
+    (``{fill: {method: eval JSON}}``, the estimate's first): the methods whose verdicts,
+    summaries or rank (:func:`close_ranks`) depend on how the unconfirmed cells are filled
+    (module doc, 3.)."""
     first, *others = filled.values()
     out: dict[str, list[str]] = {}
     for name, res in first.items():
@@ -173,7 +175,28 @@ def unsettled(filled: dict[str, dict]) -> dict[str, list[str]]:
             why += moved(res, other[name])
         if why:
             out[name] = sorted(set(why))
+    for name in close_ranks(filled):
+        out[name] = sorted({*out.get(name, []), "rank"})
     return out
+
+
+def close_ranks(filled: dict[str, dict]) -> list[str]:
+    """The methods whose order by primary gap the fills could change: two methods whose
+    ranges of primary gap over the fills, each widened by its own width, overlap (a rank the
+    fills agree on by less than their spread is not settled either)."""
+    ranges = {}
+    for name in next(iter(filled.values())):
+        values = [res.get(primary(res).summary("gap"))
+                  for res in (results[name] for results in filled.values())]  # fmt: skip
+        if None in values:
+            continue
+        lo, hi = min(values), max(values)
+        ranges[name] = (lo - (hi - lo), hi + (hi - lo), hi > lo)
+    names = sorted(ranges)
+    return sorted({n for a in names for b in names if a < b
+                   and (ranges[a][2] or ranges[b][2])  # the fills move one of them
+                   and ranges[a][0] <= ranges[b][1] and ranges[b][0] <= ranges[a][1]
+                   for n in (a, b)})  # fmt: skip
 
 
 def conditions(confirmed: torch.Tensor, cultures: list[int], full: bool = True) -> list[int]:

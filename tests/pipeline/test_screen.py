@@ -116,13 +116,13 @@ def test_conclusions_are_the_verdicts_at_the_level():
 
 
 def test_unsettled_names_methods_whose_verdict_or_summary_depends_on_the_fill():
-    base = {"cas": _ev(), "mad": _ev()}
-    same = {"cas": _ev(gap=-5.5), "mad": _ev(gap=-4.5)}  # within half the half-width (1.0)
+    base = {"cas": _ev(), "mad": _ev(gap=-1.0)}
+    same = {"cas": _ev(gap=-5.5), "mad": _ev(gap=-0.5)}  # within half the half-width (1.0)
     assert screen.unsettled({"estimate": base, "none": same}) == {}
-    flipped = {"cas": _ev(p_adj=0.06), "mad": _ev(gap=-6.2)}
+    flipped = {"cas": _ev(p_adj=0.06), "mad": _ev(gap=-2.2)}
     assert screen.unsettled({"estimate": base, "none": same, "scaled": flipped}) == {
         "cas": ["primary verdict"], "mad": ["gap"]}  # unadjusted p 0.03 either way
-    undefined = {"cas": _ev(spec=None), "mad": _ev()}
+    undefined = {"cas": _ev(spec=None), "mad": _ev(gap=-1.0)}
     assert screen.unsettled({"estimate": base, "none": undefined})["cas"] == [
         "specificity", "specificity defined verdict"]
 
@@ -165,3 +165,19 @@ def test_next_cells_confirm_half_of_each_named_masks_open_cells_widest_first():
     for _ in range(math.ceil(math.log2(C * C)) + 1):
         cells |= screen.next_cells(torch.zeros(C, C), cells, [0], C)
     assert cells.all()
+
+
+def test_close_ranks_are_unsettled_where_the_fills_spread_covers_the_difference():
+    def fills(cas, lap, mad):  # primary gaps per fill: estimate, smaller, larger
+        return {how: {"cas": _ev(gap=cas[k]), "lap": _ev(gap=lap[k]), "mad": _ev(gap=mad[k])}
+                for k, how in enumerate(screen.FILLS)}  # fmt: skip
+
+    # cas spans [-5.2, -5.0] (widened: [-5.4, -4.8]), lap [-4.65, -4.6] ([-4.7, -4.55]): apart
+    assert screen.close_ranks(fills((-5.0, -5.1, -5.2), (-4.6, -4.62, -4.65), (-1, -1, -1))) == []
+    # lap moves to -4.9: within cas's widened range
+    assert screen.close_ranks(fills((-5.0, -5.1, -5.2), (-4.7, -4.8, -4.9), (-1, -1, -1))) == [
+        "cas", "lap"]
+    # equal gaps no fill moves: nothing to settle
+    assert screen.close_ranks(fills((-2, -2, -2), (-2, -2, -2), (-1, -1, -1))) == []
+    got = screen.unsettled(fills((-5.0, -5.1, -5.2), (-4.7, -4.8, -4.9), (-1, -1, -1)))
+    assert got["cas"] == ["rank"] and got["lap"] == ["rank"] and "mad" not in got
