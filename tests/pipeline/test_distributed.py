@@ -150,6 +150,7 @@ def test_matrix_modes_under_two_ranks_equal_one_process(exact_run, tmp_path, mod
         assert a["cas"]["screen"]["rounds"] and "confirmed" in a["cas"]
 
 
+@pytest.mark.slow
 def test_sharded_statistics_screen_like_one_process(assets, exact_run, tmp_path):
     """``record --shard`` + ``merge``, then select and ``evaluate --matrix screen``: the
     single process's screened eval JSONs."""
@@ -170,6 +171,7 @@ def test_sharded_statistics_screen_like_one_process(assets, exact_run, tmp_path)
         assert a[name] == b[name], name
 
 
+@pytest.mark.slow
 def test_lm_task_under_two_ranks_equals_one_process(tmp_path):
     """The LM task, exact then screened, on 2 gloo ranks: the one process's eval JSONs."""
     pytest.importorskip("faker")
