@@ -136,7 +136,8 @@ def exact(run, items: list, combined: Masks, confirmed: torch.Tensor | None = No
                        desc="ablation matrix", padding=f"ablation {name}")  # fmt: skip
 
 
-def estimate(run, items: list, combined: Masks, scales: tuple[float, ...] = (1.0,)) -> torch.Tensor:
+def estimate(run, items: list, combined: Masks,
+             scales: tuple[float, ...] = (1.0,)) -> torch.Tensor:  # fmt: skip
     """[1 + K * S, n] scores, row 0 the full model (exact: the forward the gradients come
     from), row 1 + k * S + s the first-order estimate under set s with its change x
     ``scales[k]`` (one forward and backward serve every set and scale)."""
