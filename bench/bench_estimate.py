@@ -22,8 +22,9 @@ the median relative error ``|est - exact| / |exact|``.
 
 JSON: ``{"machine": ..., "cases": [{"model", "method", "measure", "cells", "pearson",
 "spearman", "spearman_diag", "self_exact", "self_estimate", "cross_exact", "cross_estimate",
-"gap_exact", "gap_estimate", "gap_rank_exact", "gap_rank_estimate", "exact_s", "estimate_s",
-"speedup"}], "models": [{"model", "cultures", "items", "conditions", "exact_s", "estimate_s",
+"gap_exact", "gap_estimate", "specificity_exact", "specificity_estimate" (the share of harm:
+accuracy lost, flips or NLL gained), "gap_rank_exact", "gap_rank_estimate", "exact_s",
+"estimate_s", "speedup"}], "models": [{"model", "cultures", "items", "conditions", "exact_s", "estimate_s",
 "speedup", "by_size", "by_layer"}]}``. Never timed under load: state the load (``uptime``).
 """
 
@@ -110,23 +111,25 @@ def compare(name: str, model, processor, data, config: RunConfig) -> tuple[list,
     timing = {"exact_s": exact_s, "estimate_s": estimate_s, "speedup": exact_s / estimate_s}
     for measure in measures:
         gaps = {}
+        # Harm's sign (scoring.metrics): accuracy is lost (-1); flips and NLL rise (+1). Only
+        # specificity depends on it, self / cross / gap do not.
+        sign = -1 if measure == "delta" and config.task == "mc" else 1
         for i, method in enumerate(names):
             rows = slice(i * C, (i + 1) * C)
             a, b = point_exact[measure][rows], point_est[measure][rows]
-            sa, sb = summaries(a), summaries(b)
+            sa, sb = summaries(a, sign), summaries(b, sign)
             gaps[method] = (float(sa["gap"]), float(sb["gap"]))
             x, y = a.numpy().ravel(), b.numpy().ravel()
             cases.append({
                 "model": name, "method": method, "measure": measure, "cells": int(C * C),
                 "pearson": pearson(x, y), "spearman": spearman(x, y),
                 "spearman_diag": spearman(a.diagonal().numpy(), b.diagonal().numpy()),
-                **{f"{s}_{k}": float(v[s]) for s in ("self", "cross", "gap")
+                **{f"{s}_{k}": float(v[s]) for s in ("self", "cross", "gap", "specificity")
                    for k, v in (("exact", sa), ("estimate", sb))},
                 **timing,
             })  # fmt: skip
         # Methods ranked by gap (1 = most selective: lowest for an accuracy change, highest
         # for flips and NLL changes).
-        sign = -1 if measure == "delta" and config.task == "mc" else 1
         for k, which in ((0, "exact"), (1, "estimate")):
             order = sorted(gaps, key=lambda m, k=k: -sign * gaps[m][k])
             for case in cases[-len(names) :]:

@@ -149,6 +149,8 @@ FIELDS = {
                  "(names) the Jaccard of the two halves' sets, its expectation for random sets of "
                  "their sizes from the pool, the sizes [[a, b]], the halves' items, the means; "
                  "or {unavailable: why}",
+    "screen": "--matrix screen: each own mask's exact / estimated effect ratio, masks "
+              "confirmed whole, the rounds (drifting masks, unsettled conclusions), prefills",
 }
 
 

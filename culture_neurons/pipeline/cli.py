@@ -55,6 +55,8 @@ def _with_run(o: Options, meta: dict | None) -> Options:
     for name, value in recorded.items():
         if name in values and name not in o.given:
             values[name] = tuple(value) if isinstance(value, list) else value
+    if values.get("matrix") != "screen" and "screen_budget" not in o.given:
+        values["screen_budget"] = None  # a screened run's budget, not carried to another mode
     return replace(o, values=values)
 
 

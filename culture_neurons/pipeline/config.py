@@ -26,8 +26,10 @@ INTERVENTIONS = ("ablate", "steer")
 IDENTIFY_ON = ("correct", "all")  # the items whose statistics are recorded
 # How the ablation matrix is computed (SPEC "Matrix modes", culture_neurons.pipeline.screen).
 MATRIX_MODES = ("exact", "estimate", "screen")
-# screen: off-diagonal cells per mask (each method's and each RND draw's) confirmed exactly, the
-# ones the estimate finds most affected. Each costs one condition on one culture's items.
+# screen: off-diagonal cells per mask (each method's and each RND draw's) confirmed exactly at
+# first, the ones the estimate finds most affected (culture_neurons.pipeline.screen then
+# confirms more where the estimate drifts or a conclusion depends on it). Each costs one
+# condition on one culture's items. RunConfig's None: this default under --matrix screen.
 SCREEN_BUDGET = 3
 STEER_ALPHA = 0.5  # steering's default alpha: the authors' follow-up work uses 0.5 (SPEC)
 # RND draws per distinct set-size vector of the methods: each costs one condition per culture.
@@ -117,7 +119,8 @@ class RunConfig:
     # items per batch); the items per batch follow from it (instrument.attribution.items_within)
     estimate_memory_gib: float | None = setting(None, "exec", minimum=0.01, caches=("estimate",))
     matrix: str = setting("exact", "evaluate")  # exact, estimate or screen (MATRIX_MODES)
-    screen_budget: int = setting(SCREEN_BUDGET, "evaluate", minimum=0)  # extra exact cells/mask
+    # extra exact cells per mask; None: SCREEN_BUDGET under screen, refused under another mode
+    screen_budget: int | None = setting(None, "evaluate", minimum=0)
     # same numbers, fewer vision-tower passes
     reuse_vision: bool = setting(True, "exec", caches=("matrix",))
     task: str = setting(tasks.DEFAULT, "identify", caches=MATRICES)  # culture_neurons.tasks
@@ -164,6 +167,13 @@ class RunConfig:
             raise UsageError(f"--matrix {self.matrix} needs --scoring logits (a generated "
                              f"answer has no gradient), got --scoring {self.scoring}; drop "
                              "--scoring or pass --matrix exact")  # fmt: skip
+        if self.matrix == "screen" and self.screen_budget is None:
+            self.screen_budget = SCREEN_BUDGET
+        elif self.matrix != "screen" and self.screen_budget is not None:
+            # A budget only screening reads: silently ignoring it would hide a mistyped mode.
+            raise UsageError(f"--screen-budget {self.screen_budget} applies to --matrix screen "
+                             f"only, got --matrix {self.matrix}; pass --matrix screen or drop "
+                             "--screen-budget")  # fmt: skip
 
     def _check_intervention(self) -> None:
         if self.intervention not in INTERVENTIONS:

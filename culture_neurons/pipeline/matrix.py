@@ -27,32 +27,88 @@ from culture_neurons.pipeline.group_log import GroupLog
 from culture_neurons.scoring.metrics import nan_to_none
 
 
-def scores(run, items: list, combined: Masks, culture: torch.Tensor):
+def scores(run, items: list, combined: Masks, culture: torch.Tensor,
+           masks: dict[str, Masks] | None = None):  # fmt: skip
     """``([1 + S, n] scores, screened)`` as ``run.config.matrix`` says; ``screened`` is
-    ``(estimated scores, confirmed cells [S, C])`` for ``screen``, else None."""
+    :func:`screened`'s record for ``screen`` (which needs ``masks``, combined's parts), else
+    None."""
     mode = run.config.matrix
     if mode == "exact":
         return exact(run, items, combined), None
-    estimated = estimate(run, items, combined)
     if mode == "estimate":
-        return estimated, None
-    C = len(run.cultures)
-    point = run.task.point(estimated[0], estimated[1:], items, culture, C, run.data)
-    confirmed = screen.confirmed_cells(run.task.effect(point), C, run.config.screen_budget)
+        return estimate(run, items, combined), None
+    return screened(run, items, combined, culture, masks)
+
+
+def screened(run, items: list, combined: Masks, culture: torch.Tensor,
+             masks: dict[str, Masks]) -> tuple[torch.Tensor, dict]:  # fmt: skip
+    """``--matrix screen`` in rounds (:mod:`culture_neurons.pipeline.screen`): the estimate,
+    the first cells, every mask that drifts confirmed whole, then, while a method's
+    conclusions depend on the unconfirmed cells, half of its masks' remaining cells.
+    ``([1 + S, n] scores, record)``, the record holding the estimate, the confirmed cells and
+    what each round found."""
+    from culture_neurons.selection.controls import rnd_draws_of
+
+    C, S, task = len(run.cultures), len(combined), run.task
+    names = list(masks)
+    nulls = rnd_draws_of({m: masks[m] for m in run.config.methods if m in masks}, run.config)
+    scaled = estimate(run, items, combined, tuple(screen.FILLS.values()))  # [1 + K * S, n]
+    by_fill = {how: torch.cat([scaled[:1], scaled[1 + k * S : 1 + (k + 1) * S]])
+               for k, how in enumerate(screen.FILLS)}  # fmt: skip
+
+    def effect(scores: torch.Tensor) -> torch.Tensor:
+        return task.effect(task.point(scores[0], scores[1:], items, culture, C, run.data))
+
+    confirmed = screen.confirmed_cells(effect(by_fill["estimate"]), C, run.config.screen_budget)
     exact_cells = exact(run, items, combined, confirmed=confirmed, culture=culture)
-    estimated = run.task.onto(estimated, exact_cells[0])
-    return screen.combine(exact_cells, estimated, confirmed, culture), (estimated, confirmed)
+    by_fill = {how: task.onto(e, exact_cells[0]) for how, e in by_fill.items()}
+    estimated = by_fill["estimate"]
+    ratio = screen.drift(effect(screen.combine(exact_cells, estimated, confirmed, culture)),
+                         effect(estimated), confirmed, C)  # fmt: skip
+    drifting = torch.nonzero(screen.drifts(ratio)).flatten().tolist()
+    more = screen.whole(drifting, S, C) & ~confirmed
+    rounds = [{"confirmed": int(confirmed.sum()), "drifting": [names[i] for i in drifting]}]
+    while True:
+        if more.any():
+            extra = exact(run, items, combined, confirmed=more, culture=culture,
+                          round_=len(rounds))  # fmt: skip
+            exact_cells = torch.cat([exact_cells[:1], torch.where(more[:, culture], extra[1:],
+                                                                  exact_cells[1:])])  # fmt: skip
+            confirmed = confirmed | more
+        filled, effects = {}, []
+        for how, e in by_fill.items():
+            scores_ = screen.combine(exact_cells, e, confirmed, culture)
+            per_set = {n: scores_[1 + i * C : 1 + (i + 1) * C] for i, n in enumerate(names)}
+            filled[how] = task.results(masks, per_set, scores_[0], items, culture, run.cultures,
+                                       run.data, nulls)[1]  # fmt: skip
+            effects.append(effect(scores_))
+        unsettled = screen.unsettled(filled)
+        effects = torch.stack(effects)  # [fills, S, C]
+        # how far the fills put each cell apart, plus the estimated effect (breaks ties)
+        spread = effects.amax(0) - effects.amin(0) + effects[0]
+        more = screen.next_cells(spread, confirmed, [names.index(n) for m in unsettled
+                                                     for n in [m, *nulls[m]]], C)  # fmt: skip
+        rounds[-1]["unsettled"] = unsettled
+        if not more.any():
+            break
+        rounds.append({"confirmed": int(confirmed.sum() + more.sum())})
+    record = {"estimated": estimated, "confirmed": confirmed, "rounds": rounds,
+              "ratio": {n: screen.finite(float(r)) for n, r in zip(names, ratio, strict=True)},
+              "prefills": len(items) + screen.prefills(confirmed, culture),
+              "exact_prefills": len(items) * (1 + S), "estimated_items": len(items)}  # fmt: skip
+    return screen.combine(exact_cells, estimated, confirmed, culture), record
 
 
 def exact(run, items: list, combined: Masks, confirmed: torch.Tensor | None = None,
-          culture: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+          culture: torch.Tensor | None = None, round_: int = 0) -> torch.Tensor:  # fmt: skip
     """[1 + S, n] exact scores. With ``confirmed`` [S, C] (``--matrix screen``), each group
-    runs the full model and only the sets confirmed on its items' cultures (``culture`` [n],
-    indices); the other scores stay the task's ``empty`` and the log is ``screen.jsonl``."""
+    runs only the sets confirmed on its items' cultures (``culture`` [n], indices), and the
+    full model in the first round (``round_`` 0); the other scores stay the task's ``empty``
+    and the log is ``screen.jsonl`` (``screen-<round_>.jsonl`` after the first)."""
     config, S = run.config, len(combined)
     group_size = max(1, config.batch_size // 4)
     per_forward = max(1, config.batch_size // group_size)
-    name = "matrix" if confirmed is None else "screen"
+    name = "matrix" if confirmed is None else "screen" + (f"-{round_}" if round_ else "")
     key = run._key("ablation matrix", combined.content_hash(), run.config.cache_settings("matrix"),
                    group_size, per_forward, "by length",
                    None if confirmed is None else confirmed.tolist())  # fmt: skip
@@ -60,13 +116,15 @@ def exact(run, items: list, combined: Masks, confirmed: torch.Tensor | None = No
     def conditions_of(where: list[int]) -> list[int]:
         if confirmed is None:
             return [-1] + list(range(S))
-        return screen.conditions(confirmed, culture[where].tolist())
+        return screen.conditions(confirmed, culture[where].tolist(), full=round_ == 0)
 
     with Instrument(run.model, masks=combined, backend=config.backend,
                     alpha=config.alpha) as ablator:  # fmt: skip
 
         def compute(chunk: list, where: list[int], bar) -> tuple[list[int], torch.Tensor]:
             conditions, group, out = conditions_of(where), run.task.group(chunk), []
+            if not conditions:  # a later round with nothing to confirm on these items
+                return [], run.task.empty((0, len(chunk)))
             for c0 in range(0, len(conditions), per_forward):
                 part = conditions[c0 : c0 + per_forward]
                 out.append(group.predict(part, ablator))
@@ -79,20 +137,24 @@ def exact(run, items: list, combined: Masks, confirmed: torch.Tensor | None = No
                        desc="ablation matrix", padding=f"ablation {name}")  # fmt: skip
 
 
-def estimate(run, items: list, combined: Masks) -> torch.Tensor:
-    """[1 + S, n] scores, row 0 the full model (exact: the forward the gradients come from),
-    every other row the first-order estimate, for every set at once."""
+def estimate(run, items: list, combined: Masks,
+             scales: tuple[float, ...] = (1.0,)) -> torch.Tensor:  # fmt: skip
+    """[1 + K * S, n] scores, row 0 the full model (exact: the forward the gradients come
+    from), row 1 + k * S + s the first-order estimate under set s with its change x
+    ``scales[k]`` (one forward and backward serve every set and scale)."""
     config, S = run.config, len(combined)
+    rows = len(scales) * S
     key = run._key("estimated matrix", combined.content_hash(), config.cache_settings("estimate"),
-                   "by length")  # fmt: skip
+                   "by length", list(scales))  # fmt: skip
 
     def compute(chunk: list, where: list[int], bar) -> tuple[list[int], torch.Tensor]:
-        block = run.task.estimated(run.model, run.processor, chunk, combined, config.alpha)
+        block = run.task.estimated(run.model, run.processor, chunk, combined, config.alpha,
+                                   scales)  # fmt: skip
         bar.update(len(chunk))
-        return list(range(1 + S)), block
+        return list(range(1 + rows)), block
 
-    return _logged(run, "estimate", key, items, S, estimate_batch(run, items), compute,
-                   weight=len, rows_of=lambda where: list(range(1 + S)),
+    return _logged(run, "estimate", key, items, rows, estimate_batch(run, items), compute,
+                   weight=len, rows_of=lambda where: list(range(1 + rows)),
                    desc="estimated matrix (forward + backward)",
                    padding="estimated matrix")  # fmt: skip
 
@@ -134,7 +196,8 @@ def _logged(run, name: str, key: str, items: list, S: int, size: int, compute, *
                 log.add(g, ids, block)
             else:
                 bar.update(weight(where))
-            preds[torch.tensor(rows)[:, None], torch.tensor(where)[None, :]] = block
+            if rows:
+                preds[torch.tensor(rows)[:, None], torch.tensor(where)[None, :]] = block
     return gathered(run, preds)
 
 
@@ -157,12 +220,14 @@ def combine(masks: dict[str, Masks]) -> tuple[Masks, list[str]]:
     return Masks.from_sets(names, sets, first.fingerprint, method="combined"), list(masks)
 
 
-def add_screened(run, results: dict, screened: tuple, names: list[str], full, items,
+def add_screened(run, results: dict, screened: dict, names: list[str], full, items,
                  culture) -> None:  # fmt: skip
     """``--matrix screen``: each method's JSON gains ``confirmed`` [S][C] (cells computed
-    exactly; the others are estimated) and ``estimate`` (every matrix as the estimate alone
-    gives it), so both stand side by side where a cell was confirmed."""
-    estimated, confirmed = screened
+    exactly; the others are estimated), ``estimate`` (every matrix as the estimate alone
+    gives it, so both stand side by side where a cell was confirmed) and ``screen`` (what
+    the rounds found: each mask's drift ratio, the methods confirmed whole and why, the cost
+    in item-condition prefills against the exact matrix's)."""
+    estimated, confirmed = screened["estimated"], screened["confirmed"]
     C = len(run.cultures)
     point = run.task.point(full, estimated[1:], items, culture, C, run.data)
     for name, res in results.items():
@@ -172,3 +237,14 @@ def add_screened(run, results: dict, screened: tuple, names: list[str], full, it
         res["confirmed"] = confirmed[rows].tolist()
         res["estimate"] = {k: nan_to_none(point[k][rows].tolist())
                            for k in run.task.matrix_keys if point.get(k) is not None}  # fmt: skip
+        own = [name, *(res.get("rnd") or {}).get("masks", [])]
+        res["screen"] = {
+            "drift_limit": screen.DRIFT_LIMIT, "level": screen.LEVEL,
+            "point_share": screen.POINT_SHARE, "fills": list(screen.FILLS),
+            "ratio": {m: screened["ratio"][m] for m in own},  # exact / estimated effect
+            "whole": [m for m in own  # confirmed whole: drifting, or a conclusion depended on it
+                      if bool(confirmed[names.index(m) * C : (names.index(m) + 1) * C].all())],
+            "rounds": screened["rounds"], "prefills": screened["prefills"],
+            "exact_prefills": screened["exact_prefills"],
+            "estimated_items": screened["estimated_items"],
+        }  # fmt: skip

@@ -33,6 +33,7 @@ from culture_neurons.pipeline.config import (
     IDENTIFY_ON,
     INTERVENTIONS,
     MATRIX_MODES,
+    SCREEN_BUDGET,
     TASKS,
     RunConfig,
     check_minimum,
@@ -249,8 +250,10 @@ OPTIONS: tuple[Option, ...] = (
            "longest prompt (at most --batch-size; docs/scale.md)", ("run", "evaluate"),
            "evaluation", type=float, default_text="none: --batch-size items per batch"),
     Option("screen_budget", "--matrix screen: off-diagonal cells per mask (method or RND draw) "
-           "confirmed exactly, those the estimate finds most affected; each costs one condition "
-           "on one culture's items", ("run", "evaluate"), "evaluation", type=int),
+           "confirmed exactly at first, those the estimate finds most affected (more are "
+           "confirmed where the estimate drifts or a verdict depends on it); each costs one "
+           "condition on one culture's items", ("run", "evaluate"), "evaluation", type=int,
+           default_text=f"{SCREEN_BUDGET} under --matrix screen; refused with another --matrix"),
     Option("reuse_vision", "run the vision tower once per item group and reuse its output "
            "under every ablation (same numbers, fewer passes)", ("run", "evaluate"),
            "evaluation", type=bool),

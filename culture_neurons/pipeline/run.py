@@ -191,7 +191,7 @@ class Run:
         items = [it for c in self.cultures for it in self.evaluation.items_by_culture[c]]
         C = len(self.cultures)
         culture = torch.tensor([self.cultures.index(it.culture) for it in items])
-        preds, screened = matrix.scores(self, items, combined, culture)  # [1 + S_total, n]
+        preds, screened = matrix.scores(self, items, combined, culture, masks)  # [1 + S, n]
         if not self.part.main:
             return {}
         # row 0 is the full model, then C rows (one per culture's set) of each mask in turn

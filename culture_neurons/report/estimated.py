@@ -51,8 +51,10 @@ def notice(run: RunFiles) -> list[str]:
         C = len(run.cultures)
         what = (f"**this matrix was screened**: each mask's diagonal and its "
                 f"{first.get('screen_budget')} most affected off-diagonal cells (of "
-                f"{C * (C - 1)}) were computed exactly, **every other cell is a first-order "
-                "estimate**; the summaries (self, cross, gap, specificity) mix both")  # fmt: skip
+                f"{C * (C - 1)}) were computed exactly, then more where the estimate drifted "
+                "or a conclusion depended on it" + _rounds(first) + "; **every other cell is "
+                "a first-order estimate**; the summaries (self, cross, gap, specificity) mix "
+                "both")  # fmt: skip
     return [
         f"> **Matrix mode `{how}`**: {what}. Estimated cells are marked `{MARK}`. Their "
         "intervals cover the sampling of the items only, not the estimate's own error; the "
@@ -61,6 +63,24 @@ def notice(run: RunFiles) -> list[str]:
         + (" and the section \"Estimate against exact\" below." if how == "screen" else "."),
         "",
     ]
+
+
+def _rounds(ev: dict) -> str:
+    """What screening's rounds found (:mod:`culture_neurons.pipeline.screen`), in words."""
+    rec = ev.get("screen")
+    if not rec:
+        return ""
+    limit = rec["drift_limit"]
+    drifting = sorted({m for r in rec["rounds"] for m in r.get("drifting", [])})
+    unsettled = sorted({m for r in rec["rounds"] for m in r.get("unsettled", {})})
+    parts = [f"exact / estimated effect of the first cells outside [1/{limit:g}, {limit:g}] "
+             f"for {', '.join(drifting)}: computed whole" if drifting else
+             f"the estimate within {limit:g}x of exact on every mask's first cells",
+             f"conclusions that an estimate off by {limit:g}x would change: {', '.join(unsettled)}"
+             " (more of their cells confirmed)" if unsettled else
+             f"no conclusion that an estimate off by {limit:g}x would change"]
+    cost = f"{rec['prefills']} of the exact matrix's {rec['exact_prefills']} item prefills"
+    return f" ({'; '.join(parts)}; {cost})"
 
 
 def agreement(run: RunFiles, key: str, what: str, decimals: int) -> list[str]:

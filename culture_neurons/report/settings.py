@@ -32,7 +32,8 @@ def settings_line(run: RunFiles) -> str:
         ("matrix", {"exact": "exact (one prefill per condition)",
                     "estimate": "estimate (first order, every cell)",
                     "screen": f"screen (estimate; diagonal + {cfg.get('screen_budget')} most "
-                    "affected cells per mask exact)"}.get(cfg.get("matrix", "exact"))),
+                    "affected cells per mask exact, more where the estimate drifts or a "
+                    "conclusion depends on it)"}.get(cfg.get("matrix", "exact"))),
         ("activation", cfg.get("activation", st.get("activation"))),
         ("scope", cfg.get("scope", st.get("scope"))),
         ("identified on", {"correct": "items the full model answers correctly",

@@ -98,21 +98,26 @@ def estimate_lm(model, processor, items, masks: Masks, alpha: float = -1.0) -> t
     return nll, alpha * set_sums(A, masks)
 
 
-def estimated_mc(model, processor, items, masks: Masks, alpha: float = -1.0) -> torch.Tensor:
-    """int64 ``[1 + S, B]`` letter indices: row 0 the full model's (exact), row 1 + s the
-    estimated answer under set s."""
+def estimated_mc(model, processor, items, masks: Masks, alpha: float = -1.0,
+                 scales: tuple[float, ...] = (1.0,)) -> torch.Tensor:  # fmt: skip
+    """int64 ``[1 + K * S, B]`` letter indices: row 0 the full model's (exact), row
+    1 + k * S + s the estimated answer under set s with the estimated shift x ``scales[k]``
+    (K scales; the first order is linear in the shift, so one backward serves them all)."""
     margins, shifts = estimate_mc(model, processor, items, masks, alpha)
     full = predictions_from_margins(margins)  # [B]
-    est = predictions_from_margins(margins.T[:, :, None].add(shifts).permute(2, 1, 0))  # [S, B]
-    return torch.cat([full[None], est]).cpu()
+    est = [predictions_from_margins(margins.T[:, :, None].add(k * shifts).permute(2, 1, 0))
+           for k in scales]  # each [S, B]  # fmt: skip
+    return torch.cat([full[None], *est]).cpu()
 
 
-def estimated_lm(model, processor, items, masks: Masks, alpha: float = -1.0) -> torch.Tensor:
-    """float64 ``[1 + S, B]`` summed NLL: row 0 the full model's (exact), row 1 + s the
-    estimate under set s."""
+def estimated_lm(model, processor, items, masks: Masks, alpha: float = -1.0,
+                 scales: tuple[float, ...] = (1.0,)) -> torch.Tensor:  # fmt: skip
+    """float64 ``[1 + K * S, B]`` summed NLL: row 0 the full model's (exact), row 1 + k * S + s
+    the estimate under set s with the change x ``scales[k]``."""
     nll, shifts = estimate_lm(model, processor, items, masks, alpha)
     full = nll[:, 0].double()
-    return torch.cat([full[None], full[None] + shifts[0].T.double()]).cpu()
+    change = shifts[0].T.double()  # [S, B]
+    return torch.cat([full[None], *(full[None] + k * change for k in scales)]).cpu()
 
 
 def estimated_predictions(model, processor, items, masks: Masks, alpha: float = -1.0,

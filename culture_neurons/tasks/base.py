@@ -46,8 +46,10 @@ class Task(Protocol):
         """``OUT/report.md`` (and figures) of a finished run."""
 
     @staticmethod
-    def estimated(model, processor, items: list, masks, alpha: float) -> torch.Tensor:
-        """``[1 + S, B]`` scores of one batch: row 0 exact, the others first-order estimates."""
+    def estimated(model, processor, items: list, masks, alpha: float,
+                  scales: tuple[float, ...] = (1.0,)) -> torch.Tensor:
+        """``[1 + K * S, B]`` scores of one batch: row 0 exact, the others first-order
+        estimates, block k with the estimated change x ``scales[k]``."""
 
     # -- scoring ------------------------------------------------------------------------
     def encode(self, items: list, device) -> dict:

@@ -80,9 +80,11 @@ class LMTask:
         return report.write_report(out_dir, description=description)
 
     @staticmethod
-    def estimated(model, processor, items: list, masks, alpha: float) -> torch.Tensor:
-        """float64 summed NLL [1 + S, B]: the full model's, then each set's estimate."""
-        return estimate.estimated_lm(model, processor, items, masks, alpha)
+    def estimated(model, processor, items: list, masks, alpha: float,
+                  scales: tuple[float, ...] = (1.0,)) -> torch.Tensor:  # fmt: skip
+        """float64 summed NLL [1 + K * S, B]: the full model's, then each set's estimate per
+        scale of the estimated change."""
+        return estimate.estimated_lm(model, processor, items, masks, alpha, scales)
 
     # -- scoring ------------------------------------------------------------------------------
     def encode(self, items: list, device) -> dict:

@@ -90,9 +90,11 @@ class MCTask:
         return mc.write_report(out_dir, description=description)
 
     @staticmethod
-    def estimated(model, processor, items: list, masks, alpha: float) -> torch.Tensor:
-        """int64 letters [1 + S, B]: the full model's, then each set's estimated answer."""
-        return estimate.estimated_mc(model, processor, items, masks, alpha)
+    def estimated(model, processor, items: list, masks, alpha: float,
+                  scales: tuple[float, ...] = (1.0,)) -> torch.Tensor:  # fmt: skip
+        """int64 letters [1 + K * S, B]: the full model's, then each set's estimated answer
+        per scale of the estimated shift."""
+        return estimate.estimated_mc(model, processor, items, masks, alpha, scales)
 
     # -- scoring ------------------------------------------------------------------------------
     def encode(self, items: list, device) -> dict:

@@ -40,3 +40,23 @@ def test_spearman_averages_ties():
     assert bench_estimate.spearman(x, x) == pytest.approx(1.0)
     assert bench_estimate.spearman(x, -x) == pytest.approx(-1.0)
     assert np.isnan(bench_estimate.spearman(np.ones(4), x))
+
+
+def _share(self_: float, cross: float, C: int, sign: int) -> float:
+    """The oriented specificity, written out: harm on the own culture over all harm."""
+    total = sign * (self_ + (C - 1) * cross)
+    return float("nan") if total <= 1e-12 else min(1.0, max(0.0, sign * self_ / total))
+
+
+@pytest.mark.slow
+def test_specificity_is_oriented_by_harm_on_the_tiny_vlm():
+    """Accuracy deltas are harm when negative: their specificity uses sign -1 (flips +1)."""
+    name, model, processor, data, config = bench_estimate.quick_cases()[0]
+    cases, _ = bench_estimate.compare(name, model, processor, data, config)
+    C = 3
+    for case in cases:
+        sign = -1 if case["measure"] == "delta" else 1
+        for k in ("exact", "estimate"):
+            want = _share(case[f"self_{k}"], case[f"cross_{k}"], C, sign)
+            got = case[f"specificity_{k}"]
+            assert (np.isnan(want) and np.isnan(got)) or got == pytest.approx(want), (case, k)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 
 import pytest
@@ -120,3 +121,80 @@ def test_a_shard_alone_is_not_selected_from(assets, tmp_path, capsys):
     assert cli.main(["record", *assets, "--out", str(tmp_path / "x"), "--shard", "2/2"]) == 2
     err = capsys.readouterr().err
     assert "shard" in err
+
+
+# -- every matrix mode and the LM task scale like exact ------------------------------------------
+@pytest.fixture(scope="module")
+def exact_run(assets, tmp_path_factory):
+    """A finished exact run (one process) that each mode evaluates again."""
+    out = tmp_path_factory.mktemp("exact") / "run"
+    assert cli.main(["run", *assets, *SELECT, "--out", str(out)]) == 0
+    return out
+
+
+def _evals(out) -> dict:
+    return {p.stem: json.loads(p.read_text()) for p in sorted((out / "eval").glob("*.json"))}
+
+
+@pytest.mark.parametrize("mode", ["estimate", "screen"])
+def test_matrix_modes_under_two_ranks_equal_one_process(exact_run, tmp_path, mode):
+    """``evaluate --matrix estimate|screen`` on 2 gloo ranks writes the one process's eval
+    JSONs (screening's rounds, decided on every rank from gathered scores, included)."""
+    single, multi = tmp_path / "single", tmp_path / "multi"
+    shutil.copytree(exact_run, single)
+    shutil.copytree(exact_run, multi)
+    argv = ["evaluate", "--matrix", mode, "--quiet"]
+    assert cli.main([*argv, "--out", str(single)]) == 0
+    _two_ranks([*argv, "--out", str(multi)])
+    a, b = _evals(single), _evals(multi)
+    assert a == b and a["cas"]["matrix"] == mode
+    if mode == "screen":
+        assert a["cas"]["screen"]["rounds"] and "confirmed" in a["cas"]
+
+
+@pytest.mark.slow
+def test_sharded_statistics_screen_like_one_process(assets, exact_run, tmp_path):
+    """``record --shard`` + ``merge``, then select and ``evaluate --matrix screen``: the
+    single process's screened eval JSONs."""
+    single = tmp_path / "single"
+    shutil.copytree(exact_run, single)
+    assert cli.main(["evaluate", "--out", str(single), "--matrix", "screen", "--quiet"]) == 0
+    shards = []
+    for i in range(2):
+        out = tmp_path / f"s{i}"
+        assert cli.main(["record", *assets, "--out", str(out), "--shard", f"{i}/2"]) == 0
+        shards.append(out)
+    merged = tmp_path / "merged"
+    assert cli.main(["merge", *map(str, shards), "--out", str(merged)]) == 0
+    assert cli.main(["select", "--out", str(merged), *SELECT]) == 0
+    assert cli.main(["evaluate", "--out", str(merged), "--matrix", "screen", "--quiet"]) == 0
+    a, b = _evals(single), _evals(merged)
+    for name in a:  # the same masks (their hash) and numbers
+        assert a[name] == b[name], name
+
+
+@pytest.mark.slow
+def test_lm_task_under_two_ranks_equals_one_process(tmp_path):
+    """The LM task, exact then screened, on 2 gloo ranks: the one process's eval JSONs."""
+    pytest.importorskip("faker")
+    from culture_neurons.models.loading import save_processor
+    from culture_neurons.testing.tiny import tiny_model, tiny_processor
+
+    model_dir = tmp_path / "model"
+    tiny_model("llama").save_pretrained(model_dir)
+    save_processor(tiny_processor("llama"), model_dir)
+    lm = ["--model", str(model_dir), "--task", "lm", "--data", "faker", "--cultures",
+          "de_DE,ja_JP,ru_RU", "--max-items", "6", "--batch-size", "2", *SELECT,
+          "--resamples", "50", "--quiet"]  # fmt: skip
+    single, multi = tmp_path / "single", tmp_path / "multi"
+    assert cli.main(["run", *lm, "--out", str(single)]) == 0
+    _two_ranks(["run", *lm, "--out", str(multi)])
+    assert _evals(single) == _evals(multi)
+    for out in (single, multi):
+        argv = ["evaluate", "--out", str(out), "--matrix", "screen", "--quiet"]
+        if out == single:
+            assert cli.main(argv) == 0
+        else:
+            _two_ranks(argv)
+    a, b = _evals(single), _evals(multi)
+    assert a == b and a["cas"]["matrix"] == "screen"

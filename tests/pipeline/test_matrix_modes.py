@@ -43,6 +43,16 @@ def evaluate(exact, out, **changes) -> tuple[dict, dict]:
     return results, json.loads((out / "eval" / "full.json").read_text())
 
 
+def first_or_more(ev: dict, method: str, first: int) -> bool:
+    """A method's confirmed cells: the ``first`` ones, or more where its mask drifted or one
+    of its conclusions was unsettled in some round (pipeline.screen)."""
+    confirmed = int(torch.tensor(ev["confirmed"]).sum())
+    rounds = ev["screen"]["rounds"]
+    escalated = any(method in r.get("drifting", []) or method in r.get("unsettled", {})
+                    for r in rounds)  # fmt: skip
+    return confirmed == first or (confirmed > first and escalated)
+
+
 def test_screen_equals_exact_on_the_cells_it_confirms(exact, tmp_path):
     budget = 2
     results, full = evaluate(exact, tmp_path, matrix="screen", screen_budget=budget)
@@ -53,7 +63,10 @@ def test_screen_equals_exact_on_the_cells_it_confirms(exact, tmp_path):
         assert ev["matrix"] == "screen" and want["matrix"] == "exact"
         confirmed = torch.tensor(ev["confirmed"])
         assert confirmed.shape == (C, C) and confirmed.diagonal().all()
-        assert int(confirmed.sum()) == C + budget  # 6 off-diagonal cells to choose from
+        # the first cells (6 off-diagonal ones to choose from), or more where the estimate
+        # drifted or a conclusion depended on them
+        assert first_or_more(ev, method, C + budget)
+        assert screen.conclusions(ev) == screen.conclusions(want), method
         for key in KEYS:
             for s in range(C):
                 for c in range(C):
@@ -143,9 +156,11 @@ def test_cli_screen_run_then_exact_evaluate(tmp_path, capsys):
     assert "cas: gap ~" in capsys.readouterr().out  # the console marks it too
     report = (out / "report.md").read_text()
     assert "Matrix mode `screen`" in report and "first-order estimate" in report
-    assert "| ~" in report and "## Estimate against exact" in report
+    assert "## Estimate against exact" in report
     ev = json.loads((out / "eval" / "cas.json").read_text())
-    assert ev["matrix"] == "screen" and sum(map(sum, ev["confirmed"])) == 3 + 1
+    # the first cells, or all (drift or an unsettled conclusion): estimated cells are marked
+    assert ev["matrix"] == "screen" and first_or_more(ev, "cas", 3 + 1)
+    assert ("| ~" in report) == (sum(map(sum, ev["confirmed"])) < 9)
     assert cli.main(["evaluate", "--out", str(out), "--matrix", "exact", "--quiet"]) == 0
     run = json.loads((out / "run.json").read_text())
     assert run["config"]["matrix"] == "exact"
@@ -177,7 +192,7 @@ def test_lm_screen_after_an_exact_run(tmp_path):
     ev = json.loads((out / "eval" / "cas.json").read_text())
     assert ev["matrix"] == "screen" and exact["matrix"] == "exact"
     confirmed = torch.tensor(ev["confirmed"])
-    assert int(confirmed.sum()) == 3 + 1
+    assert first_or_more(ev, "cas", 3 + 1)
     got, want, est = (torch.tensor(x, dtype=torch.float64)
                       for x in (ev["delta"], exact["delta"], ev["estimate"]["delta"]))  # fmt: skip
     torch.testing.assert_close(got[confirmed], want[confirmed], rtol=0, atol=1e-4)
@@ -199,10 +214,88 @@ def test_screen_on_hidden_labels_ranks_by_flips(exact, tmp_path):
         assert ev["labels_available"] is False and ev["delta"] is None
         assert set(ev["estimate"]) == {"flip"}
         confirmed = torch.tensor(ev["confirmed"])
-        assert int(confirmed.sum()) == 3 + 1
+        assert first_or_more(ev, method, 3 + 1)
         want = exact["results"][method]["flip"]  # the same items and masks, labels aside
         for s, c in torch.nonzero(confirmed).tolist():
             assert ev["flip"][s][c] == want[s][c], (method, s, c)
     report = write_report(tmp_path).read_text()
     assert "Labels are hidden" in report and "Matrix mode `screen`" in report
     assert "where the flip rate is known both ways" in report
+
+
+# -- screening's rounds: where the first order fails, nothing it knows is off is reported ---------
+def test_an_estimate_that_sees_nothing_is_confirmed_whole(exact, tmp_path, monkeypatch):
+    """An estimate blind to every change (each set's answers = the full model's): a mask whose
+    confirmed cells change has an infinite exact/estimate ratio and is computed whole, to the
+    exact run's numbers. (A mask whose first cells happen not to change keeps its blind
+    cells: the limit of what drift can see, said in screen's module doc.)"""
+    from culture_neurons.tasks.mc import MCTask
+
+    real = MCTask.estimated
+
+    def blind(model, processor, items, masks, alpha, scales=(1.0,)):
+        full = real(model, processor, items, masks, alpha, scales)[:1]
+        return full.expand(1 + len(scales) * len(masks), -1).clone()
+
+    monkeypatch.setattr(MCTask, "estimated", staticmethod(blind))
+    results, _ = evaluate(exact, tmp_path, matrix="screen", screen_budget=1)
+    C = 3
+    for method, ev in results.items():
+        want = exact["results"][method]
+        ratio, whole = ev["screen"]["ratio"], ev["screen"]["whole"]
+        for mask in [method, *ev["rnd"]["masks"]]:
+            assert (ratio[mask] is None) == (mask in whole), mask  # drift, nothing else here
+        first = torch.tensor(ev["confirmed"]).sum() == C + 1
+        changed = any(want["flip"][s][s] > 0 for s in range(C))  # on its diagonal: confirmed
+        assert (method in whole) == changed and first == (not changed), method
+        if method in whole:
+            for key in KEYS:
+                assert ev[key] == want[key], (method, key)
+        assert ev["screen"]["prefills"] <= ev["screen"]["exact_prefills"]
+    assert "lap" in results["lap"]["screen"]["whole"]  # its sets flip a quarter of culture 0
+
+
+@pytest.fixture(scope="module")
+def lm_exact(tmp_path_factory):
+    """A finished exact LM run of the tiny Llama on Faker sentences."""
+    pytest.importorskip("faker")
+    from culture_neurons.data.faker_text import make_faker_data
+
+    model, tok = tiny_model("llama").eval(), tiny_processor("llama")
+    data = make_faker_data(["de_DE", "ja_JP", "ru_RU"], per_culture=8, seed=0)
+    config = replace(CONFIG, task="lm", identify_on="all")
+    run = Run(model, tok, data, tmp_path_factory.mktemp("lm"), config, progress=False)
+    results = run.run()
+    return {"model": model, "processor": tok, "data": data, "config": config,
+            "masks": run.load_masks(), "results": results}  # fmt: skip
+
+
+def test_an_lm_estimate_ten_times_too_small_drifts_and_is_confirmed(lm_exact, tmp_path,
+                                                                    monkeypatch):  # fmt: skip
+    """The measured failure (Gemma 3 270M: realistic sets' NLL changes ~10x too small): the
+    ratio on the first cells is ~10, the masks are confirmed whole, and the conclusions and
+    summaries are the exact run's (to the last bits of batching fewer rows per forward)."""
+    from culture_neurons.tasks.lm import LMTask
+
+    real = LMTask.estimated
+
+    def small(model, processor, items, masks, alpha, scales=(1.0,)):
+        out = real(model, processor, items, masks, alpha, scales)
+        return torch.cat([out[:1], out[:1] + (out[1:] - out[:1]) / 10])
+
+    monkeypatch.setattr(LMTask, "estimated", staticmethod(small))
+    run = Run(lm_exact["model"], lm_exact["processor"], lm_exact["data"], tmp_path,
+              replace(lm_exact["config"], matrix="screen", screen_budget=1), progress=False)
+    results = run.evaluate(lm_exact["masks"])
+    for method, ev in results.items():
+        want = lm_exact["results"][method]
+        drifting = [m for m, r in ev["screen"]["ratio"].items() if r is None or r > 2]
+        assert drifting and set(drifting) <= set(ev["screen"]["whole"]), method
+        assert screen.conclusions(ev) == screen.conclusions(want), method
+        for mask in ev["screen"]["whole"]:  # exact cells: the exact run's numbers
+            if mask == method:
+                torch.testing.assert_close(torch.tensor(ev["delta"]), torch.tensor(want["delta"]),
+                                           rtol=0, atol=1e-9)  # fmt: skip
+        for k in ("self", "cross", "gap", "specificity"):
+            if want[k] is not None and method in ev["screen"]["whole"]:
+                assert ev[k] == pytest.approx(want[k], abs=1e-9), (method, k)

@@ -1,0 +1,68 @@
+"""bench/bench_screen.py on the tiny Llama (LM task): the JSON fields the issue names, screen's
+conclusions equal to exact's, and the cost counted against a plain count of cells."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("faker")
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+import bench_screen  # noqa: E402  (bench/bench_screen.py)
+
+from culture_neurons.pipeline import screen  # noqa: E402
+from culture_neurons.pipeline.config import SCREEN_BUDGET  # noqa: E402
+
+FIELDS = {"model", "rule", "exact_s", "screen_s", "verdicts_differ", "max_ci_ratio",
+          "ranking_agrees", "verdicts_differ_by_measure", "exact_prefills", "screen_prefills",
+          "estimated_items", "prefill_ratio", "drift", "rounds"}  # fmt: skip
+
+
+@pytest.mark.slow
+def test_quick_bench_on_the_tiny_llama():
+    name, model, processor, data, config = bench_screen.quick_cases()[1]
+    rows = bench_screen.measure(name, model, processor, data, config, ["screen", "first_cells"])
+    assert [r["rule"] for r in rows] == ["screen", "first_cells"]
+    evaluation = data.split(config.split_ratio, config.seed)[1]
+    per_culture = [len(evaluation.items_by_culture[c]) for c in evaluation.cultures]
+    n, C = sum(per_culture), len(per_culture)
+    for row in rows:
+        assert FIELDS <= set(row)
+        assert isinstance(row["verdicts_differ"], int) and row["max_ci_ratio"] >= 0
+        masks = row["masks"]  # cas and lap (same sizes) and their one shared RND draw
+        assert masks == 3 and row["conditions"] == 1 + C * masks
+        assert row["exact_prefills"] == n * row["conditions"]
+        assert row["estimated_items"] == n
+    screened, first = rows
+    assert screened["verdicts_differ"] == 0 and screened["ranking_agrees"]
+    # first cells only: the diagonal and SCREEN_BUDGET off-diagonal cells of every mask
+    # (equal cultures: any SCREEN_BUDGET of them), plus the full model
+    assert len(set(per_culture)) == 1
+    assert first["screen_prefills"] == n + masks * (C + min(SCREEN_BUDGET, C * (C - 1))) * \
+        per_culture[0]
+    assert first["rounds"][0]["unsettled"] == {}  # one fill: nothing to disagree with
+    assert screen.DRIFT_LIMIT == bench_screen.RULES["screen"][0]  # the rules restored
+    assert "| screen |" in bench_screen.table(rows)
+
+
+def test_ranking_orders_methods_by_their_primary_gap_direction():
+    base = {"measures": ["accuracy_delta"], "direction": {"gap": "lower"}}
+    res = {"a": {**base, "gap": -1.0}, "b": {**base, "gap": -3.0}, "c": {**base, "gap": None}}
+    assert bench_screen.ranking(res) == ["b", "a", "c"]
+    up = {"measures": ["nll_delta"], "direction": {"gap": "higher"}}
+    res = {"a": {**up, "gap": 0.1}, "b": {**up, "gap": 0.3}}
+    assert bench_screen.ranking(res) == ["b", "a"]
+
+
+def test_compare_counts_differing_verdicts_and_the_largest_move():
+    def ev(p, gap):
+        return {"measures": ["nll_delta"], "primary": {"p_adj": p}, "p_gap_vs_rnd": p,
+                "p_specificity_vs_rnd": 0.5, "gap": gap, "gap_ci": [0.0, 0.4],
+                "specificity": 0.3, "direction": {"gap": "higher"}}  # fmt: skip
+
+    exact = {"cas": ev(0.01, 0.2), "mad": ev(0.2, 0.1)}
+    got = bench_screen.compare(exact, {"cas": ev(0.07, 0.5), "mad": ev(0.2, 0.1)})
+    assert got["verdicts_differ"] == 2  # primary and p_gap of cas
+    assert got["verdicts_differ_by_measure"] == {"primary": 1, "p_gap_vs_rnd": 1}
+    assert got["max_ci_ratio"] == pytest.approx(0.3 / 0.2)
+    assert got["ranking_agrees"] is True  # cas above mad both ways
