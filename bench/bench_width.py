@@ -175,14 +175,15 @@ def estimate_case(name: str, quick: bool, photo: tuple[int, int], budget: int | 
 
 
 def run_case(name: str, quick: bool, photo: tuple[int, int], budget: int | None,
-             repeats: int) -> list:  # fmt: skip
+             repeats: int, providers: tuple[str, ...] = PROVIDERS,
+             settings: tuple[str, ...] = ("default", "budget")) -> list:  # fmt: skip
     model, processor = build(name, quick)
     budget = budget or MODELS[name]["budget"][quick]
     fp = adapters.fingerprint(model)
     item = photo_item(photo)
-    names = [p for p in PROVIDERS if HAS_NNSIGHT or p != "nnsight"]
+    names = [p for p in providers if HAS_NNSIGHT or p != "nnsight"]
     rows = []
-    for setting in ("default", budget):
+    for setting in [s if s == "default" else budget for s in settings]:
         done = image_budget.apply(model, processor, None if setting == "default" else setting)
         tokens = image_budget.image_tokens(model, processor, [item.image_size])[0]
         batch = encode(model, processor, [item])
@@ -213,6 +214,10 @@ def main(argv: list[str] | None = None) -> None:
                     help="the budgeted case's (default: 1024 for Qwen, 2000 for LLaVA-NeXT)")
     ap.add_argument("--case", default="", help="only the models whose name contains this")
     ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--providers", default=",".join(PROVIDERS),
+                    help="comma-separated, plain first (default: all)")
+    ap.add_argument("--settings", default="default,budget",
+                    help="image settings: default, budget or both (comma-separated)")
     ap.add_argument("--estimate-layers", type=int, nargs="*", default=None,
                     help="only the estimate's peak memory, at each of these decoder depths")
     args = ap.parse_args(argv)
@@ -232,7 +237,8 @@ def main(argv: list[str] | None = None) -> None:
             for layers in args.estimate_layers:
                 rows += estimate_case(name, args.quick, photo, budget, layers)
         else:
-            rows += run_case(name, args.quick, photo, budget, args.repeats)
+            rows += run_case(name, args.quick, photo, budget, args.repeats,
+                             tuple(args.providers.split(",")), tuple(args.settings.split(",")))
     end_load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     if args.json:
         with open(args.json, "w") as f:
