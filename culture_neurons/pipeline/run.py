@@ -155,7 +155,9 @@ class Run:
 
     def _log_padding(self, what: str, items: list, rows: int) -> None:
         share = batching.padding_share(self._lengths(items), rows)
-        log.info("%s: %d prompts, %d per forward, %.1f %% of the prefilled rows are padding",
+        # A group of prompts is one forward in identification; the exact matrix runs each
+        # group under several conditions, so its forwards hold more rows than prompts.
+        log.info("%s: %d prompts in groups of %d, %.1f %% of the prefilled rows are padding",
                  what, len(items), rows, 100 * share)  # fmt: skip
 
     # -- step 3: selection ------------------------------------------------------------------
