@@ -147,61 +147,60 @@ def _estimate(model, processor, batch) -> tuple[float, float]:
     return seconds, peak_bytes(lambda: attribute_mc(model, processor, batch)) / 2**20
 
 
-def estimate_case(name: str, quick: bool, photo: tuple[int, int], budget: int | None,
-                  layers: int) -> list:  # fmt: skip
-    """The estimate's peak only (memory, not time: load does not change it), at ``layers``
-    decoder layers, at the processor's default image size and under the budget."""
+def photo_cases(name: str, quick: bool, photo: tuple[int, int], budget: int | None,
+                settings: tuple[str, ...], layers: int = LAYERS):  # fmt: skip
+    """Per image setting (``default``: the processor's; ``budget``: ``--max-image-tokens``):
+    ``(model, processor, batch, row)``, one photo's encoded batch and the case's shape fields."""
     model, processor = build(name, quick, layers)
     budget = budget or MODELS[name]["budget"][quick]
     fp = adapters.fingerprint(model)
     item = photo_item(photo)
-    rows = []
-    for setting in ("default", budget):
+    for setting in [s if s == "default" else budget for s in settings]:
         done = image_budget.apply(model, processor, None if setting == "default" else setting)
         tokens = image_budget.image_tokens(model, processor, [item.image_size])[0]
         batch = encode(model, processor, [item])
         R = int(batch["input_ids"].numel())
-        peak = peak_bytes(lambda b=batch: attribute_mc(model, processor, b)) / 2**20
-        row = {"case": f"{name} ({'default' if setting == 'default' else f'<= {setting}'})",
-               "model": name, "hidden": fp.hidden_size, "intermediate": fp.num_neurons,
-               "layers": fp.num_layers, "budget": done, "image_tokens": tokens, "rows": R,
-               "layer_rows_mib": R * fp.num_neurons * 4 / 2**20,
-               "layer_input_mib": R * fp.hidden_size * 4 / 2**20, "estimate_peak_mib": peak}
+        yield model, processor, batch, {
+            "case": f"{name} ({'default' if setting == 'default' else f'<= {setting}'})",
+            "model": name, "hidden": fp.hidden_size, "intermediate": fp.num_neurons,
+            "layers": fp.num_layers, "photo": list(photo), "budget": done,
+            "image_tokens": tokens, "rows": R, "layer_rows_mib": R * fp.num_neurons * 4 / 2**20}
+
+
+def estimate_case(name: str, quick: bool, photo: tuple[int, int], budget: int | None,
+                  layers: int, settings: tuple[str, ...] = ("default", "budget")) -> list:  # fmt: skip
+    """The estimate's peak only (memory, not time: load does not change it), at ``layers``
+    decoder layers."""
+    rows = []
+    for model, processor, batch, row in photo_cases(name, quick, photo, budget, settings, layers):
+        peak = peak_bytes(lambda: attribute_mc(model, processor, batch)) / 2**20  # noqa: B023
+        row.update(layer_input_mib=row["rows"] * row["hidden"] * 4 / 2**20,
+                   estimate_peak_mib=peak)  # fmt: skip
         rows.append(row)
-        print(f"{row['case']:<36} {fp.num_layers} layers, {tokens:>6} image tokens, {R:>6} rows; "
-              f"estimate peak {peak:.0f} MiB; [rows, N] fp32 = {row['layer_rows_mib']:.0f} MiB, "
-              f"[rows, H] fp32 = {row['layer_input_mib']:.0f} MiB", flush=True)  # fmt: skip
+        print(f"{row['case']:<36} {row['layers']} layers, {row['image_tokens']:>6} image tokens, "
+              f"{row['rows']:>6} rows; estimate peak {peak:.0f} MiB; [rows, N] fp32 = "
+              f"{row['layer_rows_mib']:.0f} MiB, [rows, H] fp32 = {row['layer_input_mib']:.0f} "
+              "MiB", flush=True)  # fmt: skip
     return rows
 
 
 def run_case(name: str, quick: bool, photo: tuple[int, int], budget: int | None,
              repeats: int, providers: tuple[str, ...] = PROVIDERS,
              settings: tuple[str, ...] = ("default", "budget")) -> list:  # fmt: skip
-    model, processor = build(name, quick)
-    budget = budget or MODELS[name]["budget"][quick]
-    fp = adapters.fingerprint(model)
-    item = photo_item(photo)
     names = [p for p in providers if HAS_NNSIGHT or p != "nnsight"]
     rows = []
-    for setting in [s if s == "default" else budget for s in settings]:
-        done = image_budget.apply(model, processor, None if setting == "default" else setting)
-        tokens = image_budget.image_tokens(model, processor, [item.image_size])[0]
-        batch = encode(model, processor, [item])
-        R = int(batch["input_ids"].numel())
+    for model, processor, batch, row in photo_cases(name, quick, photo, budget, settings):
         t, peak = measure(model, batch, [0], torch.device("cpu"), repeats, names)
         est_s, est_peak = _estimate(model, processor, batch)
-        row = {"case": f"{name} ({'default' if setting == 'default' else f'<= {setting}'})",
-               "model": name, "hidden": fp.hidden_size, "intermediate": fp.num_neurons,
-               "layers": fp.num_layers, "photo": list(photo), "budget": done,
-               "image_tokens": tokens, "rows": R, "layer_rows_mib": R * fp.num_neurons * 4 / 2**20,
-               "estimate_s": est_s, "estimate_peak_mib": est_peak, "peak_mib": peak}  # fmt: skip
+        row.update(estimate_s=est_s, estimate_peak_mib=est_peak, peak_mib=peak)
         row.update({f"{n}_s": t[n] for n in names})
         row.update({f"{n}_over_plain": t[n] / t["plain"] for n in names if n != "plain"})
         rows.append(row)
         ratios = " ".join(f"{n} {t[n] / t['plain']:.3f}x ({peak[n]:.0f} MiB)" for n in names[1:])
-        print(f"{row['case']:<36} {tokens:>6} image tokens, {R:>6} rows; plain {t['plain']:.2f} s "
-              f"({peak['plain']:.0f} MiB); {ratios}; estimate {est_s:.2f} s ({est_peak:.0f} MiB);"
-              f" [rows, N] fp32 = {row['layer_rows_mib']:.0f} MiB", flush=True)  # fmt: skip
+        print(f"{row['case']:<36} {row['image_tokens']:>6} image tokens, {row['rows']:>6} rows; "
+              f"plain {t['plain']:.2f} s ({peak['plain']:.0f} MiB); {ratios}; estimate "
+              f"{est_s:.2f} s ({est_peak:.0f} MiB); [rows, N] fp32 = "
+              f"{row['layer_rows_mib']:.0f} MiB", flush=True)  # fmt: skip
     return rows
 
 
@@ -235,7 +234,8 @@ def main(argv: list[str] | None = None) -> None:
             continue
         if args.estimate_layers:
             for layers in args.estimate_layers:
-                rows += estimate_case(name, args.quick, photo, budget, layers)
+                rows += estimate_case(name, args.quick, photo, budget, layers,
+                                      tuple(args.settings.split(",")))
         else:
             rows += run_case(name, args.quick, photo, budget, args.repeats,
                              tuple(args.providers.split(",")), tuple(args.settings.split(",")))
