@@ -35,6 +35,14 @@ FORMAT = "culture-neurons-masks"
 FORMAT_VERSION = 2  # 2: the fingerprint identifies the weights
 
 
+def set_jaccard(a: torch.Tensor, b: torch.Tensor) -> float:
+    """``|A & B| / |A | B|`` of two sets of flat indices (unique each); NaN when both are
+    empty (nothing to compare), never 0 or 1."""
+    inter = int(torch.isin(a, b, assume_unique=True).sum())
+    union = a.numel() + b.numel() - inter
+    return inter / union if union else float("nan")
+
+
 @dataclass
 class Masks:
     """S sets of selected (layer, neuron) pairs of one model; see the module docstring."""
@@ -189,10 +197,7 @@ class Masks:
         for i in range(len(self)):
             a = self.flat_of(i)
             for j in range(len(other)):
-                b = other.flat_of(j)
-                inter = int(torch.isin(a, b, assume_unique=True).sum())
-                union = a.numel() + b.numel() - inter
-                out[i, j] = inter / union if union else float("nan")
+                out[i, j] = set_jaccard(a, other.flat_of(j))
         return out
 
     def require_model(self, fingerprint: Fingerprint, what: str = "these masks") -> None:

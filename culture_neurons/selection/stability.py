@@ -28,14 +28,7 @@ import numpy as np
 import torch
 
 from culture_neurons.errors import UsageError
-from culture_neurons.masks import Masks
-
-
-def jaccard(a: torch.Tensor, b: torch.Tensor) -> float:
-    """``|A & B| / |A | B|`` of two sets of flat indices (unique each); NaN when both are empty."""
-    inter = int(torch.isin(a, b, assume_unique=True).sum())
-    union = a.numel() + b.numel() - inter
-    return inter / union if union else float("nan")
+from culture_neurons.masks import Masks, set_jaccard
 
 
 def intersection_pmf(pool: int, a: int, b: int) -> np.ndarray:
@@ -99,7 +92,7 @@ def overlap(first: Masks, second: Masks, per_layer: bool = False,
     for name in names:
         i, j = first.set_index(name), second.set_index(name)
         a, b = first.flat_of(i), second.flat_of(j)
-        js.append(jaccard(a, b))
+        js.append(set_jaccard(a, b))
         if per_layer:
             es.append(expected_jaccard_per_layer(counts_a[i].tolist(), counts_b[j].tolist(), N))
         else:

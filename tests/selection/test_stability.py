@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from culture_neurons.masks import Masks
+from culture_neurons.masks import set_jaccard as jaccard
 from culture_neurons.selection.stability import (
     expected_jaccard,
     expected_jaccard_per_layer,
     intersection_pmf,
-    jaccard,
     overlap,
 )
 from culture_neurons.stats import Fingerprint
