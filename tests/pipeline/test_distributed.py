@@ -93,16 +93,22 @@ def test_ranks_record_the_correct_items_of_one_process(saved, tmp_path):
     assert not set(preds[0]) & set(preds[1]) and {**preds[0], **preds[1]} == whole
 
 
-def test_shards_merge_to_the_unsharded_stats(assets, tmp_path):
-    whole = tmp_path / "whole"
-    assert cli.main(["record", *assets, "--out", str(whole)]) == 0
+def record_shards(assets, tmp_path, n: int):
+    """``record --shard i/n`` for every i, then ``merge``: (the shards' dirs, the merged dir)."""
     shards = []
-    for i in range(3):
+    for i in range(n):
         out = tmp_path / f"s{i}"
-        assert cli.main(["record", *assets, "--out", str(out), "--shard", f"{i}/3"]) == 0
+        assert cli.main(["record", *assets, "--out", str(out), "--shard", f"{i}/{n}"]) == 0
         shards.append(out)
     merged = tmp_path / "merged"
     assert cli.main(["merge", *map(str, shards), "--out", str(merged)]) == 0
+    return shards, merged
+
+
+def test_shards_merge_to_the_unsharded_stats(assets, tmp_path):
+    whole = tmp_path / "whole"
+    assert cli.main(["record", *assets, "--out", str(whole)]) == 0
+    shards, merged = record_shards(assets, tmp_path, 3)
     assert_same_stats(load_stats(whole), load_stats(merged))
     # the split halves merge too (pipeline.halves)
     assert_same_stats(load_stats(whole / "halves"), load_stats(merged / "halves"))
@@ -159,13 +165,7 @@ def test_sharded_statistics_screen_like_one_process(assets, exact_run, tmp_path)
     single = tmp_path / "single"
     shutil.copytree(exact_run, single)
     assert cli.main(["evaluate", "--out", str(single), "--matrix", "screen", "--quiet"]) == 0
-    shards = []
-    for i in range(2):
-        out = tmp_path / f"s{i}"
-        assert cli.main(["record", *assets, "--out", str(out), "--shard", f"{i}/2"]) == 0
-        shards.append(out)
-    merged = tmp_path / "merged"
-    assert cli.main(["merge", *map(str, shards), "--out", str(merged)]) == 0
+    _, merged = record_shards(assets, tmp_path, 2)
     assert cli.main(["select", "--out", str(merged), *SELECT]) == 0
     assert cli.main(["evaluate", "--out", str(merged), "--matrix", "screen", "--quiet"]) == 0
     a, b = _evals(single), _evals(merged)
