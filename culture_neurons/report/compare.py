@@ -39,10 +39,9 @@ from culture_neurons.report.files import (
     REPORT_FILE,
     RunFiles,
     load_run,
-    matrix,
     write_text,
 )
-from culture_neurons.report.layers import load_masks_for
+from culture_neurons.report.layers import layer_counts, load_masks_for
 from culture_neurons.report.stability import summary as stability_summary
 from culture_neurons.report.tables import fmt, table
 from culture_neurons.selection.stability import overlap
@@ -217,19 +216,10 @@ def _mean_depth(counts: np.ndarray) -> float:
     return float((counts * (np.arange(L) + 0.5) / L).sum() / total) if total > 0 else float("nan")
 
 
-def _counts(run: RunFiles, method: str) -> np.ndarray | None:
-    """Selected neurons per culture and layer, [C, L] (from the eval JSON or the masks)."""
-    counts = run.evals[method].get("layer_counts")
-    if counts is not None:
-        return matrix(counts)
-    masks = load_masks_for(run, method)
-    return masks.layer_counts().double().numpy() if masks is not None else None
-
-
 def _depth(runs: dict[str, RunFiles], figures: Path, notes: list[str]) -> list[str]:
     methods = _union([r.methods for r in runs.values()])
     cultures = _shared(runs, lambda r: r.cultures)
-    counts = {(label, m): _counts(r, m) for label, r in runs.items() for m in r.methods}
+    counts = {(label, m): layer_counts(r, m) for label, r in runs.items() for m in r.methods}
     for (label, m), c in counts.items():
         if c is None:
             notes.append(f"{label}: no layer counts for {m} (neither eval/{m}.json nor "

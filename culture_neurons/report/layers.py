@@ -10,13 +10,20 @@ from culture_neurons.report.files import RunFiles, matrix
 TOP_LAYERS = 3
 
 
+def layer_counts(run: RunFiles, method: str) -> np.ndarray | None:
+    """Selected neurons per culture and layer, float64 [C, L], from the eval JSON (older
+    results: from the masks file); None when neither has them."""
+    counts = run.evals[method].get("layer_counts")
+    if counts is not None:
+        return matrix(counts)
+    masks = load_masks_for(run, method)
+    return masks.layer_counts().double().numpy() if masks is not None else None
+
+
 def layer_totals(run: RunFiles, method: str) -> np.ndarray:
     """Selected neurons per layer, summed over cultures, float64 [L]."""
-    counts = run.evals[method].get("layer_counts")
-    if counts is None:  # older results: count from the masks file
-        masks = load_masks_for(run, method)
-        return masks.layer_counts().sum(0).double().numpy() if masks else np.zeros(0)
-    return matrix(counts).sum(axis=0)
+    counts = layer_counts(run, method)
+    return counts.sum(axis=0) if counts is not None else np.zeros(0)
 
 
 def top_layers(totals: np.ndarray, k: int = TOP_LAYERS) -> list[tuple[int, float]]:
