@@ -1,10 +1,11 @@
 """Build: the pure-Python package, the Triton kernels (the top-level ``kernels/`` folder's
 modules installed into ``culture_neurons/kernels/`` beside its ``__init__``; never a top-level
-``kernels`` package, see that ``__init__``) and the optional C++ selection extension
-``culture_neurons._C``.
+``kernels`` package, see that ``__init__``) and the optional C++ extensions
+``culture_neurons._C`` (selection) and ``culture_neurons.kernels._accumulate`` (CPU statistics).
 
-The extension is ``optional``: where no compiler exists the install still succeeds and
-``culture_neurons.topk`` says at import that it uses the PyTorch fallback.
+Both extensions are ``optional``: where no compiler exists the install still succeeds and
+each part says it uses its PyTorch twin (``culture_neurons.topk`` at import, ``kernels.reduce``
+through ``reduce.NATIVE``), which gives the same results.
 """
 
 from pathlib import Path
@@ -31,7 +32,16 @@ ext_modules = [
         cxx_std=17,
         extra_compile_args=["-O3"],
         optional=True,
-    )
+    ),
+    # One call per layer for the CPU statistics (kernels/reduce.py falls back to PyTorch
+    # without it, same totals); no fused multiply-add, so it rounds as PyTorch does.
+    Pybind11Extension(
+        "culture_neurons.kernels._accumulate",
+        ["csrc/accumulate.cpp"],
+        cxx_std=17,
+        extra_compile_args=["-O3", "-ffp-contract=off"],
+        optional=True,
+    ),
 ]
 
 setup(

@@ -10,6 +10,11 @@ so they cannot disagree. For one layer's recorded activation ``a [R, N]`` and pe
     S[c, n] += sum_{r: culture[r] = c} a[r, n]           fp32 within a chunk, fp64 totals
     Q[c, n] += sum_{r: culture[r] = c} a[r, n]^2         fp32 within a chunk, fp64 totals
 
+On the CPU, fp32 and bf16 rows go through one call of the C++ extension ``_accumulate``
+(``csrc/accumulate.cpp``, :data:`NATIVE`) where it is built: the same fp32 sums in the same row
+order and the same folds, so the totals are identical bit for bit (tests/kernels/test_reduce.py),
+at a few microseconds a layer instead of a dozen small ops (bench_record's small models).
+
 Rows are taken ``CHUNK_ROWS`` at a time, so the temporaries are bounded whatever the batch and
 the totals stay on ``a``'s device (nothing moves to the host, nothing syncs). Within a chunk the
 counts go through fp32, exact because a chunk has fewer than 2^24 rows.
@@ -22,6 +27,11 @@ id outside [0, S)) ablates nothing, without a branch or a sync.
 from __future__ import annotations
 
 import torch
+
+try:  # one call per layer on the CPU (csrc/accumulate.cpp); without it the PyTorch path below
+    from . import _accumulate as NATIVE
+except ImportError:  # no compiler at install time, or a checkout never built in place
+    NATIVE = None
 
 # Rows per chunk. On a CPU the [chunk, N] fp32 temporary is held to CPU_CHUNK_BYTES so that a
 # chunk's five passes run in the last-level cache. Measured on a 2-core EPYC (32 MiB L3), 25
@@ -103,8 +113,14 @@ def accumulate(
         return
     if a.requires_grad:
         a = a.detach()
-    slots = _slots(culture, C, a.device)
     chunk_rows = chunk_rows or chunk_rows_for(a)
+    if _native(K, S, Q, a, culture):
+        a = a.contiguous()
+        NATIVE.accumulate(K.data_ptr(), S.data_ptr(), Q.data_ptr(), a.data_ptr(),
+                          culture.data_ptr(), a.dtype == torch.bfloat16,
+                          culture.dtype == torch.int64, C, N, R, chunk_rows)  # fmt: skip
+        return
+    slots = _slots(culture, C, a.device)
     # One [C + 1, N] fp32 buffer per statistic (row C collects the uncounted rows) and ONE
     # [chunk, N] fp32 temporary, whatever a's dtype: the peak is bounded by the chunk. Views
     # made once per call and no slicing for a call of one chunk (most calls): every layer of
@@ -133,6 +149,26 @@ def accumulate(
         K.add_(k_fold.to(torch.int64))
         S.add_(s_fold)
         Q.add_(q_fold)
+
+
+def _native(K, S, Q, a, culture) -> bool:
+    """Whether :data:`NATIVE` takes this call: built, everything on the CPU, fp32 or bf16 rows,
+    int32 / int64 ids, contiguous int64 / fp64 totals (the extension reads raw addresses).
+    It adds the same numbers in the same order as the PyTorch path (tests: bit for bit)."""
+    return (
+        NATIVE is not None
+        and a.device.type == "cpu"
+        and culture.device.type == "cpu"
+        and a.dtype in (torch.float32, torch.bfloat16)
+        and culture.dtype in (torch.int32, torch.int64)
+        and culture.is_contiguous()
+        and culture.numel() == a.shape[0]
+        and K.dtype == torch.int64
+        and S.dtype == Q.dtype == torch.float64
+        and K.shape == S.shape == Q.shape == (K.shape[0], a.shape[1])
+        and K.is_contiguous() and S.is_contiguous() and Q.is_contiguous()
+        and K.device.type == S.device.type == Q.device.type == "cpu"
+    )
 
 
 # The last row ids made slots (see _slots): every layer of a forward passes the same ``culture``

@@ -40,10 +40,10 @@ from torch import nn
 
 from culture_neurons.errors import UsageError
 from culture_neurons.instrument.rows import (
+    check_id_range,
     check_ids,
-    count_per_culture,
+    item_counts,
     on_device,
-    row_ids,
     token_weights,
 )
 from culture_neurons.instrument.totals import Totals
@@ -73,9 +73,12 @@ class Batch:
     culture: torch.Tensor | None  # int32 [B*T] on the inputs' device, -1 = not counted
     set_ids: torch.Tensor | None  # int32 [B], -1 = no ablation; None = none
     serial: int
-    items: torch.Tensor | None  # int64 [C]: items per culture, on the culture ids' device
-    # The only culture id among the rows when the ids given on the CPU show it (then the kernel
-    # skips its per-tile search); -1: several, none, or ids given on a device (never read).
+    # int64 [C, 2] on the culture ids' device: items and counted tokens per culture (staged:
+    # per item slot, whose items commit() counts); added when layer 0 runs. None: no culture.
+    counts: torch.Tensor | None
+    # The only culture id among the rows when the ids given on the CPU show it (then the fused
+    # kernel skips its per-tile search); -1: several, none, ids given on a device, or the hooks
+    # backend (which never reads it, so it is not looked for).
     one_culture: int = -1
     # Staged (set_batch(stage=True)): int64 [B] culture of each item; the rows' ids above are
     # then item slots 0..B-1, their statistics held until commit(). None: not staged.
@@ -286,7 +289,7 @@ class Instrument:
         if input_ids is None and attention_mask is None:
             raise UsageError("set_batch needs input_ids or attention_mask to know the rows")
         shape = (input_ids if input_ids is not None else attention_mask).shape
-        rows = items = staged = None
+        rows = counts = staged = None
         one_culture = -1
         if stage and culture is None:
             raise UsageError("set_batch(stage=True) stages the statistics of recorded rows; give "
@@ -295,19 +298,23 @@ class Instrument:
             if not self.recording:
                 raise UsageError("this instrument was built without cultures; it cannot record")
             weights = token_weights(attention_mask, input_ids, self.scope, self.image_token_ids)
-            ids, one_culture = self._culture_ids(culture, shape[0], weights.device)
+            ids, one_culture, values = self._culture_ids(culture, shape[0], weights.device)
+            groups = len(self.cultures)
             if stage:
-                staged, ids, one_culture = ids, self._slots(ids), -1
-            else:
-                items = count_per_culture(ids, len(self.cultures))
-            rows = row_ids(ids, weights.shape, weights).reshape(-1).int()
+                staged, ids, one_culture, values = ids, self._slots(ids), -1, None
+                groups = len(self._staging.cultures)
+            on_cpu = values is not None and weights.device.type == "cpu"
+            counts = item_counts(values if on_cpu else ids, groups, weights.sum(1))
+            # row_ids' rule (the item's id where its token counts, else -1) for [B] ids and a
+            # bool [B, T] mask: one op, once per forward.
+            rows = torch.where(weights, ids[:, None].int(), -1).reshape(-1)
         ablation = None
         if set_ids is not None:
             if self.masks is None:
                 raise UsageError("this instrument was built without masks; it cannot ablate")
             ablation = self._set_ids(set_ids, shape[0])
         self._serial += 1
-        self._batch = Batch(shape[0], shape[0] * shape[1], rows, ablation, self._serial, items,
+        self._batch = Batch(shape[0], shape[0] * shape[1], rows, ablation, self._serial, counts,
                             one_culture, staged)  # fmt: skip
         if stage:
             self._staged = self._batch
@@ -378,31 +385,45 @@ class Instrument:
             self.clear_batch()
 
     def _culture_ids(self, culture, batch_size: int,
-                     device: torch.device) -> tuple[torch.Tensor, int]:  # fmt: skip
+                     device: torch.device) -> tuple[torch.Tensor, int, list[int] | None]:  # fmt: skip
         """int64 [B] culture ids on ``device`` from names or ids (one value applies to every
-        row), and the only id among them (-1: several or none). Values are checked where they
-        are on the CPU; ids given on a device are neither read nor copied back (no sync), and
-        their only id is then unknown (-1)."""
+        row), the only id among them for the fused kernel (-1: several or none; not looked
+        for by the hooks backend), and the ids as Python ints where they were given so (else
+        None). Values are checked where they are on the CPU; ids given on a device are neither
+        read nor copied back (no sync), and their only id is then unknown (-1)."""
         if isinstance(culture, (str, int)):
             culture = [culture] * batch_size
-        if isinstance(culture, (list, tuple)):
+        if isinstance(culture, (list, tuple)):  # checked as Python ints: one tensor op in all
             culture = [self._culture_id(c) for c in culture]
+            self._check_count(len(culture), batch_size)
+            if culture:
+                check_id_range(min(culture), max(culture), len(self.cultures), "culture",
+                               "not counted")  # fmt: skip
+            present = {c for c in culture if c >= 0}
+            one = present.pop() if len(present) == 1 else -1
+            return on_device(torch.tensor(culture, dtype=torch.int64), device), one, culture
         ids = torch.as_tensor(culture).reshape(-1)
-        if ids.numel() != batch_size:
-            raise UsageError(f"got {ids.numel()} culture ids for a batch of {batch_size} rows; "
-                             "give one id per row (-1 = not counted)")  # fmt: skip
+        self._check_count(ids.numel(), batch_size)
         check_ids(ids, len(self.cultures), "culture", "not counted")
         one = -1
-        if ids.device.type == "cpu":
+        if ids.device.type == "cpu" and self.backend == "fused":
             present = ids[ids >= 0].unique()
             one = int(present[0]) if present.numel() == 1 else -1
-        return on_device(ids, device).long(), one
+        return on_device(ids, device).long(), one, None
+
+    @staticmethod
+    def _check_count(given: int, batch_size: int) -> None:
+        if given != batch_size:
+            raise UsageError(f"got {given} culture ids for a batch of {batch_size} rows; "
+                             "give one id per row (-1 = not counted)")  # fmt: skip
 
     def _culture_id(self, c) -> int:
         if isinstance(c, str):
             if c not in self.cultures:
                 raise UsageError(f"unknown culture {c!r}; known: {', '.join(self.cultures)}")
             return self.cultures.index(c)
+        if isinstance(c, float) or getattr(c, "is_floating_point", lambda: False)():
+            raise UsageError(f"culture ids must be integers, got {c!r}; -1 = not counted")
         return int(c)
 
     def _set_ids(self, set_ids, batch_size: int) -> torch.Tensor:
@@ -423,13 +444,12 @@ class Instrument:
         if batch.culture is None:
             return
         if batch.staged is not None:
-            T, _ = self._staging.counts(batch.culture.device)
-            T += count_per_culture(batch.culture, len(self._staging.cultures))
+            T, _ = self._staging.counts(batch.counts.device)
+            T += batch.counts[:, 1]
             return
-        T, _ = self.totals.counts(batch.culture.device)
-        T += count_per_culture(batch.culture, len(self.cultures))
-        _, items = self.totals.counts(batch.items.device)
-        items += batch.items
+        T, items = self.totals.counts(batch.counts.device)
+        T += batch.counts[:, 1]
+        items += batch.counts[:, 0]
 
     # -- results -------------------------------------------------------------------------
     def stats(self) -> Stats:

@@ -86,13 +86,18 @@ def check_ids(ids: torch.Tensor, count: int, what: str, none: str) -> torch.Tens
     if ids.is_floating_point() or ids.dtype == torch.bool:
         raise UsageError(f"{what} ids must be integers, got {ids.dtype}; -1 = {none}")
     if ids.device.type == "cpu" and ids.numel():
-        lo, hi = int(ids.min()), int(ids.max())
-        if lo < -1 or hi >= count:
-            raise UsageError(
-                f"{what} ids must be in [-1, {count - 1}] ({count} {what}s), got [{lo}, {hi}]; "
-                f"-1 = {none}"
-            )
+        check_id_range(*(int(v) for v in torch.aminmax(ids)), count, what, none)
     return ids
+
+
+def check_id_range(lo: int, hi: int, count: int, what: str, none: str) -> None:
+    """The range check of :func:`check_ids` on ids whose smallest and largest are known
+    (e.g. a Python list's: no tensor op)."""
+    if lo < -1 or hi >= count:
+        raise UsageError(
+            f"{what} ids must be in [-1, {count - 1}] ({count} {what}s), got [{lo}, {hi}]; "
+            f"-1 = {none}"
+        )
 
 
 def row_ids(
@@ -121,6 +126,8 @@ def row_ids(
     if weights is None:
         return ids
     w = per_row(weights, lead, "weights", ids.device)
+    if w.dtype == torch.bool:  # 0/1 by its type (token_weights' masks): nothing to check
+        return torch.where(w, ids, -1)
     if w.device.type == "cpu" and bool(((w != 0) & (w != 1)).any()):
         raise UsageError(
             "token weights must be 0 or 1 (SPEC: w_t in {0, 1}), got other values; pass the "
@@ -137,3 +144,26 @@ def count_per_culture(ids: torch.Tensor, C: int) -> torch.Tensor:
     counts = torch.zeros(C + 1, dtype=torch.int64, device=ids.device)
     counts.index_add_(0, slot, torch.ones_like(slot))
     return counts[:C]
+
+
+def item_counts(ids: torch.Tensor | list[int], C: int, tokens: torch.Tensor) -> torch.Tensor:
+    """int64 ``[C, 2]`` on ``ids``' device: per culture c, the items whose id is c and their
+    counted tokens (``tokens [B]``: each item's), for one culture id per item (``ids [B]``; -1
+    and ids >= C are not counted). What :func:`count_per_culture` gives over the rows of
+    :func:`row_ids`, from ``[B]`` values: a few small ops per forward instead of a pass over
+    its ``B*T`` rows. ``ids`` as Python ints (with CPU ``tokens``): counted in Python, one
+    tensor op (each op counts on a small model: bench_record)."""
+    if isinstance(ids, list):
+        counts = [[0, 0] for _ in range(C)]
+        for c, t in zip(ids, tokens.tolist(), strict=True):
+            if 0 <= c < C:
+                counts[c][0] += 1
+                counts[c][1] += t
+        return torch.tensor(counts, dtype=torch.int64).reshape(C, 2)
+    # Slot c + 1 for culture c; the uncounted go to 0 (ids < 0) and C + 1 (ids >= C). Few
+    # ops, and no bool ones (slow on small CPU tensors): this runs once per forward.
+    slot = (ids.reshape(-1).long() + 1).clamp_(0, C + 1)
+    both = torch.ones(slot.shape[0], 2, dtype=torch.int64, device=slot.device)
+    both[:, 1] = tokens.reshape(-1)
+    counts = torch.zeros(C + 2, 2, dtype=torch.int64, device=slot.device)
+    return counts.index_add_(0, slot, both)[1 : C + 1]

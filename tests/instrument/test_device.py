@@ -81,7 +81,7 @@ def test_set_batch_leaves_device_ids_where_they_are(backend):
         inst.set_batch(torch.tensor([0, 2, -1], device=META),
                        set_ids=torch.tensor([1, -1, 0], device=META), **inputs)  # fmt: skip
         batch = inst._batch
-        assert batch.culture.device == META and batch.items.device == META
+        assert batch.culture.device == META and batch.counts.device == META
         culture, set_ids = batch.on(META, inputs["input_ids"].shape[1])
         assert culture.device == set_ids.device == META and set_ids.shape == culture.shape
         inst._commit_counts(batch)  # T and items counted where the ids are

@@ -1,5 +1,6 @@
 """The one reduction against a loop written here: every chunk size and input dtype gives the
-same counts exactly, sums to fp32 rounding, and ablation zeroes exactly each row's set."""
+same counts exactly, sums to fp32 rounding, and ablation zeroes exactly each row's set; the
+C++ CPU path (``reduce.NATIVE``, csrc/accumulate.cpp) adds the PyTorch path's totals bit for bit."""
 
 from __future__ import annotations
 
@@ -7,6 +8,20 @@ import pytest
 import torch
 
 from culture_neurons.kernels import reduce
+
+needs_native = pytest.mark.skipif(
+    reduce.NATIVE is None,
+    reason="culture_neurons.kernels._accumulate not built (python setup.py build_ext --inplace)",
+)
+PATHS = ["torch", pytest.param("native", marks=needs_native)]
+
+
+@pytest.fixture
+def path(request, monkeypatch):
+    """``torch``: the PyTorch path only (the extension hidden); ``native``: the C++ one."""
+    if request.param == "torch":
+        monkeypatch.setattr(reduce, "NATIVE", None)
+    return request.param
 
 
 def loop_reference(a: torch.Tensor, culture: torch.Tensor, C: int):
@@ -25,10 +40,11 @@ def loop_reference(a: torch.Tensor, culture: torch.Tensor, C: int):
     return K, S, Q
 
 
+@pytest.mark.parametrize("path", PATHS, indirect=True)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("chunk", [1, 7, 64, None])
 @pytest.mark.parametrize("R,N", [(1, 1), (130, 67), (7, 33)])
-def test_accumulate_matches_a_loop_for_every_chunk_and_dtype(dtype, chunk, R, N):
+def test_accumulate_matches_a_loop_for_every_chunk_and_dtype(path, dtype, chunk, R, N):
     gen = torch.Generator().manual_seed(R * N)
     a = (torch.randn(R, N, generator=gen) * 3).to(dtype)  # both signs, never all zero
     culture = torch.randint(-1, 6, (R,), generator=gen)  # 5 = C: out of range, not counted
@@ -43,6 +59,51 @@ def test_accumulate_matches_a_loop_for_every_chunk_and_dtype(dtype, chunk, R, N)
     # <= 130 * 2^-24 relative to sum |a|, below 1e-5 of the largest |S|.
     torch.testing.assert_close(S - S0, Sr, rtol=1e-5, atol=1e-5 * float(Sr.abs().max()) + 1e-9)
     torch.testing.assert_close(Q - Q0, Qr, rtol=1e-5, atol=1e-5 * float(Qr.max()) + 1e-9)
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("id_dtype", [torch.int32, torch.int64])
+@pytest.mark.parametrize("R,N,C,chunk", [(248, 96, 25, None), (1000, 77, 5, 128),
+                                         (3000, 300, 3, None), (513, 64, 7, 100), (5, 3, 1, 1)])
+def test_native_path_adds_the_torch_paths_totals_bit_for_bit(dtype, id_dtype, R, N, C, chunk):
+    """Same fp32 sums in the same row order, the same folds: identical totals, so a run's
+    statistics do not depend on whether the extension was built (or on the machine's compiler
+    contracting a * a + q into one rounding: it is built with -ffp-contract=off)."""
+    gen = torch.Generator().manual_seed(R + N + C)
+    a = (torch.randn(R, N, generator=gen) * 3).to(dtype)
+    a[::11, ::5] = 0.0  # zeros are not firing
+    culture = torch.randint(-1, C + 2, (R,), generator=gen).to(id_dtype)  # -1, >= C: uncounted
+    start = (torch.randint(0, 9, (C, N), generator=gen), torch.randn(C, N, dtype=torch.float64,
+             generator=gen), torch.rand(C, N, dtype=torch.float64, generator=gen))  # fmt: skip
+    native = [t.clone() for t in start]
+    for _ in range(2):  # totals that already hold a forward's
+        reduce.accumulate(*native, a, culture, chunk_rows=chunk)
+    torch_path = [t.clone() for t in start]
+    saved, reduce.NATIVE = reduce.NATIVE, None
+    try:
+        for _ in range(2):
+            reduce.accumulate(*torch_path, a, culture, chunk_rows=chunk)
+    finally:
+        reduce.NATIVE = saved
+    for name, mine, theirs in zip("KSQ", native, torch_path, strict=True):
+        assert torch.equal(mine, theirs), f"{name} differs from the PyTorch path's"
+        if name != "K":  # bit for bit, not only ==: the fp64 totals' every bit
+            assert torch.equal(mine.view(torch.int64), theirs.view(torch.int64))
+
+
+def test_native_path_is_taken_only_where_it_can_read_the_tensors():
+    """Non-contiguous totals, fp16 rows or float ids go the PyTorch way (same numbers)."""
+    C, N = 3, 8
+    K, S, Q = torch.zeros(C, N, dtype=torch.int64), torch.zeros(C, N, dtype=torch.float64), \
+        torch.zeros(C, N, dtype=torch.float64)  # fmt: skip
+    a, ids = torch.randn(10, N), torch.randint(-1, C, (10,))
+    assert reduce._native(K, S, Q, a, ids) == (reduce.NATIVE is not None)
+    assert not reduce._native(K, S, Q, a.half(), ids)
+    assert not reduce._native(K, S, Q, a, ids.float())
+    assert not reduce._native(K, S, Q, a, torch.randint(-1, C, (20,))[::2])  # strided ids
+    wide = torch.zeros(C, 2 * N, dtype=torch.float64)[:, ::2]
+    assert not reduce._native(K, wide, Q, a, ids)
 
 
 def test_row_slots_made_once_follow_every_change_of_the_ids():
@@ -78,8 +139,11 @@ def test_chunks_are_bounded_by_bytes_on_the_cpu():
         assert rows == 64 or rows * N * 4 <= reduce.CPU_CHUNK_BYTES
 
 
-def test_accumulate_allocates_one_chunk_temporary():
-    """Whatever R and a's dtype, the only [rows, N] allocation is one [chunk, N] fp32 buffer."""
+def test_accumulate_allocates_one_chunk_temporary(monkeypatch):
+    """Whatever R and a's dtype, the only [rows, N] allocation is one [chunk, N] fp32 buffer
+    (the PyTorch path, which the profiler sees; the C++ path holds three [C, N] fp32 sums and
+    one row)."""
+    monkeypatch.setattr(reduce, "NATIVE", None)
     from culture_neurons.testing.memory import peak_bytes
 
     R, N, C, chunk = 4096, 256, 25, 64
