@@ -121,6 +121,12 @@ def sentences(locale: str, n: int, seed: int = 0) -> list[str]:
     templates = TEMPLATES[locale]
     fake = Faker(locale)
     fake.seed_instance(stable_seed("faker_text", seed, locale))
+    for provider in fake.providers:
+        # it_IT's address provider lists its cities from a set (faker's it_IT getcities), so
+        # their order, and every city drawn, followed the process's string hashing
+        # (PYTHONHASHSEED): another process gave other data. Sorted, only the seed decides.
+        if hasattr(provider, "cap_city_province"):
+            provider.cities = sorted(provider.cities)
     out: list[str] = []
     seen: set[str] = set()
     for _ in range(50 * n):  # distinct draws; the bound only guards a degenerate provider

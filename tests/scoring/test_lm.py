@@ -92,6 +92,29 @@ def test_faker_data_is_deterministic_split_and_in_each_locales_script():
         assert share > 0.6, f"{c}: a sentence is only {share:.0%} {SCRIPTS[c]}"
 
 
+def test_faker_data_is_the_same_in_every_process():
+    """Another process (another PYTHONHASHSEED: string hashing, set order) draws the same
+    sentences of every locale; it_IT's cities once followed the hash seed."""
+    import hashlib
+    import os
+    import subprocess
+    import sys
+
+    script = ("import hashlib; from culture_neurons.data.faker_text import make_faker_data; "
+              "d = make_faker_data(per_culture=6); "
+              "print(hashlib.sha256(repr([(c, [i.text for i in d.items_by_culture[c]]) "
+              "for c in d.cultures]).encode()).hexdigest())")  # fmt: skip
+    digests = set()
+    for hash_seed in ("1", "2"):
+        env = {**os.environ, "PYTHONHASHSEED": hash_seed}
+        out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                             text=True, check=True)  # fmt: skip
+        digests.add(out.stdout.strip())
+    here = make_faker_data(per_culture=6)
+    mine = repr([(c, [i.text for i in here.items_by_culture[c]]) for c in here.cultures])
+    assert digests == {hashlib.sha256(mine.encode()).hexdigest()}
+
+
 def test_every_locale_generates_in_its_script():
     assert len(LOCALES) >= 20
     data = make_faker_data(per_culture=2, seed=0)
