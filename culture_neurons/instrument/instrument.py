@@ -73,7 +73,7 @@ class Batch:
     culture: torch.Tensor | None  # int32 [B*T] on the inputs' device, -1 = not counted
     set_ids: torch.Tensor | None  # int32 [B], -1 = no ablation; None = none
     serial: int
-    # int64 [C, 2] on the culture ids' device: items and counted tokens per culture (staged:
+    # int64 [2, C] on the culture ids' device: counted tokens and items per culture (staged:
     # per item slot, whose items commit() counts); added when layer 0 runs. None: no culture.
     counts: torch.Tensor | None
     # The only culture id among the rows when the ids given on the CPU show it (then the fused
@@ -307,7 +307,7 @@ class Instrument:
             counts = item_counts(values if on_cpu else ids, groups, weights.sum(1))
             # row_ids' rule (the item's id where its token counts, else -1) for [B] ids and a
             # bool [B, T] mask: one op, once per forward.
-            rows = torch.where(weights, ids[:, None].int(), -1).reshape(-1)
+            rows = torch.where(weights, ids.view(-1, 1).int(), -1).view(-1)
         ablation = None
         if set_ids is not None:
             if self.masks is None:
@@ -445,11 +445,9 @@ class Instrument:
             return
         if batch.staged is not None:
             T, _ = self._staging.counts(batch.counts.device)
-            T += batch.counts[:, 1]
+            T += batch.counts[0]
             return
-        T, items = self.totals.counts(batch.counts.device)
-        T += batch.counts[:, 1]
-        items += batch.counts[:, 0]
+        self.totals.count_block(batch.counts.device).add_(batch.counts)
 
     # -- results -------------------------------------------------------------------------
     def stats(self) -> Stats:

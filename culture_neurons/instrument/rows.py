@@ -147,23 +147,24 @@ def count_per_culture(ids: torch.Tensor, C: int) -> torch.Tensor:
 
 
 def item_counts(ids: torch.Tensor | list[int], C: int, tokens: torch.Tensor) -> torch.Tensor:
-    """int64 ``[C, 2]`` on ``ids``' device: per culture c, the items whose id is c and their
-    counted tokens (``tokens [B]``: each item's), for one culture id per item (``ids [B]``; -1
-    and ids >= C are not counted). What :func:`count_per_culture` gives over the rows of
-    :func:`row_ids`, from ``[B]`` values: a few small ops per forward instead of a pass over
-    its ``B*T`` rows. ``ids`` as Python ints (with CPU ``tokens``): counted in Python, one
-    tensor op (each op counts on a small model: bench_record)."""
+    """int64 ``[2, C]`` on ``ids``' device: per culture c, the counted tokens (row 0: the sum
+    of ``tokens [B]``, each item's) and the number (row 1) of the items whose id is c, for one
+    culture id per item (``ids [B]``; -1 and ids >= C are not counted): the ``(T, items)`` a
+    forward adds (:meth:`Totals.count_block`'s layout). What :func:`count_per_culture` gives
+    over the rows of :func:`row_ids`, from ``[B]`` values: a few small ops per forward
+    instead of a pass over its ``B*T`` rows. ``ids`` as Python ints (with CPU ``tokens``):
+    counted in Python, one tensor op (each op counts on a small model: bench_record)."""
     if isinstance(ids, list):
-        counts = [[0, 0] for _ in range(C)]
+        tokens_of, items_of = [0] * C, [0] * C
         for c, t in zip(ids, tokens.tolist(), strict=True):
             if 0 <= c < C:
-                counts[c][0] += 1
-                counts[c][1] += t
-        return torch.tensor(counts, dtype=torch.int64).reshape(C, 2)
+                tokens_of[c] += t
+                items_of[c] += 1
+        return torch.tensor([tokens_of, items_of], dtype=torch.int64)
     # Slot c + 1 for culture c; the uncounted go to 0 (ids < 0) and C + 1 (ids >= C). Few
     # ops, and no bool ones (slow on small CPU tensors): this runs once per forward.
     slot = (ids.reshape(-1).long() + 1).clamp_(0, C + 1)
-    both = torch.ones(slot.shape[0], 2, dtype=torch.int64, device=slot.device)
-    both[:, 1] = tokens.reshape(-1)
-    counts = torch.zeros(C + 2, 2, dtype=torch.int64, device=slot.device)
-    return counts.index_add_(0, slot, both)[1 : C + 1]
+    both = torch.ones(2, slot.shape[0], dtype=torch.int64, device=slot.device)
+    both[0] = tokens.reshape(-1)
+    counts = torch.zeros(2, C + 2, dtype=torch.int64, device=slot.device)
+    return counts.index_add_(1, slot, both)[:, 1 : C + 1]

@@ -60,7 +60,7 @@ class Totals:
         self._layers: list[dict[torch.device, tuple[torch.Tensor, ...]]] = [
             {} for _ in range(fingerprint.num_layers)
         ]
-        self._counts: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._counts: dict[torch.device, torch.Tensor] = {}  # device -> [2, C]: T, items
         self._base: Stats | None = None  # start_from: the start of totals not allocated yet
 
     @classmethod
@@ -92,16 +92,21 @@ class Totals:
         return per[device]
 
     def counts(self, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(T, items)`` int64 ``[C]`` on ``device``, updated in place by the caller."""
+        """``(T, items)`` int64 ``[C]`` on ``device``, updated in place by the caller (the
+        rows of :meth:`count_block`)."""
+        block = self.count_block(device)
+        return block[0], block[1]
+
+    def count_block(self, device: torch.device | str) -> torch.Tensor:
+        """int64 ``[2, C]`` on ``device``: row 0 is T, row 1 items (one add per forward:
+        :func:`~culture_neurons.instrument.rows.item_counts` gives this layout)."""
         device = _device(device)
         if device not in self._counts:
-            C = len(self.cultures)
-            T = torch.zeros(C, dtype=torch.int64, device=device)
-            items = torch.zeros(C, dtype=torch.int64, device=device)
+            block = torch.zeros(2, len(self.cultures), dtype=torch.int64, device=device)
             if self._base is not None and not self._counts:
-                T.copy_(self._base.T)
-                items.copy_(self._base.items)
-            self._counts[device] = (T, items)
+                block[0].copy_(self._base.T)
+                block[1].copy_(self._base.items)
+            self._counts[device] = block
         return self._counts[device]
 
     def add_slots(self, slots: Totals, culture: torch.Tensor, keep: torch.Tensor) -> None:

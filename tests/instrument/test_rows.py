@@ -10,12 +10,12 @@ from culture_neurons.instrument.rows import check_ids, count_per_culture, item_c
 
 
 def loop_counts(ids: list[int], mask: torch.Tensor, C: int) -> torch.Tensor:
-    """[C, 2]: items of each culture and their tokens where the mask is set."""
-    out = torch.zeros(C, 2, dtype=torch.int64)
+    """[2, C]: tokens where the mask is set, and items, of each culture."""
+    out = torch.zeros(2, C, dtype=torch.int64)
     for b, c in enumerate(ids):
         if 0 <= c < C:
-            out[c, 0] += 1
-            out[c, 1] += int(mask[b].sum())
+            out[0, c] += int(mask[b].sum())
+            out[1, c] += 1
     return out
 
 
@@ -26,12 +26,12 @@ def test_item_counts_equal_a_loop_and_the_rows_counted_one_by_one(seed):
     ids = torch.randint(-3, C + 3, (B,), generator=gen)  # < -1 and >= C: not counted
     mask = torch.rand(B, T, generator=gen) < 0.7
     counts = item_counts(ids, C, mask.sum(1))
-    assert counts.dtype == torch.int64 and counts.shape == (C, 2)
+    assert counts.dtype == torch.int64 and counts.shape == (2, C)
     assert torch.equal(counts, loop_counts(ids.tolist(), mask, C))
     assert torch.equal(item_counts(ids.tolist(), C, mask.sum(1)), counts)  # Python ints
     # The tokens column is what counting the forward's rows gives (what T used to be).
     rows = row_ids(ids.clamp(-1, C), (B, T), mask).reshape(-1)
-    assert torch.equal(counts[:, 1], count_per_culture(rows, C))
+    assert torch.equal(counts[0], count_per_culture(rows, C))
 
 
 def test_bool_weights_skip_their_check_and_give_the_int_weights_rows():
