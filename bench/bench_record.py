@@ -300,7 +300,9 @@ def main() -> None:
         import nnsight
 
         versions["nnsight"] = nnsight.__version__
+    load_start = os.getloadavg()[0]  # times are only worth reporting on a quiet machine
     print(f"# bench_record: {device.type} {machine}, {torch.get_num_threads()} threads, "
+          f"load {load_start:.2f} at start, "
           + ", ".join(f"{k} {v}" for k, v in versions.items())
           + f"; median of {repeats}; peak MiB above the forward's start")  # fmt: skip
     head = "".join(f"{n:>15}" for n in names)
@@ -321,9 +323,12 @@ def main() -> None:
         mib = "".join(f"{peak[n]:>12.1f}MiB" for n in names)
         print(f"{case:<24}{R:>6}{ratios}   {row['fused_over_hand_hooks']:.3f}")
         print(f"{'  (plain ' + format(t['plain'], '.4f') + ' s)':<30}{mib}")
+    load_end = os.getloadavg()[0]
+    print(f"# load {load_end:.2f} at the end (this bench's own threads included)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": f"{device.type}: {machine}", "threads": torch.get_num_threads(),
+                       "load_start": load_start, "load_end": load_end,
                        "versions": versions, "repeats": repeats,
                        "peak": "live tensor bytes above the forward's start (testing.memory)",
                        "cases": rows}, f, indent=1)  # fmt: skip
