@@ -1,8 +1,10 @@
 """Whole-model recording: every way to take per-culture statistics, against the plain forward.
 
 Providers (same model, same batch and rows per forward, one process, interleaved rounds so
-that machine noise hits all of them alike; each is attached before its forward and detached
-after, outside the timing, with its totals allocated at attach as a long run amortises them):
+that machine noise hits all of them alike; each is attached before its forwards and detached
+after, outside the timing, with its totals allocated at attach as a long run amortises them;
+per round, the first forward after attach is timed apart, ``<provider>_first_s``, and the
+per-forward time is the second one's: a run attaches once and then runs many forwards):
 
   plain          model(**batch), nothing attached
   hand_hooks     what a researcher writes by hand: a forward hook on each act_fn taking, per
@@ -221,6 +223,7 @@ def measure(model, batch: dict, culture: list[int], device, repeats: int, names:
         wrapped = (nnsight.NNsight(twin), twin)
     target = {n: wrapped if n in NNSIGHT else model for n in names}
     times: dict[str, list[float]] = {n: [] for n in names}
+    firsts: dict[str, list[float]] = {n: [] for n in names}
     peaks: dict[str, float] = {}
     with torch.no_grad():
         for rnd in range(repeats + 2):  # round 0 warms up; the last measures memory
@@ -230,15 +233,25 @@ def measure(model, batch: dict, culture: list[int], device, repeats: int, names:
                     if rnd == repeats + 1:
                         peaks[name] = peak_bytes(forward, device) / 2**20
                         continue
-                    _sync(device)
-                    t0 = time.perf_counter()
-                    forward()
-                    _sync(device)
+                    # The first forward after attach pays one-off costs (lazily made buffers,
+                    # cold caches of the new hooks) that a run pays once, not per batch: it is
+                    # timed apart, and the per-forward time is the next forward's.
+                    first, steady = _timed(forward, device), _timed(forward, device)
                     if rnd:
-                        times[name].append(time.perf_counter() - t0)
+                        firsts[name].append(first)
+                        times[name].append(steady)
                 finally:
                     detach()
-    return {n: statistics.median(ts) for n, ts in times.items()}, peaks
+    median = {n: statistics.median(ts) for n, ts in times.items()}
+    return median, {n: statistics.median(ts) for n, ts in firsts.items()}, peaks
+
+
+def _timed(forward: Forward, device: torch.device) -> float:
+    _sync(device)
+    t0 = time.perf_counter()
+    forward()
+    _sync(device)
+    return time.perf_counter() - t0
 
 
 def cases(quick: bool, device: torch.device, only: str = ""):
@@ -309,11 +322,12 @@ def main() -> None:
     print(f"{'case':<24}{'rows':>6}{head}   fused/hand_hooks")
     rows = []
     for case, model, batch, culture in cases(args.quick, device, args.case):
-        t, peak = measure(model, batch, culture, device, repeats, names)
+        t, first, peak = measure(model, batch, culture, device, repeats, names)
         R, N = batch["input_ids"].numel(), adapters.fingerprint(model).num_neurons
         row = {"case": case, "rows": R, "neurons": N, "layer_rows_mib": R * N * 4 / 2**20}
         row.update({f"{n}_s": t[n] for n in names})
         row.update({f"{n}_over_plain": t[n] / t["plain"] for n in names if n != "plain"})
+        row.update({f"{n}_first_s": first[n] for n in names})
         row["fused_over_hand_hooks"] = t["fused"] / t["hand_hooks"]
         if HAS_NNSIGHT:
             row["nnsight_over_nnsight_plain"] = t["nnsight"] / t["nnsight_plain"]
@@ -323,6 +337,8 @@ def main() -> None:
         mib = "".join(f"{peak[n]:>12.1f}MiB" for n in names)
         print(f"{case:<24}{R:>6}{ratios}   {row['fused_over_hand_hooks']:.3f}")
         print(f"{'  (plain ' + format(t['plain'], '.4f') + ' s)':<30}{mib}")
+        firsts = "".join(f"{first[n] / t['plain']:>14.3f}x" for n in names)
+        print(f"{'  first after attach':<30}{firsts}")
     load_end = os.getloadavg()[0]
     print(f"# load {load_end:.2f} at the end (this bench's own threads included)")
     if args.json:
