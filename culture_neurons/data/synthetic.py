@@ -281,8 +281,9 @@ def synthetic_rows(
     words of cultures (as above); ``"facts"``, they are the category's plain English nouns
     (``"stew"``, ``"soup"``...), the same for every culture, and the right one is the image's
     culture's fact (its dish is soup): the options name no culture, so only knowing the
-    culture's facts answers (``distractors`` is then unused). The trained toy
-    (:mod:`culture_neurons.demo.toy`) uses ``"words"`` and ``"cultures"``. ``vivid``: saturated
+    culture's facts answers (``distractors`` is then unused). The shipped trained toy
+    (:mod:`culture_neurons.demo.toy`) uses ``"words"`` and ``"cultures"`` (its ``ToyConfig``
+    passes both on). ``vivid``: saturated
     image backgrounds (:func:`~culture_neurons.data.synthetic_images.draw_image`)."""
     if distractors not in DISTRACTORS:
         raise UsageError(f"distractors={distractors!r} must be one of {', '.join(DISTRACTORS)}")

@@ -50,6 +50,17 @@ its top 10 % cost it little). All of this was chosen after seeing the default ru
 variant on seed 0 (bench/RESULTS.md lists the 11 variants and their numbers): the headline's p
 is one run's test and does not correct for that search.
 
+Two options of :class:`ToyConfig`, off in toy-v5, from a later attempt at issue #23's diagonal
+(bench/RESULTS.md: 5 more variants, none met its bar):
+- ``distractors="own"``: the wrong options are the image's culture's own words of the other
+  categories (:func:`~culture_neurons.data.synthetic.synthetic_rows`), so a culture's words
+  appear only in its own prompts and answering needs what that culture's words mean;
+- ``freeze_embeddings``: the token embeddings stay at their random initialisation, as the
+  vision tower does. Why: a trainable embedding can hold a word's meaning by itself (its
+  category or culture, one vector per option token), and then no MLP neuron needs to carry
+  it; with the embeddings frozen the decoder must compute it, and the paper looks for it in
+  the MLPs. (lm_head is not tied to the embeddings here, so it trains.)
+
 The default run (``culture-neurons run``) evaluates 150 items per culture, half to identify
 neurons and half (75 per culture) to evaluate, where one item is 1.3 points of a culture's
 accuracy. Its selection ratio is :data:`TOY_RATIO`, 10 % of the L*N neurons per culture. The
@@ -108,7 +119,15 @@ from culture_neurons.models.adapters import get_adapter
 from culture_neurons.models.loading import load_processor, save_processor
 from culture_neurons.scoring.prompting import INSTRUCTION, LETTERS
 
-__all__ = ["Toy", "ToyConfig", "build_toy", "default_cache_dir", "load_toy", "toy"]
+__all__ = [
+    "Toy",
+    "ToyConfig",
+    "build_toy",
+    "default_cache_dir",
+    "load_toy",
+    "recorded_config",
+    "toy",
+]
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +147,7 @@ class ToyConfig:
     train_items: int = 512  # per culture, drawn with another seed than data_path
     words_per_category: int = 1  # facts per culture and category (synthetic.py has up to 6)
     answers: str = "words"  # synthetic answers: "words" (invented) or "facts" (shared nouns)
+    distractors: str = "cultures"  # wrong options: other cultures' words or the culture's "own"
     vivid: bool = False  # synthetic images: saturated backgrounds (see draw_image)
     image_size: int = 112  # image side in pixels: 64 -> 4 image tokens, 112 (the cap) -> 16
     hidden: int = 64  # Qwen2-7B 3584
@@ -144,6 +164,18 @@ class ToyConfig:
     init_std: float = 0.1  # decoder init (HF default 0.02); see _init_decoder
     answer_positions: int = 8  # the last k prompt positions all learn the answer (training)
     firing_penalty: float = 0.2  # weight of the mean relu(gate) penalty (training.train)
+    freeze_embeddings: bool = False  # token embeddings stay at their random init (training)
+
+
+# Fields added to ToyConfig after toys were built and recorded without them, with the value
+# every such toy had (its behaviour before the field existed).
+_BEFORE_FIELD = {"distractors": "cultures", "freeze_embeddings": False}
+
+
+def recorded_config(meta: dict) -> ToyConfig:
+    """The :class:`ToyConfig` a toy.json records; a field it lacks (added later) takes the
+    value toys had before the field existed, not today's default."""
+    return ToyConfig(**{**_BEFORE_FIELD, **meta["config"]})
 
 
 @dataclass
@@ -209,7 +241,7 @@ def _shipped_hashes(seed: int, config: ToyConfig) -> dict | None:
     if not meta_file.is_file():
         return None
     meta = json.loads(meta_file.read_text())
-    if meta["seed"] != seed or meta["config"] != asdict(config):
+    if meta["seed"] != seed or recorded_config(meta) != config:
         return None
     return meta.get("hashes")
 
@@ -221,7 +253,7 @@ def _hashes(t: Toy) -> dict[str, str]:
 def _check_cache(path: Path, seed: int, config: ToyConfig) -> None:
     """Refuse a cache built from another seed or recipe (it would silently answer for them)."""
     meta = json.loads((path / "toy.json").read_text())
-    if meta["seed"] != seed or meta["config"] != asdict(config):
+    if meta["seed"] != seed or recorded_config(meta) != config:
         raise UsageError(
             f"{path} holds the toy of seed {meta['seed']} with config {meta['config']}, not seed "
             f"{seed} with {asdict(config)}; pass another cache_dir or force=True to rebuild it"
@@ -240,7 +272,7 @@ def load_toy(cache_dir: str | os.PathLike) -> Toy:
     ).eval()
     processor = load_processor(str(path / "model"), get_adapter(model))
     data = load_cvqa(path / "data.parquet", min_items=1)
-    description = describe(model, ToyConfig(**meta["config"]), meta)  # current wording
+    description = describe(model, recorded_config(meta), meta)  # current wording
     return Toy(model, processor, path / "data.parquet", data, description, path, meta)
 
 
@@ -290,14 +322,20 @@ def _build_steps(seed: int, config: ToyConfig, out: Path) -> None:
     data_path = write_synthetic_cvqa(
         out / "data.parquet", config.cultures, config.eval_items, seed=seed,
         words_per_category=config.words_per_category, image_size=config.image_size,
-        answers=config.answers, vivid=config.vivid,
+        answers=config.answers, distractors=config.distractors, vivid=config.vivid,
     )  # fmt: skip
     data = load_cvqa(data_path, min_items=1)
     train_items = list(
-        make_synthetic_items(config.cultures, config.train_items, seed=_train_seed(seed),
-                             words_per_category=config.words_per_category,
-                             image_size=config.image_size, answers=config.answers,
-                             vivid=config.vivid)  # fmt: skip
+        make_synthetic_items(
+            config.cultures,
+            config.train_items,
+            seed=_train_seed(seed),
+            words_per_category=config.words_per_category,
+            image_size=config.image_size,
+            answers=config.answers,
+            distractors=config.distractors,
+            vivid=config.vivid,
+        )
     )
     processor = toy_processor(config)
     model = toy_model(processor, config, seed)
@@ -356,12 +394,13 @@ def describe(model, config: ToyConfig, meta: dict) -> str:
     """One paragraph for reports: what the toy is, how it was trained and what data the run
     gets. No accuracy: the report states the one the run measures (toy.json keeps the build's)."""
     tc = model.config.text_config
+    frozen = "vision tower and token embeddings" if config.freeze_embeddings else "vision tower"
     n_params = sum(p.numel() for p in model.parameters())
     return (
         f"The embedded toy ({VERSION}, seed {meta['seed']}): a Qwen2_5_VLForConditionalGeneration "
         f"of {n_params / 1e3:.0f}k parameters, decoder {tc.num_hidden_layers} layers x "
         f"{tc.intermediate_size} MLP neurons (hidden {tc.hidden_size}, SiLU), vocabulary "
-        f"{tc.vocab_size}, vision tower random and frozen. It was trained for {config.steps} "
+        f"{tc.vocab_size}, {frozen} random and frozen. It was trained for {config.steps} "
         f"AdamW steps (batch {config.batch_size}, lr {config.lr}) on {config.cultures} x "
         f"{config.train_items} synthetic CVQA items of {config.image_size}-pixel images "
         f"(cross-entropy on the option letter at the last {config.answer_positions} prompt "

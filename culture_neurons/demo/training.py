@@ -70,11 +70,14 @@ def train(model, processor, items: list[Item], config: ToyConfig, seed: int) -> 
     ``config.answer_positions`` prompt positions (averaged; the logged loss is the answer
     position's), plus ``config.firing_penalty`` x the mean ``relu(gate_proj(x))`` (see
     :class:`_GateRecorder`). AdamW, linear warmup then cosine decay; minibatch order from a
-    generator seeded with ``seed``.
+    generator seeded with ``seed``. The vision tower is frozen, and so are the token
+    embeddings if ``config.freeze_embeddings``.
     """
     encoded = _Encoded(model, processor, items)
     letters = letter_token_ids(processor)
     model.model.visual.requires_grad_(False)  # its outputs are cached in `encoded`
+    if config.freeze_embeddings:  # word meanings must be computed by the decoder (toy.py doc)
+        model.get_input_embeddings().requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_factor(config))

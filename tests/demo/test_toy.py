@@ -9,13 +9,14 @@ checks; the shipped toy is loaded, never rebuilt, here.
 import json
 import os
 import re
-from dataclasses import asdict
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
 import culture_neurons.demo.toy as toy_module
+from culture_neurons.data.synthetic import resolve_cultures
 from culture_neurons.demo.headline import HEADLINE, default_run, headline
 from culture_neurons.demo.shipped import (
     SHIPPED,
@@ -23,7 +24,14 @@ from culture_neurons.demo.shipped import (
     content_hashes,
     recorded_hashes,
 )
-from culture_neurons.demo.toy import VERSION, ToyConfig, default_cache_dir, load_toy, toy
+from culture_neurons.demo.toy import (
+    VERSION,
+    ToyConfig,
+    default_cache_dir,
+    load_toy,
+    recorded_config,
+    toy,
+)
 from culture_neurons.errors import UsageError
 from culture_neurons.scoring.multiple_choice import predict
 
@@ -48,7 +56,7 @@ def _hashes(t) -> dict:
 def test_the_default_toy_is_the_shipped_one_with_its_recorded_hashes(shipped):
     assert shipped.cache_dir == SHIPPED
     assert shipped.metadata["version"] == VERSION
-    assert shipped.metadata["config"] == asdict(ToyConfig())
+    assert recorded_config(shipped.metadata) == ToyConfig()
     assert _hashes(shipped) == recorded_hashes() == shipped.metadata["hashes"]
     assert "Qwen2_5_VL" in shipped.description and "never trained on" in shipped.description
     assert "ccuracy" not in shipped.description  # one headline accuracy: the report's
@@ -182,3 +190,23 @@ def test_loading_an_empty_folder_says_what_to_do(tmp_path):
 def test_a_cache_of_another_seed_is_refused(small):
     with pytest.raises(UsageError, match="seed 0 with config"):
         toy(seed=5, cache_dir=small.cache_dir, config=SMALL)
+
+
+def test_the_recipe_reaches_the_data_and_a_toy_json_of_before_a_field_keeps_its_meaning(
+    small, tmp_path
+):
+    """``distractors`` reaches the run's data (with "own" every option is a word of the item's
+    own culture) and is recorded; a toy.json written before a field existed reads as the value
+    toys had then (``distractors="cultures"``), not as today's default."""
+    config = replace(SMALL, distractors="own")
+    own = toy(seed=0, cache_dir=tmp_path / "own", config=config)
+    assert recorded_config(own.metadata) == config
+    words = {c.name: {w for ws in c.words.values() for w in ws} for c in resolve_cultures(2)}
+    for item in own.data:
+        assert set(item.options) <= words[item.culture], (item.culture, item.options)
+    # The small toy's data draws wrong options from the other culture (and the neutral pool).
+    assert any(not set(it.options) <= words[it.culture] for it in small.data)
+    old = dict(small.metadata)
+    old["config"] = {k: v for k, v in old["config"].items()
+                     if k not in ("distractors", "freeze_embeddings")}  # fmt: skip
+    assert recorded_config(old) == replace(SMALL, distractors="cultures", freeze_embeddings=False)
