@@ -30,6 +30,7 @@ every provider: the highest live tensor bytes during the forward above those at 
 ``layer_rows_mib`` is one layer's ``[rows, N]`` fp32 temporary, the yardstick of the targets.
 
     python bench/bench_record.py [--quick] [--json out.json] [--device cuda] [--repeats 10]
+        [--case mid] [--providers hand_hooks,hooks,fused]
 """
 
 from __future__ import annotations
@@ -302,10 +303,16 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--case", default="", help="run only the cases whose name contains this")
+    ap.add_argument("--providers", default=",".join(PROVIDERS),
+                    help="comma-separated providers to run (plain is always run: the ratios' base)")
     args = ap.parse_args()
     device = torch.device(args.device)
     repeats = args.repeats or (3 if args.quick else 10)
-    names = [n for n in PROVIDERS if HAS_NNSIGHT or n not in NNSIGHT]
+    unknown = set(args.providers.split(",")) - set(PROVIDERS)
+    if unknown:
+        ap.error(f"unknown providers {sorted(unknown)}; known: {', '.join(PROVIDERS)}")
+    chosen = {"plain", *args.providers.split(",")}
+    names = [n for n in PROVIDERS if n in chosen and (HAS_NNSIGHT or n not in NNSIGHT)]
     machine = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
     versions = {"torch": torch.__version__, "transformers": transformers.__version__,
                 "python": platform.python_version()}  # fmt: skip
@@ -319,7 +326,8 @@ def main() -> None:
           + ", ".join(f"{k} {v}" for k, v in versions.items())
           + f"; median of {repeats}; peak MiB above the forward's start")  # fmt: skip
     head = "".join(f"{n:>15}" for n in names)
-    print(f"{'case':<24}{'rows':>6}{head}   fused/hand_hooks")
+    both = {"fused", "hand_hooks"} <= set(names)
+    print(f"{'case':<24}{'rows':>6}{head}" + ("   fused/hand_hooks" if both else ""))
     rows = []
     for case, model, batch, culture in cases(args.quick, device, args.case):
         t, first, peak = measure(model, batch, culture, device, repeats, names)
@@ -328,14 +336,16 @@ def main() -> None:
         row.update({f"{n}_s": t[n] for n in names})
         row.update({f"{n}_over_plain": t[n] / t["plain"] for n in names if n != "plain"})
         row.update({f"{n}_first_s": first[n] for n in names})
-        row["fused_over_hand_hooks"] = t["fused"] / t["hand_hooks"]
-        if HAS_NNSIGHT:
+        if both:
+            row["fused_over_hand_hooks"] = t["fused"] / t["hand_hooks"]
+        if {"nnsight", "nnsight_plain"} <= set(names):
             row["nnsight_over_nnsight_plain"] = t["nnsight"] / t["nnsight_plain"]
         row["peak_mib"] = peak
         rows.append(row)
         ratios = "".join(f"{t[n] / t['plain']:>14.3f}x" for n in names)
         mib = "".join(f"{peak[n]:>12.1f}MiB" for n in names)
-        print(f"{case:<24}{R:>6}{ratios}   {row['fused_over_hand_hooks']:.3f}")
+        tail = f"   {row['fused_over_hand_hooks']:.3f}" if both else ""
+        print(f"{case:<24}{R:>6}{ratios}{tail}")
         print(f"{'  (plain ' + format(t['plain'], '.4f') + ' s)':<30}{mib}")
         firsts = "".join(f"{first[n] / t['plain']:>14.3f}x" for n in names)
         print(f"{'  first after attach':<30}{firsts}")
