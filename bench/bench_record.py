@@ -214,8 +214,12 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(model, batch: dict, culture: list[int], device, repeats: int, names: list[str]):
-    """(median seconds, peak MiB) per provider; rounds interleaved, the first one dropped."""
+def measure(model, batch: dict, culture: list[int], device, repeats: int, names: list[str],
+            first_apart: bool = True):
+    """(median seconds, median seconds of the first forward after attach, peak MiB) per
+    provider; rounds interleaved, the first one dropped. ``first_apart=False``: one forward per
+    attach, timed (for forwards of seconds, where one-off costs do not show: bench_width), and
+    no first-forward times."""
     wrapped = None
     if any(n in NNSIGHT for n in names):
         import nnsight
@@ -237,14 +241,16 @@ def measure(model, batch: dict, culture: list[int], device, repeats: int, names:
                     # The first forward after attach pays one-off costs (lazily made buffers,
                     # cold caches of the new hooks) that a run pays once, not per batch: it is
                     # timed apart, and the per-forward time is the next forward's.
-                    first, steady = _timed(forward, device), _timed(forward, device)
+                    first = _timed(forward, device) if first_apart else None
+                    steady = _timed(forward, device)
                     if rnd:
                         firsts[name].append(first)
                         times[name].append(steady)
                 finally:
                     detach()
     median = {n: statistics.median(ts) for n, ts in times.items()}
-    return median, {n: statistics.median(ts) for n, ts in firsts.items()}, peaks
+    first = {n: statistics.median(ts) for n, ts in firsts.items()} if first_apart else None
+    return median, first, peaks
 
 
 def _timed(forward: Forward, device: torch.device) -> float:
@@ -295,7 +301,7 @@ def _cpu_name() -> str:
     return f"{name}, {os.cpu_count()} cores"
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true",
                     help="three tiny families and a smaller mid batch, no toy, 3 repeats")
@@ -305,7 +311,7 @@ def main() -> None:
     ap.add_argument("--case", default="", help="run only the cases whose name contains this")
     ap.add_argument("--providers", default=",".join(PROVIDERS),
                     help="comma-separated providers to run (plain is always run: the ratios' base)")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     device = torch.device(args.device)
     repeats = args.repeats or (3 if args.quick else 10)
     unknown = set(args.providers.split(",")) - set(PROVIDERS)

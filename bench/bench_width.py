@@ -190,7 +190,8 @@ def run_case(name: str, quick: bool, photo: tuple[int, int], budget: int | None,
     names = [p for p in providers if HAS_NNSIGHT or p != "nnsight"]
     rows = []
     for model, processor, batch, row in photo_cases(name, quick, photo, budget, settings):
-        t, peak = measure(model, batch, [0], torch.device("cpu"), repeats, names)
+        t, _, peak = measure(model, batch, [0], torch.device("cpu"), repeats, names,
+                             first_apart=False)  # fmt: skip
         est_s, est_peak = _estimate(model, processor, batch)
         row.update(estimate_s=est_s, estimate_peak_mib=est_peak, peak_mib=peak)
         row.update({f"{n}_s": t[n] for n in names})
