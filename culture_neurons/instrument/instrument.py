@@ -55,10 +55,11 @@ BACKENDS = ("auto", "hooks", "fused")
 
 
 def auto_backend(device: torch.device) -> str:
-    """What ``backend="auto"`` runs on ``device`` (a model's first decoder layer's): the path
-    measured faster there. On CUDA the fused Triton kernel; elsewhere plain hooks, which leave
-    the MLP to PyTorch (bench/RESULTS.md, 2-core CPU: hooks 1.01x plain at hidden 896 x 4736
-    against the fused CPU path's 1.09x, and 1.21x against 1.28x on the toy)."""
+    """What ``backend="auto"`` runs on ``device`` (a model's first decoder layer's). On CUDA the
+    fused Triton kernel; elsewhere plain hooks, which leave the MLP to PyTorch: both reduce
+    through the same C++ call per layer there, so they cost about the same per forward, but
+    the fused CPU path holds one chunk of the MLP above the plain forward's peak and hooks
+    nothing (bench/RESULTS.md, "Recording on the CPU")."""
     return "fused" if torch.device(device).type == "cuda" else "hooks"
 _OWNER = "_culture_neurons_instrument"  # attribute on each instrumented MLP: weakref to its owner
 
