@@ -9,8 +9,12 @@ Each question asks for the culture's item of one category ("Which dish is tradit
 where this picture was taken?"). The four options are the right culture's item and items of
 three other cultures (of a neutral pool when there are fewer than four cultures). The English
 question never names the culture, so answering needs culture knowledge: image cue -> culture ->
-its dish. Everything is deterministic from the seed; the right letters are balanced over A-D in
-each culture (exactly when ``items_per_culture`` is a multiple of 4).
+its dish. With ``answers="shared"`` (false friends) the options are instead the same four
+invented words for every culture and category, and each culture has its own table saying which
+of them names which category (:func:`shared_table`; any two cultures' tables agree on at most
+one category), so the answer needs image -> culture and that culture's table. Everything is
+deterministic from the seed; the right letters are balanced over A-D in each culture (exactly
+when ``items_per_culture`` is a multiple of 4).
 
 A culture's words depend only on its name and its cue only on its position in the list, so the
 same culture keeps its words across runs with different culture lists.
@@ -90,7 +94,8 @@ CATEGORIES: dict[str, tuple[str, str, tuple[str, ...]]] = {
 }
 WORDS_PER_CATEGORY = 6
 DISTRACTORS = ("cultures", "own")  # where the wrong options come from (see synthetic_rows)
-ANSWERS = ("words", "facts")  # what the options are (see synthetic_rows)
+ANSWERS = ("words", "facts", "shared")  # what the options are (see synthetic_rows)
+POOL_GROUP = 4  # answers="shared": words per pool group, one per category (GF(4) tables)
 _CONSONANTS = "bcdfghjklmnprstvwz"
 _VOWELS = "aeiouy"
 
@@ -160,6 +165,64 @@ def make_culture(language: str, country: str, index: int) -> SyntheticCulture:
     return SyntheticCulture(
         language, country, hue, motif, words, local_words, local_questions, syllables, facts
     )
+
+
+@lru_cache(maxsize=1)
+def shared_pool() -> tuple[str, ...]:
+    """answers="shared": the invented words every culture uses, ``WORDS_PER_CATEGORY`` groups
+    of :data:`POOL_GROUP` (group g = ``pool[g * POOL_GROUP : (g + 1) * POOL_GROUP]``), all
+    different, of no culture's syllables (so their sound gives no culture away)."""
+    rng = random.Random(stable_seed("synthetic-shared-pool"))
+    syllables = _syllables(rng)
+    words: list[str] = []
+    while len(words) < WORDS_PER_CATEGORY * POOL_GROUP:
+        word = _word(rng, syllables)
+        if word not in words:
+            words.append(word)
+    return tuple(words)
+
+
+# GF(4) multiplication (elements 0-3 as polynomials over GF(2) mod x^2 + x + 1; addition is XOR).
+_GF4_MUL = ((0, 0, 0, 0), (0, 1, 2, 3), (0, 2, 3, 1), (0, 3, 1, 2))
+MAX_SHARED_CULTURES = 12  # answers="shared": 3 orthogonal Latin squares of 4 rows (see below)
+
+
+def shared_table(index: int, group: int) -> dict[str, str]:
+    """answers="shared": category -> word of pool group ``group`` for the culture at position
+    ``index`` of the culture list, a bijection onto the group's 4 words (false friends: the
+    same word names other categories in other cultures).
+
+    Category k of culture 4b + i is word ``a * k + i`` over GF(4), with a = 1 + (b + group) mod
+    3: each block of four cultures is a Latin square (each word names each category exactly
+    once: no word has a culture-free meaning), and two tables of different blocks agree on
+    exactly one category ((a - a') k = i - j has one solution), so every pair of cultures
+    shares at most one fact. Hence at most :data:`MAX_SHARED_CULTURES` cultures."""
+    _check_shared_cultures(index + 1)
+    a = 1 + (index // POOL_GROUP + group) % 3
+    words = _pool_group(group)
+    return {c: words[_GF4_MUL[a][k] ^ (index % POOL_GROUP)] for k, c in enumerate(CATEGORIES)}
+
+
+def _check_shared_cultures(n: int) -> None:
+    if n > MAX_SHARED_CULTURES:
+        raise UsageError(f"answers='shared' has tables for at most {MAX_SHARED_CULTURES} "
+                         f"cultures, not {n}; use fewer cultures")  # fmt: skip
+
+
+def _pool_group(group: int) -> tuple[str, ...]:
+    return shared_pool()[group * POOL_GROUP : (group + 1) * POOL_GROUP]
+
+
+def _shared_options(
+    index: int, category: str, group: int, rng: random.Random
+) -> tuple[tuple[str, str], list[tuple[str, str]]]:
+    """answers="shared": the culture's word of ``category`` in pool group ``group`` and the
+    group's three other words, as (English, local) pairs (English capitalised, no noun: a noun
+    would name the category)."""
+    answer = shared_table(index, group)[category]
+    wrong = [w for w in _pool_group(group) if w != answer]
+    rng.shuffle(wrong)
+    return (answer.capitalize(), answer), [(w.capitalize(), w) for w in wrong]
 
 
 @lru_cache(maxsize=1)
@@ -281,7 +344,12 @@ def synthetic_rows(
     words of cultures (as above); ``"facts"``, they are the category's plain English nouns
     (``"stew"``, ``"soup"``...), the same for every culture, and the right one is the image's
     culture's fact (its dish is soup): the options name no culture, so only knowing the
-    culture's facts answers (``distractors`` is then unused). The shipped trained toy
+    culture's facts answers (``distractors`` is then unused); ``"shared"``, false friends: the
+    options are the four words of one group of :func:`shared_pool` (group drawn among the first
+    ``words_per_category``), the same for every culture and category, and the right one is
+    the word the image's culture uses for the asked category (:func:`shared_table`: every
+    culture its own bijection, each word naming each category equally often over each block
+    of four cultures, at most 12 cultures; ``distractors`` unused). The shipped trained toy
     (:mod:`culture_neurons.demo.toy`) uses ``"words"`` and ``"cultures"`` (its ``ToyConfig``
     passes both on). ``vivid``: saturated
     image backgrounds (:func:`~culture_neurons.data.synthetic_images.draw_image`)."""
@@ -300,7 +368,9 @@ def synthetic_rows(
                          "motifs) or (smallest, largest) sides with 16 <= smallest <= largest")  # fmt: skip
     resolved = resolve_cultures(cultures)
     categories = list(CATEGORIES)
-    for culture in resolved:
+    if answers == "shared":  # checked before the first row, not midway
+        _check_shared_cultures(len(resolved))
+    for index, culture in enumerate(resolved):
         others = [c for c in resolved if c is not culture]
         # Right letters balanced over A-D: a seeded shuffle of 0,1,2,3,0,1,...
         labels = [i % 4 for i in range(items_per_culture)]
@@ -313,6 +383,8 @@ def synthetic_rows(
             answer = (culture.words[category][k], culture.local_words[category][k])
             if answers == "facts":
                 answer, options = _fact_options(culture, category, rng)
+            elif answers == "shared":
+                answer, options = _shared_options(index, category, k, rng)
             elif distractors == "own":
                 options = _own_distractors(culture, category, rng, words_per_category)
             else:

@@ -61,6 +61,14 @@ Two options of :class:`ToyConfig`, off in toy-v5, from a later attempt at issue 
   it; with the embeddings frozen the decoder must compute it, and the paper looks for it in
   the MLPs. (lm_head is not tied to the embeddings here, so it trains.)
 
+A third attempt (bench/RESULTS.md, "false friends": none met the bar either) added
+``answers="shared"``: the four options are the same invented words for every culture and
+category, each culture has its own table of which word names which category
+(:func:`~culture_neurons.data.synthetic.shared_table`), so the answer needs image -> culture
+and that culture's table (no other culture's table agrees with it on more than one category). Its
+option lines are added to the tokenizer's corpus only for such toys, so other toys'
+tokenizers (the shipped one's included) stay as they were.
+
 The default run (``culture-neurons run``) evaluates 150 items per culture, half to identify
 neurons and half (75 per culture) to evaluate, where one item is 1.3 points of a culture's
 accuracy. Its selection ratio is :data:`TOY_RATIO`, 10 % of the L*N neurons per culture. The
@@ -104,6 +112,7 @@ from culture_neurons.data.synthetic import (
     CATEGORIES,
     make_synthetic_items,
     resolve_cultures,
+    shared_pool,
     write_synthetic_cvqa,
 )
 from culture_neurons.demo.shipped import (
@@ -146,7 +155,7 @@ class ToyConfig:
     eval_items: int = 150  # per culture in the run's data (half identify, half evaluate)
     train_items: int = 512  # per culture, drawn with another seed than data_path
     words_per_category: int = 1  # facts per culture and category (synthetic.py has up to 6)
-    answers: str = "words"  # synthetic answers: "words" (invented) or "facts" (shared nouns)
+    answers: str = "words"  # synthetic answers: "words", "facts" or "shared" (false friends)
     distractors: str = "cultures"  # wrong options: other cultures' words or the culture's "own"
     vivid: bool = False  # synthetic images: saturated backgrounds (see draw_image)
     image_size: int = 112  # image side in pixels: 64 -> 4 image tokens, 112 (the cap) -> 16
@@ -441,6 +450,8 @@ def _corpus(config: ToyConfig) -> list[str]:
     fixed += [question for _, question, _ in CATEGORIES.values()]
     fixed += [f"{letter}. {noun}" for _, _, nouns in CATEGORIES.values() for noun in nouns
               for letter in LETTERS]  # the options of answers="facts"
+    if config.answers == "shared":  # only then: other toys' tokenizers stay as they were
+        fixed += [f"{letter}. {w.capitalize()}" for w in shared_pool() for letter in LETTERS]
     for culture in resolve_cultures(config.cultures):
         for words in culture.words.values():
             lines += [f"{letter}. {word}" for word in words for letter in LETTERS]

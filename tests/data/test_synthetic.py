@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import io
+import itertools
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -123,6 +124,56 @@ def test_fact_answers_name_no_culture():
     assert len({tuple(c.facts.values()) for c in cultures.values()}) == len(cultures)
     with pytest.raises(UsageError, match="answers"):
         next(synthetic_rows(2, 4, answers="letters"))
+
+
+@pytest.mark.parametrize(
+    ("seed", "n_cultures", "words"), [(0, 8, 1), (3, 12, 2), (11, 4, 6), (7, 5, 3)]
+)
+def test_shared_answers_are_false_friends(seed, n_cultures, words):
+    """answers="shared": the options are the same four pool words for every culture and
+    category (one pool group per item), the right one follows the culture's own table, read
+    back from the rows alone: one word per (culture, group, category), a bijection per
+    (culture, group), each word naming each category equally often in every block of four
+    cultures, and two cultures agreeing on at most one category per group."""
+    questions = {question: category for category, (_, question, _) in CATEGORIES.items()}
+    table: dict[tuple[str, frozenset], dict[str, str]] = collections.defaultdict(dict)
+    groups = set()
+    order = []
+    for row in synthetic_rows(n_cultures, 24, seed=seed, answers="shared",
+                              words_per_category=words):  # fmt: skip
+        options = row["Translated Options"]
+        assert len(set(options)) == 4 and row["Options"] == [o.lower() for o in options]
+        group = frozenset(row["Options"])
+        groups.add(group)
+        asked = questions[row["Translated Question"]]
+        known = table[row["Subset"], group].setdefault(asked, row["Options"][row["Label"]])
+        assert known == row["Options"][row["Label"]], (row["Subset"], asked)  # one answer
+        if row["Subset"] not in order:
+            order.append(row["Subset"])
+    # The groups partition the pool: no word in two groups (the options name the group only).
+    assert sum(map(len, groups)) == len(set().union(*groups)) == 4 * len(groups)
+    assert len(groups) <= words
+    for (subset, group), facts in table.items():
+        if len(facts) == len(CATEGORIES):
+            assert set(facts.values()) == group, subset  # a bijection onto the group's words
+    for group in groups:
+        complete = [s for s in order if len(table[s, group]) == len(CATEGORIES)]
+        for a, b in itertools.combinations(complete, 2):
+            same = sum(table[a, group][c] == table[b, group][c] for c in CATEGORIES)
+            assert same <= 1, (a, b)
+        for block in range(0, len(order) - 3, 4):
+            members = order[block : block + 4]
+            if all(s in complete for s in members):
+                pairs = collections.Counter(
+                    (c, table[s, group][c]) for s in members for c in CATEGORIES
+                )
+                assert set(pairs.values()) == {1} and len(pairs) == 16, members
+
+
+def test_shared_answers_refuse_more_cultures_than_tables():
+    assert len(list(synthetic_rows(12, 1, answers="shared"))) == 12
+    with pytest.raises(UsageError, match="at most 12"):
+        next(synthetic_rows(13, 1, answers="shared"))
 
 
 def test_each_culture_has_its_own_visual_cue():

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import culture_neurons.demo.toy as toy_module
-from culture_neurons.data.synthetic import resolve_cultures
+from culture_neurons.data.synthetic import resolve_cultures, shared_pool
 from culture_neurons.demo.headline import HEADLINE, default_run, headline
 from culture_neurons.demo.shipped import (
     SHIPPED,
@@ -34,6 +34,7 @@ from culture_neurons.demo.toy import (
 )
 from culture_neurons.errors import UsageError
 from culture_neurons.scoring.multiple_choice import predict
+from culture_neurons.scoring.prompting import LETTERS
 
 SMALL = ToyConfig(cultures=2, eval_items=8, train_items=8, steps=3, warmup=1)
 ROOT = Path(__file__).resolve().parents[2]
@@ -210,3 +211,17 @@ def test_the_recipe_reaches_the_data_and_a_toy_json_of_before_a_field_keeps_its_
     old["config"] = {k: v for k, v in old["config"].items()
                      if k not in ("distractors", "freeze_embeddings")}  # fmt: skip
     assert recorded_config(old) == replace(SMALL, distractors="cultures", freeze_embeddings=False)
+
+
+def test_false_friend_answers_reach_the_data_and_every_option_line_is_one_token(tmp_path):
+    """``answers="shared"`` reaches the run's data (every option is a word of the shared pool)
+    and the toy's tokenizer makes each of its option lines one token, as for the other words
+    (toy_tokenizer: one attention hop from the answer position to the right line)."""
+    config = replace(SMALL, answers="shared")
+    t = toy(seed=0, cache_dir=tmp_path / "shared", config=config)
+    pool = {w.capitalize() for w in shared_pool()}
+    for item in t.data:
+        assert set(item.options) <= pool, item.options
+    lines = [f"{letter}. {word}" for word in pool for letter in LETTERS]
+    lengths = {len(t.processor.tokenizer(s, add_special_tokens=False)["input_ids"]) for s in lines}
+    assert lengths == {1}
