@@ -418,7 +418,18 @@ def describe(model, config: ToyConfig, meta: dict) -> str:
         f"{config.eval_items} other items of the same cultures, never trained on; the run "
         f"splits each culture's items into an identification part and an evaluation part. "
         + _lape_note(tc.num_hidden_layers * tc.intermediate_size, config.cultures)
+        + (_SEARCH_NOTE if config == ToyConfig() else "")
     )
+
+
+# What the shipped recipe can and cannot show (issue #23: say so in the report where an honest
+# toy does not show the paper's diagonal); bench/RESULTS.md lists every recipe tried.
+_SEARCH_NOTE = (
+    " This recipe was picked among the 21 toys built on seed 0 for cas's adjusted p against its "
+    "random sets (bench/RESULTS.md, 'The embedded toy'); in none of them did cas's sets clearly "
+    "harm most of their own cultures, so this toy shows no clear per-culture diagonal, and its "
+    "p-value does not correct for that choice."
+)
 
 
 def _lape_note(neurons: int, cultures: int) -> str:

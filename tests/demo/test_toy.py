@@ -61,6 +61,7 @@ def test_the_default_toy_is_the_shipped_one_with_its_recorded_hashes(shipped):
     assert _hashes(shipped) == recorded_hashes() == shipped.metadata["hashes"]
     assert "Qwen2_5_VL" in shipped.description and "never trained on" in shipped.description
     assert "ccuracy" not in shipped.description  # one headline accuracy: the report's
+    assert "no clear per-culture diagonal" in shipped.description  # issue #23: the report says
 
 
 def test_setup_installs_every_shipped_file():
@@ -225,3 +226,8 @@ def test_false_friend_answers_reach_the_data_and_every_option_line_is_one_token(
     lines = [f"{letter}. {word}" for word in pool for letter in LETTERS]
     lengths = {len(t.processor.tokenizer(s, add_special_tokens=False)["input_ids"]) for s in lines}
     assert lengths == {1}
+
+
+def test_only_the_shipped_recipe_says_what_its_search_showed(small):
+    """The note on the recipe search (issue #23) describes the shipped recipe only."""
+    assert "per-culture diagonal" not in small.description
