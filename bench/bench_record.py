@@ -244,8 +244,9 @@ def measure(model, batch: dict, culture: list[int], device, repeats: int, names:
                     first = _timed(forward, device) if first_apart else None
                     steady = _timed(forward, device)
                     if rnd:
-                        firsts[name].append(first)
                         times[name].append(steady)
+                        if first_apart:
+                            firsts[name].append(first)
                 finally:
                     detach()
     median = {n: statistics.median(ts) for n, ts in times.items()}
