@@ -30,7 +30,11 @@ every provider: the highest live tensor bytes during the forward above those at 
 ``layer_rows_mib`` is one layer's ``[rows, N]`` fp32 temporary, the yardstick of the targets.
 
     python bench/bench_record.py [--quick] [--json out.json] [--device cuda] [--repeats 10]
-        [--case mid] [--providers hand_hooks,hooks,fused]
+        [--case mid] [--providers hand_hooks,hooks,fused] [--pairs 200]
+
+``--pairs N`` adds each provider's paired ratio (:func:`paired`: plain and the provider on two
+copies of the model, forward by forward), with its quartiles: the number to read where a
+target is a few percent, as the separate medians move by more between runs.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ import argparse
 import copy
 import importlib.util
 import json
+import math
 import os
 import platform
 import statistics
@@ -254,6 +259,47 @@ def measure(model, batch: dict, culture: list[int], device, repeats: int, names:
     return median, first, peaks
 
 
+def paired(model, batch: dict, culture: list[int], device, pairs: int, name: str) -> dict:
+    """:func:`summary` of ``name``'s per-forward time over plain's, from
+    pairs of forwards taken back to back: plain on one copy of the model and ``name`` attached
+    to another, in alternating order, the copies swapped halfway (neither copy's memory layout
+    favours one side). Noise slower than a pair (the machine's load, frequency) hits both of a
+    pair alike, so the ratios are far tighter than those of separate medians (on 2 shared
+    cores, a few points against up to 7: bench/RESULTS.md)."""
+    twin = copy.deepcopy(model)
+    ratios = []
+    with torch.no_grad():
+        for half, (bare, instrumented) in enumerate(((model, twin), (twin, model))):
+            forward, detach = PROVIDERS[name](instrumented, batch, culture)
+            try:
+                for _ in range(2):  # warm-up: the first forwards after attach pay one-off costs
+                    _timed(forward, device)
+                    _timed(lambda m=bare: m(**batch), device)
+                for i in range((pairs + 1 - half) // 2):
+                    if i % 2:
+                        theirs = _timed(forward, device)
+                        base = _timed(lambda m=bare: m(**batch), device)
+                    else:
+                        base = _timed(lambda m=bare: m(**batch), device)
+                        theirs = _timed(forward, device)
+                    ratios.append(theirs / base)
+            finally:
+                detach()
+    return summary(ratios)
+
+
+def summary(ratios: list[float]) -> dict:
+    """Median of the paired ratios, its quartiles, and a distribution-free 95 % interval for the
+    median (order statistics k and n - 1 - k of the sorted ratios, k from the binomial's
+    normal approximation; None below 6 pairs, too few for one)."""
+    r, n = sorted(ratios), len(ratios)
+    q = statistics.quantiles(r, n=4) if n > 1 else r * 3
+    k = math.floor((n - 1.96 * math.sqrt(n)) / 2)
+    ci = [r[k], r[n - 1 - k]] if k >= 0 and n >= 6 else None
+    return {"over_plain": statistics.median(r), "quartiles": [q[0], q[2]], "ci95": ci,
+            "pairs": n}  # fmt: skip
+
+
 def _timed(forward: Forward, device: torch.device) -> float:
     _sync(device)
     t0 = time.perf_counter()
@@ -292,6 +338,10 @@ def cases(quick: bool, device: torch.device, only: str = ""):
     yield f"mid-qwen2-{B}x{T}", model, batch, [i % len(CULTURES) for i in range(B)]
 
 
+def _interval(ci: list[float] | None) -> str:
+    return f"{ci[0]:.3f}-{ci[1]:.3f}" if ci else ""
+
+
 def _cpu_name() -> str:
     """The CPU's model name and core count (Linux /proc/cpuinfo), else the platform's."""
     try:
@@ -312,6 +362,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--case", default="", help="run only the cases whose name contains this")
     ap.add_argument("--providers", default=",".join(PROVIDERS),
                     help="comma-separated providers to run (plain is always run: the ratios' base)")
+    ap.add_argument("--pairs", type=int, default=0,
+                    help="also measure each provider (nnsight's aside) in this many paired "
+                         "forwards against plain on a twin copy: <provider>_paired, the "
+                         "tighter ratio (see paired())")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     repeats = args.repeats or (3 if args.quick else 10)
@@ -348,6 +402,10 @@ def main(argv: list[str] | None = None) -> None:
         if {"nnsight", "nnsight_plain"} <= set(names):
             row["nnsight_over_nnsight_plain"] = t["nnsight"] / t["nnsight_plain"]
         row["peak_mib"] = peak
+        if args.pairs:
+            for n in names:
+                if n != "plain" and n not in NNSIGHT:
+                    row[f"{n}_paired"] = paired(model, batch, culture, device, args.pairs, n)
         rows.append(row)
         ratios = "".join(f"{t[n] / t['plain']:>14.3f}x" for n in names)
         mib = "".join(f"{peak[n]:>12.1f}MiB" for n in names)
@@ -356,6 +414,13 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{'  (plain ' + format(t['plain'], '.4f') + ' s)':<30}{mib}")
         firsts = "".join(f"{first[n] / t['plain']:>14.3f}x" for n in names)
         print(f"{'  first after attach':<30}{firsts}")
+        if args.pairs:
+            pair = "".join(f"{row[n + '_paired']['over_plain']:>14.3f}x" if n + "_paired" in row
+                           else f"{'':>15}" for n in names)  # fmt: skip
+            print(f"{'  paired (' + str(args.pairs) + ' pairs)':<30}{pair}")
+            cis = "".join(f"{_interval(row.get(n + '_paired', {}).get('ci95')):>15}"
+                          for n in names)  # fmt: skip
+            print(f"{'  paired, 95 % CI of median':<30}{cis}")
     load_end = os.getloadavg()[0]
     print(f"# load {load_end:.2f} at the end (this bench's own threads included)")
     if args.json:

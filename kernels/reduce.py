@@ -47,7 +47,11 @@ def chunk_rows_for(a: torch.Tensor) -> int:
     """Rows per chunk for activations ``a [R, N]`` on their device (see CPU_CHUNK_BYTES)."""
     if a.device.type != "cpu":
         return CHUNK_ROWS
-    return max(64, min(CHUNK_ROWS, CPU_CHUNK_BYTES // (4 * max(a.shape[-1], 1))))
+    return _cpu_chunk_rows(a.shape[-1])
+
+
+def _cpu_chunk_rows(N: int) -> int:
+    return max(64, min(CHUNK_ROWS, CPU_CHUNK_BYTES // (4 * max(N, 1))))
 
 
 # --- ablation ----------------------------------------------------------------------------------
@@ -149,6 +153,41 @@ def accumulate(
         K.add_(k_fold.to(torch.int64))
         S.add_(s_fold)
         Q.add_(q_fold)
+
+
+class LayerSums(tuple):
+    """One layer's ``(K, S, Q)`` totals (a tuple, as :func:`accumulate` takes them), checked
+    once for the C++ call: ``sums.add(a, culture)`` is ``accumulate(*sums, a, culture)``.
+    Every recorded layer of every forward adds; on a small model the checks on the totals
+    cost as much as the C++ call (bench_record), and the totals never change shape, dtype,
+    device or address (they are zeroed and copied into in place)."""
+
+    def __new__(cls, K: torch.Tensor, S: torch.Tensor, Q: torch.Tensor):
+        self = super().__new__(cls, (K, S, Q))
+        self.C, self.N = K.shape
+        self.native = NATIVE is not None and all(
+            t.device.type == "cpu" and t.is_contiguous() and t.shape == K.shape
+            for t in (K, S, Q)) and K.dtype == torch.int64 and S.dtype == Q.dtype == torch.float64  # fmt: skip
+        self.addresses = (K.data_ptr(), S.data_ptr(), Q.data_ptr())
+        self.chunk_rows = _cpu_chunk_rows(self.N)
+        return self
+
+    def add(self, a: torch.Tensor, culture: torch.Tensor) -> None:
+        """:func:`accumulate` of ``a [..., N]`` (its rows flattened) by ``culture [R]`` into
+        these totals."""
+        R = a.numel() // self.N if self.N else 0
+        if (self.native and a.dtype in _NATIVE_ROWS and culture.dtype in _NATIVE_IDS
+                and a.is_cpu and culture.is_cpu and a.is_contiguous() and culture.is_contiguous()
+                and a.shape[-1] == self.N and culture.numel() == R):  # fmt: skip
+            NATIVE.accumulate(*self.addresses, a.data_ptr(), culture.data_ptr(),
+                              a.dtype == torch.bfloat16, culture.dtype == torch.int64, self.C,
+                              self.N, R, self.chunk_rows)  # fmt: skip
+        else:
+            accumulate(*self, a.reshape(-1, a.shape[-1]), culture)
+
+
+_NATIVE_ROWS = (torch.float32, torch.bfloat16)
+_NATIVE_IDS = (torch.int32, torch.int64)
 
 
 def _native(K, S, Q, a, culture) -> bool:

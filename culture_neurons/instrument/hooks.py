@@ -18,7 +18,7 @@ from culture_neurons.models import adapters
 def record(site, a, culture) -> None:
     """Add the statistics of one layer's recorded activation ``a [..., N]`` where the forward
     adds (``site.sums``: its totals, or the staging slots of a staged batch)."""
-    reduce.accumulate(*site.sums, a.reshape(-1, a.shape[-1]), culture)
+    site.sums.add(a, culture)
 
 
 def ablated(site, a, set_ids):

@@ -42,7 +42,7 @@ from culture_neurons.errors import UsageError
 from culture_neurons.instrument.rows import (
     check_id_range,
     check_ids,
-    item_counts,
+    item_rows,
     on_device,
     token_weights,
 )
@@ -109,8 +109,9 @@ class Site:
         self.device = adapters.gate_weight(mlp).device
         self.last_serial = -1
         self.current = None  # (culture, set ids) of the forward in progress
-        # int64 / float64 / float64 [C, N] on this layer's device (inst.totals'), if recording
-        self.K = self.S = self.Q = None
+        # int64 / float64 / float64 [C, N] on this layer's device (inst.totals'), if recording,
+        # and the three as a LayerSums (what the forward adds into, unless it is staged)
+        self.K = self.S = self.Q = self.layer_totals = None
         # where the forward in progress adds: (K, S, Q) above, or the staging slots' [B', N]
         self.sums = None
         self.keep = None  # uint8 [S, N] keep mask of this layer (0 = ablate), if ablating
@@ -149,7 +150,7 @@ class Site:
         self.last_serial = batch.serial
         if batch.culture is not None:
             staging = self.inst._staging
-            self.sums = (self.K, self.S, self.Q) if batch.staged is None else \
+            self.sums = self.layer_totals if batch.staged is None else \
                 staging.layer(self.layer, self.device)  # fmt: skip
         self.current = batch.on(x.device, rows // batch.batch_size)
         return self.current
@@ -219,7 +220,8 @@ class Instrument:
         if self.recording:
             self.totals = Totals(self.cultures, self.fingerprint, activation, scope, self.options)
             for site in self.sites:  # on each layer's device, for the life of the Instrument
-                site.K, site.S, site.Q = self.totals.layer(site.layer, site.device)
+                site.layer_totals = self.totals.layer(site.layer, site.device)
+                site.K, site.S, site.Q = site.layer_totals
         self.backend = auto_backend(self.sites[0].device) if backend == "auto" else backend
         self._impl = importlib.import_module(f"culture_neurons.instrument.{self.backend}")
         self._impl = self._impl.attach(self)
@@ -298,17 +300,18 @@ class Instrument:
         if culture is not None:
             if not self.recording:
                 raise UsageError("this instrument was built without cultures; it cannot record")
-            weights = token_weights(attention_mask, input_ids, self.scope, self.image_token_ids)
-            ids, one_culture, values = self._culture_ids(culture, shape[0], weights.device)
+            if self.scope == "all" and attention_mask is not None:
+                weights = attention_mask  # token_weights' "all"; item_rows counts its nonzeros
+            else:
+                weights = token_weights(attention_mask, input_ids, self.scope,
+                                        self.image_token_ids)  # fmt: skip
+            ids, one_culture = self._culture_ids(culture, shape[0], weights.device)
             groups = len(self.cultures)
             if stage:
-                staged, ids, one_culture, values = ids, self._slots(ids), -1, None
+                staged = on_device(ids, weights.device)
+                ids, one_culture = self._slots(staged), -1
                 groups = len(self._staging.cultures)
-            on_cpu = values is not None and weights.device.type == "cpu"
-            counts = item_counts(values if on_cpu else ids, groups, weights.sum(1))
-            # row_ids' rule (the item's id where its token counts, else -1) for [B] ids and a
-            # bool [B, T] mask: one op, once per forward.
-            rows = torch.where(weights, ids.view(-1, 1).int(), -1).view(-1)
+            rows, counts = item_rows(ids, weights, groups)
         ablation = None
         if set_ids is not None:
             if self.masks is None:
@@ -386,23 +389,23 @@ class Instrument:
             self.clear_batch()
 
     def _culture_ids(self, culture, batch_size: int,
-                     device: torch.device) -> tuple[torch.Tensor, int, list[int] | None]:  # fmt: skip
-        """int64 [B] culture ids on ``device`` from names or ids (one value applies to every
-        row), the only id among them for the fused kernel (-1: several or none; not looked
-        for by the hooks backend), and the ids as Python ints where they were given so (else
-        None). Values are checked where they are on the CPU; ids given on a device are neither
-        read nor copied back (no sync), and their only id is then unknown (-1)."""
+                     device: torch.device) -> tuple[torch.Tensor | list[int], int]:  # fmt: skip
+        """The [B] culture ids from names or ids (one value applies to every row): Python ints
+        where they were given as names or ints (:func:`item_rows` takes them as they are),
+        else int64 on ``device``; and the only id among them for the fused kernel (-1: several
+        or none; not looked for by the hooks backend). Values are checked where they are on the
+        CPU; ids given on a device are neither read nor copied back (no sync), and their only
+        id is then unknown (-1)."""
         if isinstance(culture, (str, int)):
             culture = [culture] * batch_size
-        if isinstance(culture, (list, tuple)):  # checked as Python ints: one tensor op in all
-            culture = [self._culture_id(c) for c in culture]
+        if isinstance(culture, (list, tuple)):  # checked as Python ints: no tensor op
+            culture = [c if type(c) is int else self._culture_id(c) for c in culture]
             self._check_count(len(culture), batch_size)
             if culture:
                 check_id_range(min(culture), max(culture), len(self.cultures), "culture",
                                "not counted")  # fmt: skip
             present = {c for c in culture if c >= 0}
-            one = present.pop() if len(present) == 1 else -1
-            return on_device(torch.tensor(culture, dtype=torch.int64), device), one, culture
+            return culture, present.pop() if len(present) == 1 else -1
         ids = torch.as_tensor(culture).reshape(-1)
         self._check_count(ids.numel(), batch_size)
         check_ids(ids, len(self.cultures), "culture", "not counted")
@@ -410,7 +413,7 @@ class Instrument:
         if ids.device.type == "cpu" and self.backend == "fused":
             present = ids[ids >= 0].unique()
             one = int(present[0]) if present.numel() == 1 else -1
-        return on_device(ids, device).long(), one, None
+        return on_device(ids, device).long(), one
 
     @staticmethod
     def _check_count(given: int, batch_size: int) -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 
 from culture_neurons.errors import UsageError
+from culture_neurons.kernels.reduce import NATIVE
 from culture_neurons.stats import SCOPES, check_choice
 
 
@@ -168,3 +169,34 @@ def item_counts(ids: torch.Tensor | list[int], C: int, tokens: torch.Tensor) -> 
     both[0] = tokens.reshape(-1)
     counts = torch.zeros(2, C + 2, dtype=torch.int64, device=slot.device)
     return counts.index_add_(1, slot, both)[:, 1 : C + 1]
+
+
+def item_rows(ids: torch.Tensor | list[int], weights: torch.Tensor,
+              C: int) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """A forward's row ids and counts from one culture id per item, on ``weights``' device:
+    int32 ``[B*T]`` (:func:`row_ids`' rule: the item's id where its token counts, else -1) and
+    int64 ``[2, C]`` (:func:`item_counts`), for ``ids [B]`` (in ``[-1, C)``; a tensor on
+    ``weights``' device, or Python ints) and ``weights [B, T]``: :func:`token_weights`' bool
+    mask, or for scope ``all`` the attention mask itself (its nonzero tokens count: the same
+    tokens, without a conversion per forward).
+
+    Python ints with CPU weights: one call of the C++ extension (``csrc/accumulate.cpp``)
+    where it is built, which writes both; every forward of the hooks backend runs this, and
+    on a small model the dozen tensor ops of the PyTorch path are a measurable share of a
+    forward (bench_record)."""
+    B, T = weights.shape
+    on_cpu = weights.device.type == "cpu"
+    if (isinstance(ids, list) and NATIVE is not None and on_cpu
+            and not weights.is_floating_point() and weights.element_size() in (1, 4, 8)):  # fmt: skip
+        w = weights.contiguous()
+        rows = torch.empty(B * T, dtype=torch.int32)
+        counts = torch.zeros(2, C, dtype=torch.int64)
+        NATIVE.item_rows(w.data_ptr(), w.element_size(), ids, T, C, rows.data_ptr(),
+                         counts.data_ptr())  # fmt: skip
+        return rows, counts
+    if isinstance(ids, list) and not on_cpu:  # counted where the weights are: no host sync
+        ids = on_device(torch.tensor(ids, dtype=torch.int64), weights.device)
+    weights = weights if weights.dtype == torch.bool else weights != 0
+    counts = item_counts(ids, C, weights.sum(1))
+    ids = on_device(ids, weights.device)
+    return torch.where(weights, ids.view(-1, 1).int(), -1).view(-1), counts

@@ -28,6 +28,7 @@ import torch
 
 from culture_neurons.errors import StatsMismatchError
 from culture_neurons.instrument.rows import on_device
+from culture_neurons.kernels.reduce import LayerSums
 from culture_neurons.stats import ACTIVATIONS, SCOPES, Fingerprint, Stats, check_choice
 
 
@@ -75,9 +76,10 @@ class Totals:
                 f"on {', '.join(devices) or 'no device yet'})")  # fmt: skip
 
     # -- where calls add -----------------------------------------------------------------
-    def layer(self, layer: int, device: torch.device | str) -> tuple[torch.Tensor, ...]:
+    def layer(self, layer: int, device: torch.device | str) -> LayerSums:
         """``(K, S, Q)`` of ``layer`` on ``device``: contiguous int64 / fp64 / fp64 ``[C, N]``,
-        updated in place by the caller (zeros, or the ``start_from`` values, at first use)."""
+        updated in place by the caller (zeros, or the ``start_from`` values, at first use);
+        ``.add(a, culture)`` adds rows (:class:`~culture_neurons.kernels.reduce.LayerSums`)."""
         device = _device(device)
         per = self._layers[layer]
         if device not in per:
@@ -88,7 +90,7 @@ class Totals:
             if self._base is not None and not per:  # the base goes into one device's totals
                 for name, mine in zip("KSQ", (K, S, Q), strict=True):
                     mine.copy_(getattr(self._base, name)[:, layer])
-            per[device] = (K, S, Q)
+            per[device] = LayerSums(K, S, Q)
         return per[device]
 
     def counts(self, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -6,7 +6,14 @@ import pytest
 import torch
 
 from culture_neurons.errors import UsageError
-from culture_neurons.instrument.rows import check_ids, count_per_culture, item_counts, row_ids
+from culture_neurons.instrument import rows as rows_module
+from culture_neurons.instrument.rows import (
+    check_ids,
+    count_per_culture,
+    item_counts,
+    item_rows,
+    row_ids,
+)
 
 
 def loop_counts(ids: list[int], mask: torch.Tensor, C: int) -> torch.Tensor:
@@ -48,3 +55,45 @@ def test_check_ids_names_the_range_it_wants():
     for bad in ([-2, 0], [0, 5]):
         with pytest.raises(UsageError, match=r"\[-1, 4\]"):
             check_ids(torch.tensor(bad), 5, "culture", "not counted")
+
+
+@pytest.mark.parametrize("native", [False, True])
+@pytest.mark.parametrize("seed", range(4))
+def test_item_rows_are_row_ids_and_item_counts_whatever_the_path(native, seed, monkeypatch):
+    """The rows and counts of a forward (set_batch's one call per forward) equal ``row_ids``'
+    and ``item_counts``' on random ids and masks, for ids as Python ints (the C++ call where
+    it is built) and as a tensor (PyTorch)."""
+    if native and rows_module.NATIVE is None:
+        pytest.skip("culture_neurons.kernels._accumulate not built")
+    if not native:
+        monkeypatch.setattr(rows_module, "NATIVE", None)
+    gen = torch.Generator().manual_seed(seed)
+    B, T, C = 7, 19, 5
+    ids = torch.randint(-1, C, (B,), generator=gen)
+    mask = torch.rand(B, T, generator=gen) < 0.6
+    want_rows = row_ids(ids, (B, T), mask).reshape(-1)
+    want_counts = loop_counts(ids.tolist(), mask, C)
+    # ids as Python ints and as a tensor; the bool mask, and the attention mask as given
+    # (int64, scope "all") and as floats (never read by its bits)
+    for given in (ids.tolist(), ids):
+        for weights in (mask, mask.long(), mask.int(), mask.float()):
+            rows, counts = item_rows(given, weights, C)
+            assert rows.dtype == torch.int32 and counts.dtype == torch.int64
+            assert torch.equal(rows.long(), want_rows) and torch.equal(counts, want_counts)
+
+
+@pytest.mark.skipif(rows_module.NATIVE is None, reason="culture_neurons.kernels._accumulate not built")
+@pytest.mark.parametrize("dtype", [torch.bool, torch.uint8, torch.int32, torch.int64])
+def test_the_extension_reads_masks_of_every_integer_width(dtype):
+    """``NATIVE.item_rows`` counts a token wherever the mask is nonzero, for 1-, 4- and
+    8-byte masks (an attention mask as the processor gives it, or a bool one)."""
+    gen = torch.Generator().manual_seed(11)
+    B, T, C = 5, 9, 4
+    mask = (torch.rand(B, T, generator=gen) < 0.5).to(dtype)
+    ids = [2, -1, 0, 3, 2]
+    rows = torch.empty(B * T, dtype=torch.int32)
+    counts = torch.zeros(2, C, dtype=torch.int64)
+    rows_module.NATIVE.item_rows(mask.data_ptr(), mask.element_size(), ids, T, C, rows.data_ptr(),
+                                 counts.data_ptr())  # fmt: skip
+    assert torch.equal(rows.long(), row_ids(torch.tensor(ids), (B, T), mask.bool()).reshape(-1))
+    assert torch.equal(counts, loop_counts(ids, mask.bool(), C))

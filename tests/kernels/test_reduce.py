@@ -106,6 +106,40 @@ def test_native_path_is_taken_only_where_it_can_read_the_tensors():
     assert not reduce._native(K, wide, Q, a, ids)
 
 
+@pytest.mark.parametrize("rows", ["fp32", "bf16", "fp16", "strided", "int16 ids"])
+def test_layer_sums_add_what_accumulate_adds_bit_for_bit(rows):
+    """``LayerSums.add`` (the totals checked once, the path every recorded layer takes) gives
+    ``accumulate``'s totals, through the C++ call where it can read the rows and through
+    ``accumulate`` itself where it cannot (fp16, strided rows, int16 ids)."""
+    gen = torch.Generator().manual_seed(7)
+    C, N, R = 6, 45, 300
+    a = torch.randn(R, 2 * N if rows == "strided" else N, generator=gen)
+    a = {"bf16": a.bfloat16(), "fp16": a.half(), "strided": a[:, ::2]}.get(rows, a)
+    ids = torch.randint(-1, C + 1, (R,), generator=gen, dtype=torch.int32)
+    ids = ids.to(torch.int16) if rows == "int16 ids" else ids
+    start = (torch.randint(0, 9, (C, N), generator=gen), torch.randn(C, N, dtype=torch.float64,
+             generator=gen), torch.rand(C, N, dtype=torch.float64, generator=gen))  # fmt: skip
+    bound = reduce.LayerSums(*(t.clone() for t in start))
+    plain = [t.clone() for t in start]
+    for _ in range(2):
+        bound.add(a, ids)
+        reduce.accumulate(*plain, a, ids)
+    for name, mine, theirs in zip("KSQ", bound, plain, strict=True):
+        assert torch.equal(mine.view(torch.int64), theirs.view(torch.int64)), name
+
+
+def test_layer_sums_on_totals_the_extension_cannot_read_take_the_pytorch_path(monkeypatch):
+    C, N = 3, 8
+    wide = torch.zeros(C, 2 * N, dtype=torch.float64)[:, ::2]
+    K, Q = torch.zeros(C, N, dtype=torch.int64), torch.zeros(C, N, dtype=torch.float64)
+    assert not reduce.LayerSums(K, wide, Q).native
+    assert reduce.LayerSums(K, wide.contiguous(), Q).native == (reduce.NATIVE is not None)
+    calls = []
+    monkeypatch.setattr(reduce, "accumulate", lambda *args: calls.append(args))
+    reduce.LayerSums(K, wide, Q).add(torch.randn(4, N), torch.zeros(4, dtype=torch.int64))
+    assert len(calls) == 1 and calls[0][1] is wide
+
+
 def test_row_slots_made_once_follow_every_change_of_the_ids():
     """Each layer passes the same culture tensor: its slots are reused, but never after an
     in-place write, for another C, or for an inference tensor (no version counter)."""
