@@ -165,9 +165,10 @@ class LayerSums(tuple):
     def __new__(cls, K: torch.Tensor, S: torch.Tensor, Q: torch.Tensor):
         self = super().__new__(cls, (K, S, Q))
         self.C, self.N = K.shape
-        self.native = NATIVE is not None and all(
-            t.device.type == "cpu" and t.is_contiguous() and t.shape == K.shape
-            for t in (K, S, Q)) and K.dtype == torch.int64 and S.dtype == Q.dtype == torch.float64  # fmt: skip
+        readable = all(t.device.type == "cpu" and t.is_contiguous() and t.shape == K.shape
+                       for t in (K, S, Q))  # fmt: skip
+        typed = K.dtype == torch.int64 and S.dtype == Q.dtype == torch.float64
+        self.native = NATIVE is not None and readable and typed
         self.addresses = (K.data_ptr(), S.data_ptr(), Q.data_ptr())
         self.chunk_rows = _cpu_chunk_rows(self.N)
         return self

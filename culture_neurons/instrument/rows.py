@@ -185,6 +185,10 @@ def item_rows(ids: torch.Tensor | list[int], weights: torch.Tensor,
     on a small model the dozen tensor ops of the PyTorch path are a measurable share of a
     forward (bench_record)."""
     B, T = weights.shape
+    if len(ids) != B:  # e.g. an attention mask of another shape than input_ids
+        raise UsageError(f"got {len(ids)} culture ids for a token mask of {B} rows "
+                         f"({tuple(weights.shape)}); give input_ids and attention_mask of "
+                         "the same [B, T] shape")  # fmt: skip
     on_cpu = weights.device.type == "cpu"
     if (isinstance(ids, list) and NATIVE is not None and on_cpu
             and not weights.is_floating_point() and weights.element_size() in (1, 4, 8)):  # fmt: skip

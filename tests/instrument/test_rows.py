@@ -82,6 +82,17 @@ def test_item_rows_are_row_ids_and_item_counts_whatever_the_path(native, seed, m
             assert torch.equal(rows.long(), want_rows) and torch.equal(counts, want_counts)
 
 
+@pytest.mark.parametrize("native", [False, True])
+def test_item_rows_refuse_ids_that_do_not_match_the_mask(native, monkeypatch):
+    """One id per row of the mask, else a UsageError (the C++ call would read past the mask)."""
+    if not native:
+        monkeypatch.setattr(rows_module, "NATIVE", None)
+    mask = torch.ones(3, 5, dtype=torch.long)
+    for ids in ([0, 1, 2, 0], torch.tensor([0, 1])):
+        with pytest.raises(UsageError, match="same \\[B, T\\] shape"):
+            item_rows(ids, mask, 3)
+
+
 @pytest.mark.skipif(rows_module.NATIVE is None, reason="culture_neurons.kernels._accumulate not built")
 @pytest.mark.parametrize("dtype", [torch.bool, torch.uint8, torch.int32, torch.int64])
 def test_the_extension_reads_masks_of_every_integer_width(dtype):
