@@ -89,7 +89,7 @@ void accumulate_rows(int64_t* __restrict K, double* __restrict S, double* __rest
   for (auto* buf : {&scratch.s, &scratch.q, &scratch.k}) {
     if (static_cast<int64_t>(buf->size()) < C * N) buf->resize(C * N);
   }
-  scratch.touched.assign(C, 0);
+  if (static_cast<int64_t>(scratch.touched.size()) < C) scratch.touched.resize(C);
   float* s = scratch.s.data();
   float* q = scratch.q.data();
   float* k = scratch.k.data();

@@ -120,9 +120,7 @@ def accumulate(
     chunk_rows = chunk_rows or chunk_rows_for(a)
     if _native(K, S, Q, a, culture):
         a = a.contiguous()
-        NATIVE.accumulate(K.data_ptr(), S.data_ptr(), Q.data_ptr(), a.data_ptr(),
-                          culture.data_ptr(), a.dtype == torch.bfloat16,
-                          culture.dtype == torch.int64, C, N, R, chunk_rows)  # fmt: skip
+        _add_native((K.data_ptr(), S.data_ptr(), Q.data_ptr()), a, culture, C, N, chunk_rows)
         return
     slots = _slots(culture, C, a.device)
     # One [C + 1, N] fp32 buffer per statistic (row C collects the uncounted rows) and ONE
@@ -165,10 +163,7 @@ class LayerSums(tuple):
     def __new__(cls, K: torch.Tensor, S: torch.Tensor, Q: torch.Tensor):
         self = super().__new__(cls, (K, S, Q))
         self.C, self.N = K.shape
-        readable = all(t.device.type == "cpu" and t.is_contiguous() and t.shape == K.shape
-                       for t in (K, S, Q))  # fmt: skip
-        typed = K.dtype == torch.int64 and S.dtype == Q.dtype == torch.float64
-        self.native = NATIVE is not None and readable and typed
+        self.native = _native_totals(K, S, Q)
         self.addresses = (K.data_ptr(), S.data_ptr(), Q.data_ptr())
         self.chunk_rows = _cpu_chunk_rows(self.N)
         return self
@@ -176,13 +171,8 @@ class LayerSums(tuple):
     def add(self, a: torch.Tensor, culture: torch.Tensor) -> None:
         """:func:`accumulate` of ``a [..., N]`` (its rows flattened) by ``culture [R]`` into
         these totals."""
-        R = a.numel() // self.N if self.N else 0
-        if (self.native and a.dtype in _NATIVE_ROWS and culture.dtype in _NATIVE_IDS
-                and a.is_cpu and culture.is_cpu and a.is_contiguous() and culture.is_contiguous()
-                and a.shape[-1] == self.N and culture.numel() == R):  # fmt: skip
-            NATIVE.accumulate(*self.addresses, a.data_ptr(), culture.data_ptr(),
-                              a.dtype == torch.bfloat16, culture.dtype == torch.int64, self.C,
-                              self.N, R, self.chunk_rows)  # fmt: skip
+        if self.native and a.is_contiguous() and _native_rows(a, culture, self.N):
+            _add_native(self.addresses, a, culture, self.C, self.N, self.chunk_rows)
         else:
             accumulate(*self, a.reshape(-1, a.shape[-1]), culture)
 
@@ -195,20 +185,41 @@ def _native(K, S, Q, a, culture) -> bool:
     """Whether :data:`NATIVE` takes this call: built, everything on the CPU, fp32 or bf16 rows,
     int32 / int64 ids, contiguous int64 / fp64 totals (the extension reads raw addresses).
     It adds the same numbers in the same order as the PyTorch path (tests: bit for bit)."""
+    return _native_totals(K, S, Q) and _native_rows(a, culture, K.shape[1])
+
+
+def _native_totals(K, S, Q) -> bool:
+    """:func:`_native`'s half on the totals: built, contiguous int64 / fp64 ``[C, N]`` on the
+    CPU (checked once per layer by :class:`LayerSums`)."""
     return (
         NATIVE is not None
-        and a.device.type == "cpu"
-        and culture.device.type == "cpu"
-        and a.dtype in (torch.float32, torch.bfloat16)
-        and culture.dtype in (torch.int32, torch.int64)
-        and culture.is_contiguous()
-        and culture.numel() == a.shape[0]
         and K.dtype == torch.int64
         and S.dtype == Q.dtype == torch.float64
-        and K.shape == S.shape == Q.shape == (K.shape[0], a.shape[1])
-        and K.is_contiguous() and S.is_contiguous() and Q.is_contiguous()
-        and K.device.type == S.device.type == Q.device.type == "cpu"
+        and K.shape == S.shape == Q.shape
+        and all(t.device.type == "cpu" and t.is_contiguous() for t in (K, S, Q))
     )
+
+
+def _native_rows(a, culture, N: int) -> bool:
+    """:func:`_native`'s half on a call's rows: fp32 / bf16 ``a [..., N]`` (the caller makes it
+    contiguous) and contiguous int32 / int64 ids, one per row, on the CPU."""
+    return (
+        a.is_cpu
+        and culture.is_cpu
+        and a.dtype in _NATIVE_ROWS
+        and culture.dtype in _NATIVE_IDS
+        and culture.is_contiguous()
+        and a.shape[-1] == N
+        and a.numel() == culture.numel() * N
+    )
+
+
+def _add_native(addresses: tuple[int, int, int], a, culture, C: int, N: int,
+                chunk_rows: int) -> None:  # fmt: skip
+    """The C++ call for contiguous rows :func:`_native_rows` accepts, into the totals at
+    ``addresses``."""
+    NATIVE.accumulate(*addresses, a.data_ptr(), culture.data_ptr(), a.dtype == torch.bfloat16,
+                      culture.dtype == torch.int64, C, N, culture.numel(), chunk_rows)
 
 
 # The last row ids made slots (see _slots): every layer of a forward passes the same ``culture``

@@ -50,7 +50,7 @@ class FusedHandle:
 
     def _forward(self, site):
         inst, mlp = self.inst, site.mlp
-        op = self._op(site, (site.K, site.S, site.Q))
+        op = self._op(site, site.layer_totals or (None, None, None))
         staged = [None, None]  # (slot sums, op bound to them): rebound when the slots grow
 
         def forward(x: torch.Tensor) -> torch.Tensor:

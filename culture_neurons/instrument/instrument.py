@@ -109,10 +109,10 @@ class Site:
         self.device = adapters.gate_weight(mlp).device
         self.last_serial = -1
         self.current = None  # (culture, set ids) of the forward in progress
-        # int64 / float64 / float64 [C, N] on this layer's device (inst.totals'), if recording,
-        # and the three as a LayerSums (what the forward adds into, unless it is staged)
-        self.K = self.S = self.Q = self.layer_totals = None
-        # where the forward in progress adds: (K, S, Q) above, or the staging slots' [B', N]
+        # (K, S, Q): int64 / float64 / float64 [C, N] on this layer's device (inst.totals'),
+        # a LayerSums, if recording
+        self.layer_totals = None
+        # where the forward in progress adds: layer_totals, or the staging slots' [B', N]
         self.sums = None
         self.keep = None  # uint8 [S, N] keep mask of this layer (0 = ablate), if ablating
 
@@ -221,7 +221,6 @@ class Instrument:
             self.totals = Totals(self.cultures, self.fingerprint, activation, scope, self.options)
             for site in self.sites:  # on each layer's device, for the life of the Instrument
                 site.layer_totals = self.totals.layer(site.layer, site.device)
-                site.K, site.S, site.Q = site.layer_totals
         self.backend = auto_backend(self.sites[0].device) if backend == "auto" else backend
         self._impl = importlib.import_module(f"culture_neurons.instrument.{self.backend}")
         self._impl = self._impl.attach(self)
