@@ -299,11 +299,7 @@ class Instrument:
         if culture is not None:
             if not self.recording:
                 raise UsageError("this instrument was built without cultures; it cannot record")
-            if self.scope == "all" and attention_mask is not None:
-                weights = attention_mask  # token_weights' "all"; item_rows counts its nonzeros
-            else:
-                weights = token_weights(attention_mask, input_ids, self.scope,
-                                        self.image_token_ids)  # fmt: skip
+            weights = token_weights(attention_mask, input_ids, self.scope, self.image_token_ids)
             ids, one_culture = self._culture_ids(culture, shape[0], weights.device)
             groups = len(self.cultures)
             if stage:

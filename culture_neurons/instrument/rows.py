@@ -30,13 +30,17 @@ def token_weights(
     image_token_ids: tuple[int, ...] = (),
     shape: tuple[int, int] | None = None,
 ) -> torch.Tensor:
-    """Bool ``[B, T]``: True where a token counts.
+    """``[B, T]``, nonzero where a token counts: bool, but under ``all`` a given attention mask
+    as it is (its nonzero tokens are the non-pad ones; set_batch runs this every forward, and
+    :func:`item_rows` reads a mask of any integer width without a bool copy).
 
     ``all``: every non-pad token (image tokens included); ``text``: non-pad, non-image;
     ``image``: image tokens only; ``last``: the last non-pad position of each row (the answer
     position after a prompt, under left or right padding).
     """
     check_choice("scope", scope, SCOPES)
+    if scope == "all" and attention_mask is not None:
+        return attention_mask
     if attention_mask is None:
         if input_ids is None and shape is None:
             raise UsageError("give attention_mask or input_ids so that token weights can be built")
@@ -176,9 +180,8 @@ def item_rows(ids: torch.Tensor | list[int], weights: torch.Tensor,
     """A forward's row ids and counts from one culture id per item, on ``weights``' device:
     int32 ``[B*T]`` (:func:`row_ids`' rule: the item's id where its token counts, else -1) and
     int64 ``[2, C]`` (:func:`item_counts`), for ``ids [B]`` (in ``[-1, C)``; a tensor on
-    ``weights``' device, or Python ints) and ``weights [B, T]``: :func:`token_weights`' bool
-    mask, or for scope ``all`` the attention mask itself (its nonzero tokens count: the same
-    tokens, without a conversion per forward).
+    ``weights``' device, or Python ints) and ``weights [B, T]``, nonzero where a token counts
+    (:func:`token_weights`).
 
     Python ints with CPU weights: one call of the C++ extension (``csrc/accumulate.cpp``)
     where it is built, which writes both; every forward of the hooks backend runs this, and

@@ -13,6 +13,7 @@ from culture_neurons.instrument.rows import (
     item_counts,
     item_rows,
     row_ids,
+    token_weights,
 )
 
 
@@ -108,3 +109,30 @@ def test_the_extension_reads_masks_of_every_integer_width(dtype):
                                  counts.data_ptr())  # fmt: skip
     assert torch.equal(rows.long(), row_ids(torch.tensor(ids), (B, T), mask.bool()).reshape(-1))
     assert torch.equal(counts, loop_counts(ids, mask.bool(), C))
+
+
+@pytest.mark.parametrize("scope", ["all", "text", "image", "last"])
+def test_token_weights_count_the_tokens_a_loop_finds(scope):
+    """Nonzero exactly where a loop written here counts a token, on a random left/right padded
+    mask with image tokens; bool everywhere but under ``all``, which hands back the attention
+    mask as given (what item_rows reads without a copy)."""
+    gen = torch.Generator().manual_seed(5)
+    B, T, image = 6, 12, 7
+    mask = torch.ones(B, T, dtype=torch.long)
+    for b in range(B):
+        pad = int(torch.randint(0, 4, (1,), generator=gen))
+        if b % 2:
+            mask[b, :pad] = 0  # left padding
+        else:
+            mask[b, T - pad:] = 0
+    ids = torch.randint(0, 10, (B, T), generator=gen)
+    got = token_weights(mask, ids, scope, (image,))
+    want = torch.zeros(B, T, dtype=torch.bool)
+    for b in range(B):
+        valid = [t for t in range(T) if mask[b, t] != 0]
+        for t in valid:
+            is_image = int(ids[b, t]) == image
+            want[b, t] = {"all": True, "text": not is_image, "image": is_image,
+                          "last": t == valid[-1]}[scope]  # fmt: skip
+    assert torch.equal(got != 0, want)
+    assert got is mask if scope == "all" else got.dtype == torch.bool
