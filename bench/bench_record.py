@@ -271,16 +271,17 @@ def paired(model, batch: dict, culture: list[int], device, pairs: int, name: str
     with torch.no_grad():
         for half, (bare, instrumented) in enumerate(((model, twin), (twin, model))):
             forward, detach = PROVIDERS[name](instrumented, batch, culture)
+            base_forward, _ = plain(bare, batch, culture)
             try:
                 for _ in range(2):  # warm-up: the first forwards after attach pay one-off costs
                     _timed(forward, device)
-                    _timed(lambda m=bare: m(**batch), device)
+                    _timed(base_forward, device)
                 for i in range((pairs + 1 - half) // 2):
                     if i % 2:
                         theirs = _timed(forward, device)
-                        base = _timed(lambda m=bare: m(**batch), device)
+                        base = _timed(base_forward, device)
                     else:
-                        base = _timed(lambda m=bare: m(**batch), device)
+                        base = _timed(base_forward, device)
                         theirs = _timed(forward, device)
                     ratios.append(theirs / base)
             finally:
