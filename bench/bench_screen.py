@@ -20,7 +20,12 @@ model:
   load-independent measure), ``estimated_items`` (forward + backward passes of the estimate,
   each item once), ``prefill_ratio``, the cells screening confirmed whole and why;
 - ``exact_s`` / ``screen_s``: wall time of each evaluation (with ``load_1min``: a time taken
-  on a loaded machine is no benchmark).
+  on a loaded machine is no benchmark);
+- ``cap_exact_methods``: the most any rule that computes every method's cells exactly can
+  save, RND rows free: ``(1 + C x masks) / (1 + C x methods)`` conditions (4.64x on the toy:
+  4 methods and 15 RND draws at C = 8; below 4.75x at any C);
+- ``drift``: per mask, its first cells' exact / estimated effect summed (``ratio``) and the
+  factor its most-off first cell is off by (``worst_cell``).
 
 Rules (``--rules``, :data:`RULES`): ``screen`` (the default rule), ``screen_1.25`` (an error
 model of 1.25x instead of 2x: fewer cells confirmed, is it still right?) and ``first_cells``
@@ -30,7 +35,7 @@ checked).
 JSON: ``{"machine": ..., "models": [{"model", "rule", "cultures", "items", "conditions", "exact_s",
 "screen_s", "verdicts_differ", "verdicts_differ_by_measure", "max_ci_ratio", "ranking_agrees",
 "exact_prefills", "screen_prefills", "estimated_items", "prefill_ratio", "whole",
-"differing", "drift"}]}`` (one row per model and rule).
+"differing", "drift", "cap_exact_methods"}]}`` (one row per model and rule).
 """
 
 from __future__ import annotations
@@ -134,6 +139,7 @@ def _row(name, rule, run, masks, config, exact, got, exact_s, screen_s, load) ->
     record = next(iter(got.values()))["screen"]
     whole = sorted({m for res in got.values() for m in res["screen"]["whole"]})
     ratio = {m: r for res in got.values() for m, r in res["screen"]["ratio"].items()}
+    worst = {m: w for res in got.values() for m, w in res["screen"]["worst_cell"].items()}
     sizes = {m: sum(masks[m].sizes().tolist()) / len(run.cultures) for m in ratio}
     C = len(run.cultures)
     return {
@@ -145,8 +151,13 @@ def _row(name, rule, run, masks, config, exact, got, exact_s, screen_s, load) ->
         "estimated_items": record["estimated_items"],
         "prefill_ratio": record["exact_prefills"] / record["prefills"],
         "whole": whole, "rounds": record["rounds"],
-        # the drift check: exact / estimated effect of each mask's first cells, by set size
-        "drift": [{"mask": m, "mean_set_size": sizes[m], "ratio": ratio[m]} for m in ratio],
+        # the drift check: exact / estimated effect of each mask's first cells, by set size,
+        # summed and the most-off cell (the factor it is off by either way; None: infinite)
+        "drift": [{"mask": m, "mean_set_size": sizes[m], "ratio": ratio[m],
+                   "worst_cell": worst[m]} for m in ratio],
+        # what any rule that computes every method's cells exactly can save at best: the
+        # exact matrix's conditions over the full model's and the methods' (RND rows free)
+        "cap_exact_methods": (1 + C * len(masks)) / (1 + C * len(exact)),
         "exact_s": exact_s, "screen_s": screen_s,
         "load_1min": load,  # when each finished: a time taken under load is no benchmark
     }  # fmt: skip
@@ -199,15 +210,18 @@ def quick_cases() -> list[tuple]:
 
 def table(models: list[dict]) -> str:
     lines = ["| model | rule | C | items | conditions | verdicts differ | max |screen - exact| "
-             "/ half-CI | ranking agrees | prefills exact / screen | ratio | confirmed whole |",
-             "|" + " --- |" * 11]  # fmt: skip
+             "/ half-CI | ranking agrees | prefills exact / screen | ratio | cap | confirmed "
+             "whole | wall exact / screen (s) | load |",
+             "|" + " --- |" * 14]  # fmt: skip
     for m in models:
         lines.append(f"| {m['model']} | {m['rule']} | {m['cultures']} | {m['items']} | "
                      f"{m['conditions']} | "
                      f"{m['verdicts_differ']} | {m['max_ci_ratio']:.2f} | "
                      f"{'yes' if m['ranking_agrees'] else 'no'} | {m['exact_prefills']} / "
                      f"{m['screen_prefills']} (+ {m['estimated_items']} fwd+bwd) | "
-                     f"{m['prefill_ratio']:.1f}x | {len(m['whole'])} of {m['masks']} masks |")
+                     f"{m['prefill_ratio']:.2f}x | {m['cap_exact_methods']:.2f}x | "
+                     f"{len(m['whole'])} of {m['masks']} masks | {m['exact_s']:.0f} / "
+                     f"{m['screen_s']:.0f} | {max(m['load_1min']):.1f} |")
     return "\n".join(lines)
 
 

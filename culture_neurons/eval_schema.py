@@ -149,8 +149,9 @@ FIELDS = {
                  "(names) the Jaccard of the two halves' sets, its expectation for random sets of "
                  "their sizes from the pool, the sizes [[a, b]], the halves' items, the means; "
                  "or {unavailable: why}",
-    "screen": "--matrix screen: each own mask's exact / estimated effect ratio, masks "
-              "confirmed whole, the rounds (drifting masks, unsettled conclusions), prefills",
+    "screen": "--matrix screen: each own mask's exact / estimated effect ratio and the factor "
+              "its most-off first cell is off by (worst_cell), masks confirmed whole, the "
+              "rounds (drifting masks, unsettled conclusions), prefills",
 }
 
 

@@ -5,7 +5,8 @@ pixels; LLaVA-NeXT: one tile grid per aspect ratio), and a padded batch prefills
 its longest prompt. Within each culture's share of the items (cultures keep their order, so
 batches mix cultures only where one culture's items end), items are sorted by ``(prompt length,
 id)``: the batches, and every number computed from them, are the same whatever order the items
-came in. Lengths come from the task without processing any image (see
+came in; ``--matrix screen`` also cuts its groups where the culture changes (:func:`groups`).
+Lengths come from the task without processing any image (see
 :func:`culture_neurons.scoring.prompting.prompt_lengths`).
 """
 
@@ -22,6 +23,21 @@ def by_length(items: Sequence, lengths: Sequence[int]) -> list[int]:
         cultures.setdefault(it.culture, []).append(i)
     return [i for share in cultures.values()
             for i in sorted(share, key=lambda i: (lengths[i], items[i].id))]  # fmt: skip
+
+
+def groups(items: Sequence, order: Sequence[int], size: int, by_culture: bool = False) -> list:
+    """``order`` (positions of ``items``, :func:`by_length`) cut into groups of ``size``
+    positions; with ``by_culture`` each group holds one culture's items only (a culture's
+    last group may be smaller), so that work needed on some cultures' items runs on theirs
+    alone (``--matrix screen`` confirms cells culture by culture)."""
+    if not by_culture:
+        return [list(order[s : s + size]) for s in range(0, len(order), size)]
+    runs: list[list[int]] = []
+    for i in order:
+        if not runs or items[runs[-1][0]].culture != items[i].culture:
+            runs.append([])
+        runs[-1].append(i)
+    return [run[s : s + size] for run in runs for s in range(0, len(run), size)]
 
 
 def padding_share(lengths: Sequence[int], rows: int) -> float:

@@ -8,7 +8,8 @@ items to the same resumable :class:`~culture_neurons.pipeline.group_log.GroupLog
   batch of ``batch_size`` items (:mod:`culture_neurons.scoring.estimate`;
   ``progress/estimate.jsonl``);
 - ``screen``: the estimate, then the cells :mod:`culture_neurons.pipeline.screen` confirms
-  computed exactly (``progress/screen.jsonl``).
+  computed exactly, in groups of one culture's items, so that a cell costs its culture's
+  prefills and no more (``progress/screen.jsonl``).
 
 Items are grouped by prompt length (:mod:`culture_neurons.pipeline.batching`); the scores go
 back to the items' order. The strategies read the run (:class:`~culture_neurons.pipeline.run.Run`:
@@ -43,7 +44,7 @@ def scores(run, items: list, combined: Masks, culture: torch.Tensor,
 def screened(run, items: list, combined: Masks, culture: torch.Tensor,
              masks: dict[str, Masks]) -> tuple[torch.Tensor, dict]:  # fmt: skip
     """``--matrix screen`` in rounds (:mod:`culture_neurons.pipeline.screen`): the estimate,
-    the first cells, every mask that drifts confirmed whole, then, while a method's
+    the first cells, every mask with a cell that drifts confirmed whole, then, while a method's
     conclusions depend on the unconfirmed cells, half of its masks' remaining cells.
     ``([1 + S, n] scores, record)``, the record holding the estimate, the confirmed cells and
     what each round found."""
@@ -63,9 +64,9 @@ def screened(run, items: list, combined: Masks, culture: torch.Tensor,
     exact_cells = exact(run, items, combined, confirmed=confirmed, culture=culture)
     by_fill = {how: task.onto(e, exact_cells[0]) for how, e in by_fill.items()}
     estimated = by_fill["estimate"]
-    ratio = screen.drift(effect(screen.combine(exact_cells, estimated, confirmed, culture)),
-                         effect(estimated), confirmed, C)  # fmt: skip
-    drifting = torch.nonzero(screen.drifts(ratio)).flatten().tolist()
+    first = effect(screen.combine(exact_cells, estimated, confirmed, culture)), effect(estimated)
+    ratio, worst = screen.drift(*first, confirmed, C), screen.worst_cell(*first, confirmed, C)
+    drifting = torch.nonzero(screen.drifts(worst)).flatten().tolist()
     more = screen.whole(drifting, S, C) & ~confirmed
     rounds = [{"confirmed": int(confirmed.sum()), "drifting": [names[i] for i in drifting]}]
     while True:
@@ -94,6 +95,7 @@ def screened(run, items: list, combined: Masks, culture: torch.Tensor,
         rounds.append({"confirmed": int(confirmed.sum() + more.sum())})
     record = {"estimated": estimated, "confirmed": confirmed, "rounds": rounds,
               "ratio": {n: screen.finite(float(r)) for n, r in zip(names, ratio, strict=True)},
+              "worst_cell": {n: screen.finite(float(w)) for n, w in zip(names, worst, strict=True)},
               "prefills": len(items) + screen.prefills(confirmed, culture),
               "exact_prefills": len(items) * (1 + S), "estimated_items": len(items)}  # fmt: skip
     return screen.combine(exact_cells, estimated, confirmed, culture), record
@@ -102,16 +104,20 @@ def screened(run, items: list, combined: Masks, culture: torch.Tensor,
 def exact(run, items: list, combined: Masks, confirmed: torch.Tensor | None = None,
           culture: torch.Tensor | None = None, round_: int = 0) -> torch.Tensor:  # fmt: skip
     """[1 + S, n] exact scores. With ``confirmed`` [S, C] (``--matrix screen``), each group
-    runs only the sets confirmed on its items' cultures (``culture`` [n], indices), and the
-    full model in the first round (``round_`` 0); the other scores stay the task's ``empty``
-    and the log is ``screen.jsonl`` (``screen-<round_>.jsonl`` after the first)."""
+    (of one culture's items) runs only the sets confirmed on that culture (``culture`` [n],
+    indices), and the full model in the first round (``round_`` 0); the other scores stay
+    the task's ``empty`` and the log is ``screen.jsonl`` (``screen-<round_>.jsonl`` after the
+    first)."""
     config, S = run.config, len(combined)
     group_size = max(1, config.batch_size // 4)
     per_forward = max(1, config.batch_size // group_size)
     name = "matrix" if confirmed is None else "screen" + (f"-{round_}" if round_ else "")
+    # screen's groups hold one culture each: a set confirmed on one culture runs on its items
+    # alone (a mixed group would run it on all, and again in the round confirming the others)
+    by_culture = confirmed is not None
     key = run._key("ablation matrix", combined.content_hash(), run.config.cache_settings("matrix"),
-                   group_size, per_forward, "by length",
-                   None if confirmed is None else confirmed.tolist())  # fmt: skip
+                   group_size, per_forward, "by culture and length" if by_culture else
+                   "by length", None if confirmed is None else confirmed.tolist())  # fmt: skip
 
     def conditions_of(where: list[int]) -> list[int]:
         if confirmed is None:
@@ -134,7 +140,8 @@ def exact(run, items: list, combined: Masks, confirmed: torch.Tensor | None = No
         return _logged(run, name, key, items, S, group_size, compute,
                        weight=lambda where: len(where) * len(conditions_of(where)),
                        rows_of=lambda where: [c + 1 for c in conditions_of(where)],
-                       desc="ablation matrix", padding=f"ablation {name}")  # fmt: skip
+                       desc="ablation matrix", padding=f"ablation {name}",
+                       by_culture=by_culture)  # fmt: skip
 
 
 def estimate(run, items: list, combined: Masks,
@@ -171,16 +178,17 @@ def estimate_batch(run, items: list) -> int:
 
 
 def _logged(run, name: str, key: str, items: list, S: int, size: int, compute, *, weight,
-            rows_of, desc: str, padding: str) -> torch.Tensor:  # fmt: skip
-    """[1 + S, n] scores filled group by group (``size`` items of similar length each; this
-    part's groups), each from ``progress/<name>.jsonl`` where logged under ``key``, else by
-    ``compute(chunk, where, bar) -> (rows, block [rows, len(where)])`` and logged."""
-    n = len(items)
-    preds = run.task.empty((1 + S, n))
+            rows_of, desc: str, padding: str,
+            by_culture: bool = False) -> torch.Tensor:  # fmt: skip
+    """[1 + S, n] scores filled group by group (``size`` items of similar length each, of one
+    culture with ``by_culture``; this part's groups), each from ``progress/<name>.jsonl``
+    where logged under ``key``, else by ``compute(chunk, where, bar) -> (rows, block [rows,
+    len(where)])`` and logged."""
+    preds = run.task.empty((1 + S, len(items)))
     order = batching.by_length(items, run._lengths(items))
     run._log_padding(padding, [items[j] for j in order], size)
     # (group, its items' positions in items) of this part
-    groups = [(g, order[s : s + size]) for g, s in enumerate(range(0, n, size))
+    groups = [(g, where) for g, where in enumerate(batching.groups(items, order, size, by_culture))
               if run.part.owns(g)]  # fmt: skip
     path = run.out / "progress" / f"{name}{run.part.tag}.jsonl"
     with GroupLog(path, key, run.resume) as log, \
@@ -225,8 +233,8 @@ def add_screened(run, results: dict, screened: dict, names: list[str], full, ite
     """``--matrix screen``: each method's JSON gains ``confirmed`` [S][C] (cells computed
     exactly; the others are estimated), ``estimate`` (every matrix as the estimate alone
     gives it, so both stand side by side where a cell was confirmed) and ``screen`` (what
-    the rounds found: each mask's drift ratio, the methods confirmed whole and why, the cost
-    in item-condition prefills against the exact matrix's)."""
+    the rounds found: each mask's drift ratio and its most-off cell, the methods confirmed
+    whole and why, the cost in item-condition prefills against the exact matrix's)."""
     estimated, confirmed = screened["estimated"], screened["confirmed"]
     C = len(run.cultures)
     point = run.task.point(full, estimated[1:], items, culture, C, run.data)
@@ -242,6 +250,7 @@ def add_screened(run, results: dict, screened: dict, names: list[str], full, ite
             "drift_limit": screen.DRIFT_LIMIT, "level": screen.LEVEL,
             "point_share": screen.POINT_SHARE, "fills": list(screen.FILLS),
             "ratio": {m: screened["ratio"][m] for m in own},  # exact / estimated effect
+            "worst_cell": {m: screened["worst_cell"][m] for m in own},  # the most off cell
             "whole": [m for m in own  # confirmed whole: drifting, or a conclusion depended on it
                       if bool(confirmed[names.index(m) * C : (names.index(m) + 1) * C].all())],
             "rounds": screened["rounds"], "prefills": screened["prefills"],

@@ -73,9 +73,9 @@ def _rounds(ev: dict) -> str:
     limit = rec["drift_limit"]
     drifting = sorted({m for r in rec["rounds"] for m in r.get("drifting", [])})
     unsettled = sorted({m for r in rec["rounds"] for m in r.get("unsettled", {})})
-    parts = [f"exact / estimated effect of the first cells outside [1/{limit:g}, {limit:g}] "
+    parts = [f"a first cell's exact / estimated effect outside [1/{limit:g}, {limit:g}] "
              f"for {', '.join(drifting)}: computed whole" if drifting else
-             f"the estimate within {limit:g}x of exact on every mask's first cells",
+             f"the estimate within {limit:g}x of exact on every first cell of every mask",
              f"conclusions that an estimate off by {limit:g}x would change: {', '.join(unsettled)}"
              " (more of their cells confirmed)" if unsettled else
              f"no conclusion that an estimate off by {limit:g}x would change"]

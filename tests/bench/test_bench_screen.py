@@ -33,6 +33,10 @@ def test_quick_bench_on_the_tiny_llama():
         assert masks == 3 and row["conditions"] == 1 + C * masks
         assert row["exact_prefills"] == n * row["conditions"]
         assert row["estimated_items"] == n
+        assert row["cap_exact_methods"] == pytest.approx((1 + C * 3) / (1 + C * 2))  # cas, lap
+        for d in row["drift"]:  # the most-off cell is off by at least the sum's factor
+            r, w = d["ratio"], d["worst_cell"]
+            assert w is None or (r is not None and w >= max(r, 1 / r) - 1e-9), d
     screened, first = rows
     assert screened["verdicts_differ"] == 0 and screened["ranking_agrees"]
     # first cells only: the diagonal and SCREEN_BUDGET off-diagonal cells of every mask

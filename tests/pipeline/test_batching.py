@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from culture_neurons.pipeline.batching import by_length, padding_share
+from culture_neurons.pipeline.batching import by_length, groups, padding_share
 
 
 @dataclass(frozen=True)
@@ -58,3 +58,24 @@ def test_by_length_keeps_culture_shares_and_ignores_the_input_order():
     before = padding_share([length[it.id] for it in items], 4)
     after = padding_share([length[it.id] for it in got], 4)
     assert after < before
+
+
+@pytest.mark.parametrize("size", [1, 4, 7, 40])
+def test_groups_cut_the_order_and_keep_one_culture_each_when_asked(size):
+    rng = random.Random(size)
+    items = [It(f"{c}{i:02d}", c) for c, k in zip("xyz", (9, 1, 14), strict=True)
+             for i in range(k)]  # fmt: skip
+    order = by_length(items, [rng.randint(1, 9) for _ in items])
+    plain = groups(items, order, size)
+    assert [i for g in plain for i in g] == order
+    n = len(order)
+    assert [len(g) for g in plain] == [min(size, n - s) for s in range(0, n, size)]
+    split = groups(items, order, size, by_culture=True)
+    assert [i for g in split for i in g] == order  # the same order, cut at every culture too
+    want = []  # a loop: a group ends at `size` items or where the culture changes
+    for i in order:
+        if not want or len(want[-1]) == size or items[want[-1][0]].culture != items[i].culture:
+            want.append([])
+        want[-1].append(i)
+    assert split == want
+    assert all(len({items[i].culture for i in g}) == 1 for g in split)

@@ -41,11 +41,50 @@ def test_drift_flags_an_estimate_off_by_more_than_the_limit_either_way():
     est[2:4] /= 10  # the realistic failure: the first order 10x too small
     est[4:6] *= 3  # too large
     est[6:8] = 0  # sees nothing where something happens
-    ratio = screen.drift(exact, est, torch.ones(8, C, dtype=torch.bool), C)
+    every = torch.ones(8, C, dtype=torch.bool)
+    ratio = screen.drift(exact, est, every, C)
     assert ratio.tolist() == pytest.approx([1.0, 10.0, 1 / 3, math.inf])
-    assert screen.drifts(ratio).tolist() == [False, True, True, True]
+    worst = screen.worst_cell(exact, est, every, C)
+    assert worst.tolist() == pytest.approx([1.0, 10.0, 3.0, math.inf])
+    assert screen.drifts(worst).tolist() == [False, True, True, True]
     nothing = torch.zeros(2, C, dtype=torch.float64)
     assert screen.drift(nothing, nothing, torch.ones(2, C, dtype=torch.bool), C).item() == 1.0
+    assert screen.worst_cell(nothing, nothing, torch.ones(2, C, dtype=torch.bool), C).item() == 1
+
+
+@pytest.mark.parametrize("C, masks", [(1, 1), (3, 4), (7, 2)])
+def test_worst_cell_is_the_most_off_confirmed_cell_of_each_mask(C, masks):
+    g = torch.Generator().manual_seed(C * 7 + masks)
+    S = C * masks
+    exact = torch.rand(S, C, generator=g, dtype=torch.float64)
+    est = torch.rand(S, C, generator=g, dtype=torch.float64)
+    exact[torch.rand(S, C, generator=g) < 0.1] = float("nan")
+    exact[torch.rand(S, C, generator=g) < 0.1] = 0.0
+    est[torch.rand(S, C, generator=g) < 0.1] = 0.0
+    confirmed = torch.rand(S, C, generator=g) < 0.6
+    got = screen.worst_cell(exact, est, confirmed, C)
+    for i in range(masks):
+        want = 1.0
+        for s in range(i * C, (i + 1) * C):
+            for c in range(C):
+                a, b = exact[s, c].item(), est[s, c].item()
+                if not confirmed[s, c] or math.isnan(a) or math.isnan(b) or a == b:
+                    continue
+                want = max(want, math.inf if 0.0 in (a, b) else max(a / b, b / a))
+        assert got[i].item() == pytest.approx(want, rel=1e-12), i
+
+
+def test_a_mask_whose_cells_sum_right_but_one_cell_is_off_drifts():
+    """The Gemma failure: the first cells' sum within 2x of the estimate (one too large, one
+    too small) while single cells are 5x off: drift per cell confirms the mask whole."""
+    C = 2
+    exact = torch.tensor([[0.5, 0.1], [0.1, 0.5]], dtype=torch.float64)
+    est = torch.tensor([[0.5, 0.5], [0.02, 0.5]], dtype=torch.float64)
+    every = torch.ones(C, C, dtype=torch.bool)
+    ratio = screen.drift(exact, est, every, C)
+    assert 1 / screen.DRIFT_LIMIT < ratio.item() < screen.DRIFT_LIMIT  # 1.2 / 1.52
+    worst = screen.worst_cell(exact, est, every, C)
+    assert worst.item() == pytest.approx(5.0) and screen.drifts(worst).item()
 
 
 def test_prefills_count_the_items_of_every_confirmed_cell():
