@@ -14,14 +14,23 @@ from culture_neurons.pipeline import cli, screen
 from culture_neurons.pipeline.config import SCREEN_BUDGET, RunConfig
 
 
-@pytest.mark.parametrize("C, masks", [(1, 1), (3, 4), (7, 2)])
-def test_drift_is_the_exact_over_the_estimated_effect_of_each_masks_confirmed_cells(C, masks):
-    g = torch.Generator().manual_seed(C * 10 + masks)
+def random_effects(C: int, masks: int, seed: int, zeros: bool = False) -> tuple:
+    """``(exact, estimated, confirmed)`` ``[C * masks, C]``: random effects, a tenth of the
+    exact ones NaN (and with ``zeros`` a tenth of each 0), about half the cells confirmed."""
+    g = torch.Generator().manual_seed(seed)
     S = C * masks
     exact = torch.rand(S, C, generator=g, dtype=torch.float64)
     est = torch.rand(S, C, generator=g, dtype=torch.float64)
     exact[torch.rand(S, C, generator=g) < 0.1] = float("nan")
-    confirmed = torch.rand(S, C, generator=g) < 0.5
+    if zeros:
+        exact[torch.rand(S, C, generator=g) < 0.1] = 0.0
+        est[torch.rand(S, C, generator=g) < 0.1] = 0.0
+    return exact, est, torch.rand(S, C, generator=g) < 0.5
+
+
+@pytest.mark.parametrize("C, masks", [(1, 1), (3, 4), (7, 2)])
+def test_drift_is_the_exact_over_the_estimated_effect_of_each_masks_confirmed_cells(C, masks):
+    exact, est, confirmed = random_effects(C, masks, seed=C * 10 + masks)
     got = screen.drift(exact, est, confirmed, C)
     for i in range(masks):
         num = den = 0.0
@@ -54,14 +63,7 @@ def test_drift_flags_an_estimate_off_by_more_than_the_limit_either_way():
 
 @pytest.mark.parametrize("C, masks", [(1, 1), (3, 4), (7, 2)])
 def test_worst_cell_is_the_most_off_confirmed_cell_of_each_mask(C, masks):
-    g = torch.Generator().manual_seed(C * 7 + masks)
-    S = C * masks
-    exact = torch.rand(S, C, generator=g, dtype=torch.float64)
-    est = torch.rand(S, C, generator=g, dtype=torch.float64)
-    exact[torch.rand(S, C, generator=g) < 0.1] = float("nan")
-    exact[torch.rand(S, C, generator=g) < 0.1] = 0.0
-    est[torch.rand(S, C, generator=g) < 0.1] = 0.0
-    confirmed = torch.rand(S, C, generator=g) < 0.6
+    exact, est, confirmed = random_effects(C, masks, seed=C * 7 + masks, zeros=True)
     got = screen.worst_cell(exact, est, confirmed, C)
     for i in range(masks):
         want = 1.0
