@@ -89,9 +89,9 @@ def drift(exact_effect: torch.Tensor, estimated_effect: torch.Tensor, confirmed:
     """float64 ``[masks]``: per mask, the summed exact effect of its confirmed cells over their
     summed estimated effect (effects ``[S, C]`` >= 0; NaN cells left out). 1 where both are 0
     (nothing to drift), inf where only the estimate is 0."""
-    both = confirmed & ~(torch.isnan(exact_effect) | torch.isnan(estimated_effect))
-    ex = torch.where(both, exact_effect.double(), 0.0).view(-1, C * C).sum(1)
-    est = torch.where(both, estimated_effect.double(), 0.0).view(-1, C * C).sum(1)
+    ex, est, both = _compared(exact_effect, estimated_effect, confirmed)
+    ex = ex.where(both, 0.0).view(-1, C * C).sum(1)
+    est = est.where(both, 0.0).view(-1, C * C).sum(1)
     ratio = ex / est
     ratio[(ex == 0) & (est == 0)] = 1.0
     return ratio
@@ -103,11 +103,17 @@ def worst_cell(exact_effect: torch.Tensor, estimated_effect: torch.Tensor,
     exact effect departs from the estimated one, ``max(r, 1 / r)`` of ``r = exact /
     estimated`` (effects ``[S, C]`` >= 0): 1 where both are equal (0 included), inf where only
     one is 0; NaN cells left out, 1 for a mask without a cell to compare."""
-    ex, est = exact_effect.double(), estimated_effect.double()
-    both = confirmed & ~(torch.isnan(ex) | torch.isnan(est))
+    ex, est, both = _compared(exact_effect, estimated_effect, confirmed)
     r = ex / est
     factor = torch.maximum(r, 1 / r).where(ex != est, 1.0)
     return factor.where(both, 1.0).view(-1, C * C).amax(1)
+
+
+def _compared(exact_effect: torch.Tensor, estimated_effect: torch.Tensor,
+              confirmed: torch.Tensor) -> tuple[torch.Tensor, ...]:  # fmt: skip
+    """Both effects in float64 and the cells drift compares them on: confirmed, neither NaN."""
+    ex, est = exact_effect.double(), estimated_effect.double()
+    return ex, est, confirmed & ~(torch.isnan(ex) | torch.isnan(est))
 
 
 def drifts(factor: torch.Tensor) -> torch.Tensor:
