@@ -2,6 +2,7 @@
 at what cost?
 
     python bench/bench_screen.py --json screen.json --models toy        # the toy, default run
+    python bench/bench_screen.py --models toy --cultures 4,6,8          # the cost against C
     python bench/bench_screen.py --models gemma --locales 9 --sentences 10 --rnd-draws 3
     python bench/bench_screen.py --quick                                # tiny random models
 
@@ -163,7 +164,9 @@ def _row(name, rule, run, masks, config, exact, got, exact_s, screen_s, load) ->
     }  # fmt: skip
 
 
-def toy_case(draws: int | None) -> tuple:
+def toy_case(draws: int | None, cultures: int | None = None) -> tuple:
+    """The embedded toy's default run; with ``cultures``, on its first ``cultures`` cultures
+    only (the same model and items: how the cost grows with C)."""
     import torch
 
     from culture_neurons.demo.toy import TOY_BATCH_SIZE, TOY_RATIO, TOY_THREADS, VERSION, toy
@@ -173,7 +176,13 @@ def toy_case(draws: int | None) -> tuple:
     config = RunConfig(ratio=TOY_RATIO, batch_size=TOY_BATCH_SIZE)
     if draws is not None:
         config = replace(config, rnd_draws=draws)
-    return f"toy ({VERSION})", t.model, t.processor, t.data, config
+    data = t.data
+    if cultures is not None:
+        if not 2 <= cultures <= len(data.cultures):
+            raise SystemExit(f"--cultures {cultures}: the toy has 2 to {len(data.cultures)}")
+        data = replace(data, items_by_culture={c: data.items_by_culture[c]
+                                               for c in data.cultures[:cultures]})  # fmt: skip
+    return f"toy ({VERSION})", t.model, t.processor, data, config
 
 
 def gemma_case(locales: int, sentences: int, draws: int) -> tuple:
@@ -234,6 +243,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sentences", type=int, default=GEMMA_SENTENCES)
     p.add_argument("--rules", default=",".join(RULES),
                    help=f"screening rules to compare with exact: {', '.join(RULES)}")
+    p.add_argument("--cultures", default=None,
+                   help="the toy on its first K cultures, for each K of a comma-separated list "
+                   "(default: all 8): how the cost grows with C")  # fmt: skip
     p.add_argument("--rnd-draws", type=int, default=None,
                    help=f"RND draws (default: the run's default for the toy, {GEMMA_DRAWS} "
                    "for Gemma)")  # fmt: skip
@@ -242,7 +254,8 @@ def main(argv: list[str] | None = None) -> int:
         specs = quick_cases()
     else:
         wanted = {m.strip() for m in a.models.split(",")}
-        specs = ([toy_case(a.rnd_draws)] if "toy" in wanted else []) + (
+        toy_cs = [int(k) for k in a.cultures.split(",")] if a.cultures else [None]
+        specs = ([toy_case(a.rnd_draws, k) for k in toy_cs] if "toy" in wanted else []) + (
             [gemma_case(a.locales, a.sentences, a.rnd_draws or GEMMA_DRAWS)]
             if "gemma" in wanted else [])  # fmt: skip
     models = []

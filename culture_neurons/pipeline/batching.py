@@ -12,7 +12,7 @@ Lengths come from the task without processing any image (see
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 
 def by_length(items: Sequence, lengths: Sequence[int]) -> list[int]:
@@ -25,27 +25,34 @@ def by_length(items: Sequence, lengths: Sequence[int]) -> list[int]:
             for i in sorted(share, key=lambda i: (lengths[i], items[i].id))]  # fmt: skip
 
 
-def groups(items: Sequence, order: Sequence[int], size: int, by_culture: bool = False) -> list:
+def groups(items: Sequence, order: Sequence[int], size: int | Mapping[str, int]) -> list:
     """``order`` (positions of ``items``, :func:`by_length`) cut into groups of ``size``
-    positions; with ``by_culture`` each group holds one culture's items only (a culture's
-    last group may be smaller), so that work needed on some cultures' items runs on theirs
-    alone (``--matrix screen`` confirms cells culture by culture)."""
-    if not by_culture:
+    positions; ``size`` a mapping (culture -> its group size): each group holds one culture's
+    items only (a culture's last group may be smaller), so that work needed on some cultures'
+    items runs on theirs alone and fills its forwards (``--matrix screen`` confirms cells
+    culture by culture)."""
+    if isinstance(size, int):
         return [list(order[s : s + size]) for s in range(0, len(order), size)]
     runs: list[list[int]] = []
     for i in order:
         if not runs or items[runs[-1][0]].culture != items[i].culture:
             runs.append([])
         runs[-1].append(i)
-    return [run[s : s + size] for run in runs for s in range(0, len(run), size)]
+    return [run[s : s + size[items[run[0]].culture]] for run in runs
+            for s in range(0, len(run), size[items[run[0]].culture])]  # fmt: skip
 
 
 def padding_share(lengths: Sequence[int], rows: int) -> float:
     """Padded share of the token rows when ``lengths`` (in batching order) are cut into
     batches of ``rows`` prompts, each padded to its longest: ``padded / (padded + real)``."""
+    return padding_of([lengths[s : s + rows] for s in range(0, len(lengths), rows)])
+
+
+def padding_of(batches: Sequence[Sequence[int]]) -> float:
+    """Padded share of the token rows of ``batches`` (each a batch's prompt lengths, padded to
+    its longest): ``padded / (padded + real)``."""
     total = padded = 0
-    for start in range(0, len(lengths), rows):
-        batch = lengths[start : start + rows]
+    for batch in batches:
         total += len(batch) * max(batch)
         padded += len(batch) * max(batch) - sum(batch)
     return padded / total if total else 0.0

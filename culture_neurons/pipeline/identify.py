@@ -131,7 +131,7 @@ def record(run) -> Stats:
             prior, done, preds = None, 0, {}
     bs = run.config.batch_size
     batches = [items[i : i + bs] for i in range(0, len(items), bs)]
-    run._log_padding("identification", items, bs)
+    run._log_padding("identification", batches)
     device = next(run.model.parameters()).device
     split = run.config.halves  # record 2C half groups, the whole their sum (pipeline.halves)
     groups = halves.group_names(run.cultures) if split else run.cultures

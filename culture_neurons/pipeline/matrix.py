@@ -9,7 +9,8 @@ items to the same resumable :class:`~culture_neurons.pipeline.group_log.GroupLog
   ``progress/estimate.jsonl``);
 - ``screen``: the estimate, then the cells :mod:`culture_neurons.pipeline.screen` confirms
   computed exactly, in groups of one culture's items, so that a cell costs its culture's
-  prefills and no more (``progress/screen.jsonl``).
+  prefills and no more, and larger in a round that confirms few cells on the culture
+  (``progress/screen.jsonl``).
 
 Items are grouped by prompt length (:mod:`culture_neurons.pipeline.batching`); the scores go
 back to the items' order. The strategies read the run (:class:`~culture_neurons.pipeline.run.Run`:
@@ -108,21 +109,31 @@ def exact(run, items: list, combined: Masks, confirmed: torch.Tensor | None = No
     indices), and the full model in the first round (``round_`` 0); the other scores stay
     the task's ``empty`` and the log is ``screen.jsonl`` (``screen-<round_>.jsonl`` after the
     first)."""
-    config, S = run.config, len(combined)
-    group_size = max(1, config.batch_size // 4)
-    per_forward = max(1, config.batch_size // group_size)
+    config, S, rows = run.config, len(combined), run.config.batch_size
     name = "matrix" if confirmed is None else "screen" + (f"-{round_}" if round_ else "")
-    # screen's groups hold one culture each: a set confirmed on one culture runs on its items
-    # alone (a mixed group would run it on all, and again in the round confirming the others)
-    by_culture = confirmed is not None
-    key = run._key("ablation matrix", combined.content_hash(), run.config.cache_settings("matrix"),
-                   group_size, per_forward, "by culture and length" if by_culture else
-                   "by length", None if confirmed is None else confirmed.tolist())  # fmt: skip
+    full = confirmed is None or round_ == 0  # the full model: exact's row 0, screen's first round
 
     def conditions_of(where: list[int]) -> list[int]:
         if confirmed is None:
             return [-1] + list(range(S))
-        return screen.conditions(confirmed, culture[where].tolist(), full=round_ == 0)
+        return screen.conditions(confirmed, culture[where].tolist(), full=full)
+
+    quarter = max(1, rows // 4)  # exact's groups: a quarter forward's items, 4 conditions each
+    if confirmed is None:
+        size, per_forward, grouping = quarter, rows // quarter, "by length"
+    else:
+        # Screen's groups hold one culture each: a set confirmed on one culture runs on its
+        # items alone (a mixed group would run it on all, and again in the round confirming
+        # the others). A culture needing fewer than 4 conditions (a later round) gets larger
+        # groups, up to one forward of them all, and a small last group more conditions per
+        # forward: fewer, fuller forwards (each group also costs an encoding and, where the
+        # vision tower is reused, a forward of its own first condition).
+        needs = [len(screen.conditions(confirmed, [c], full=full)) for c in range(len(run.cultures))]
+        size = {c: max(quarter, rows // max(1, k)) for c, k in zip(run.cultures, needs, strict=True)}
+        per_forward, grouping = None, f"by culture and length, up to {rows} rows"
+    key = run._key("ablation matrix", combined.content_hash(), config.cache_settings("matrix"),
+                   size if confirmed is None else rows, per_forward, grouping,
+                   None if confirmed is None else confirmed.tolist())  # fmt: skip
 
     with Instrument(run.model, masks=combined, backend=config.backend,
                     alpha=config.alpha) as ablator:  # fmt: skip
@@ -131,17 +142,17 @@ def exact(run, items: list, combined: Masks, confirmed: torch.Tensor | None = No
             conditions, group, out = conditions_of(where), run.task.group(chunk), []
             if not conditions:  # a later round with nothing to confirm on these items
                 return [], run.task.empty((0, len(chunk)))
-            for c0 in range(0, len(conditions), per_forward):
-                part = conditions[c0 : c0 + per_forward]
+            step = per_forward or max(1, rows // len(chunk))
+            for c0 in range(0, len(conditions), step):
+                part = conditions[c0 : c0 + step]
                 out.append(group.predict(part, ablator))
                 bar.update(len(chunk) * len(part))
             return [c + 1 for c in conditions], torch.cat(out)
 
-        return _logged(run, name, key, items, S, group_size, compute,
+        return _logged(run, name, key, items, S, size, compute,
                        weight=lambda where: len(where) * len(conditions_of(where)),
                        rows_of=lambda where: [c + 1 for c in conditions_of(where)],
-                       desc="ablation matrix", padding=f"ablation {name}",
-                       by_culture=by_culture)  # fmt: skip
+                       desc="ablation matrix", padding=f"ablation {name}")  # fmt: skip
 
 
 def estimate(run, items: list, combined: Masks,
@@ -177,19 +188,17 @@ def estimate_batch(run, items: list) -> int:
                         config.batch_size, all_logits=run.task.estimate_all_logits)  # fmt: skip
 
 
-def _logged(run, name: str, key: str, items: list, S: int, size: int, compute, *, weight,
-            rows_of, desc: str, padding: str,
-            by_culture: bool = False) -> torch.Tensor:  # fmt: skip
-    """[1 + S, n] scores filled group by group (``size`` items of similar length each, of one
-    culture with ``by_culture``; this part's groups), each from ``progress/<name>.jsonl``
-    where logged under ``key``, else by ``compute(chunk, where, bar) -> (rows, block [rows,
+def _logged(run, name: str, key: str, items: list, S: int, size: int | dict[str, int], compute,
+            *, weight, rows_of, desc: str, padding: str) -> torch.Tensor:  # fmt: skip
+    """[1 + S, n] scores filled group by group (``size`` items of similar length each; per
+    culture, of that culture only, where ``size`` maps cultures to sizes:
+    :func:`batching.groups`; this part's groups), each from ``progress/<name>.jsonl`` where
+    logged under ``key``, else by ``compute(chunk, where, bar) -> (rows, block [rows,
     len(where)])`` and logged."""
     preds = run.task.empty((1 + S, len(items)))
-    order = batching.by_length(items, run._lengths(items))
-    run._log_padding(padding, [items[j] for j in order], size)
-    # (group, its items' positions in items) of this part
-    groups = [(g, where) for g, where in enumerate(batching.groups(items, order, size, by_culture))
-              if run.part.owns(g)]  # fmt: skip
+    every = batching.groups(items, batching.by_length(items, run._lengths(items)), size)
+    run._log_padding(padding, [[items[j] for j in where] for where in every])
+    groups = [(g, where) for g, where in enumerate(every) if run.part.owns(g)]  # this part's
     path = run.out / "progress" / f"{name}{run.part.tag}.jsonl"
     with GroupLog(path, key, run.resume) as log, \
             run._bar(sum(weight(where) for _, where in groups), desc) as bar:  # fmt: skip

@@ -153,12 +153,14 @@ class Run:
         """Prompt and image tokens of ``items`` (:func:`image_budget.token_summary`)."""
         return image_budget.token_summary(self.model, self.processor, items, self._lengths(items))
 
-    def _log_padding(self, what: str, items: list, rows: int) -> None:
-        share = batching.padding_share(self._lengths(items), rows)
+    def _log_padding(self, what: str, batches: list[list]) -> None:
+        """Log the padded share of ``batches`` (lists of items, each padded to its longest)."""
+        share = batching.padding_of([self._lengths(b) for b in batches])
         # A group of prompts is one forward in identification; the exact matrix runs each
         # group under several conditions, so its forwards hold more rows than prompts.
-        log.info("%s: %d prompts in groups of %d, %.1f %% of the prefilled rows are padding",
-                 what, len(items), rows, 100 * share)  # fmt: skip
+        log.info("%s: %d prompts in %d groups of up to %d, %.1f %% of the prefilled rows are "
+                 "padding", what, sum(map(len, batches)), len(batches),
+                 max(map(len, batches), default=0), 100 * share)  # fmt: skip
 
     # -- step 3: selection ------------------------------------------------------------------
     def select(self, stats: Stats | None = None) -> dict[str, Masks]:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from culture_neurons.pipeline.batching import by_length, groups, padding_share
+from culture_neurons.pipeline.batching import by_length, groups, padding_of, padding_share
 
 
 @dataclass(frozen=True)
@@ -40,6 +40,20 @@ def test_padding_share_of_random_batches_against_a_loop():
         assert padding_share(lengths, rows) == pytest.approx(padded / (padded + real), rel=1e-12)
 
 
+def test_padding_of_batches_of_any_size_is_padding_share_where_they_are_equal():
+    rng = random.Random(2)
+    for _ in range(50):
+        batches = [[rng.randint(1, 400) for _ in range(rng.randint(1, 9))]
+                   for _ in range(rng.randint(1, 8))]  # fmt: skip
+        padded = sum(max(b) - n for b in batches for n in b)
+        real = sum(map(sum, batches))
+        assert padding_of(batches) == pytest.approx(padded / (padded + real), rel=1e-12)
+        flat = [n for b in batches for n in b]
+        assert padding_of([flat[s : s + 3] for s in range(0, len(flat), 3)]) == \
+            pytest.approx(padding_share(flat, 3), abs=0)  # fmt: skip
+    assert padding_of([]) == 0.0
+
+
 def test_by_length_keeps_culture_shares_and_ignores_the_input_order():
     rng = random.Random(1)
     items = [It(f"{c}{i:02d}", c) for c in "xyz" for i in range(15)]
@@ -61,7 +75,7 @@ def test_by_length_keeps_culture_shares_and_ignores_the_input_order():
 
 
 @pytest.mark.parametrize("size", [1, 4, 7, 40])
-def test_groups_cut_the_order_and_keep_one_culture_each_when_asked(size):
+def test_groups_cut_the_order_and_keep_one_culture_each_at_its_size(size):
     rng = random.Random(size)
     items = [It(f"{c}{i:02d}", c) for c, k in zip("xyz", (9, 1, 14), strict=True)
              for i in range(k)]  # fmt: skip
@@ -70,12 +84,16 @@ def test_groups_cut_the_order_and_keep_one_culture_each_when_asked(size):
     assert [i for g in plain for i in g] == order
     n = len(order)
     assert [len(g) for g in plain] == [min(size, n - s) for s in range(0, n, size)]
-    split = groups(items, order, size, by_culture=True)
+    sizes = {"x": size, "y": rng.randint(1, 3), "z": rng.randint(1, 20)}
+    split = groups(items, order, sizes)
     assert [i for g in split for i in g] == order  # the same order, cut at every culture too
-    want = []  # a loop: a group ends at `size` items or where the culture changes
+    want = []  # a loop: a group ends at its culture's size or where the culture changes
     for i in order:
-        if not want or len(want[-1]) == size or items[want[-1][0]].culture != items[i].culture:
+        culture = items[i].culture
+        if not want or len(want[-1]) == sizes[culture] or items[want[-1][0]].culture != culture:
             want.append([])
         want[-1].append(i)
     assert split == want
     assert all(len({items[i].culture for i in g}) == 1 for g in split)
+    assert groups(items, order, dict.fromkeys("xyz", size)) == [
+        g for c in "xyz" for g in groups(items, [i for i in order if items[i].culture == c], size)]

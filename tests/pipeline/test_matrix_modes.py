@@ -67,15 +67,60 @@ def test_screen_equals_exact_on_the_cells_it_confirms(exact, tmp_path):
         # drifted or a conclusion depended on them
         assert first_or_more(ev, method, C + budget)
         assert screen.conclusions(ev) == screen.conclusions(want), method
-        for key in KEYS:
-            for s in range(C):
-                for c in range(C):
-                    if confirmed[s, c]:  # computed exactly: the exact run's number, exactly
-                        assert ev[key][s][c] == want[key][s][c], (method, key, s, c)
-                    else:  # the estimate's, as the side-by-side field holds it
-                        assert ev[key][s][c] == ev["estimate"][key][s][c], (method, key, s, c)
-        # self (the diagonal) rests on exact cells only
-        assert ev["self"] == pytest.approx(want["self"], abs=1e-12)
+        exact_where_confirmed(ev, want, method)
+
+
+def exact_where_confirmed(ev: dict, want: dict, method: str) -> None:
+    """A screened eval JSON holds the exact run's number in every confirmed cell and the
+    estimate's elsewhere; self (the diagonal) rests on exact cells only."""
+    confirmed = torch.tensor(ev["confirmed"])
+    for key in KEYS:
+        for s, c in torch.cartesian_prod(*map(torch.arange, confirmed.shape)).tolist():
+            if confirmed[s, c]:  # computed exactly: the exact run's number, exactly
+                assert ev[key][s][c] == want[key][s][c], (method, key, s, c)
+            else:  # the estimate's, as the side-by-side field holds it
+                assert ev[key][s][c] == ev["estimate"][key][s][c], (method, key, s, c)
+    assert ev["self"] == pytest.approx(want["self"], abs=1e-12)
+
+
+def test_screen_fills_its_forwards_culture_by_culture(exact, tmp_path):
+    """Screen's groups hold one culture's items: at batch 12, 3 of them (exact's groups), and a
+    culture's last, smaller group runs more conditions per forward, never more than 12 rows;
+    a culture needing 1 condition (a later round) runs its items at once. The numbers are
+    still the exact run's (at batch 4)."""
+    run = Run(exact["model"], exact["processor"], exact["data"], tmp_path,
+              replace(CONFIG, matrix="screen", screen_budget=2, batch_size=12),
+              progress=False)  # fmt: skip
+    forwards, group = [], run.task.group
+
+    def counted(chunk):  # per group, the items and conditions of each call from outside
+        g, calls, depth = group(chunk), [], [0]
+        predict = g.predict
+
+        def spied(conditions, ablator):
+            if not depth[0]:  # not Group.predict calling itself
+                calls.append((len(chunk), len(conditions)))
+            depth[0] += 1
+            try:
+                return predict(conditions, ablator)
+            finally:
+                depth[0] -= 1
+
+        g.predict = spied
+        forwards.append(calls)
+        return g
+
+    run.task.group = counted
+    results = run.evaluate(exact["masks"])
+    per_culture = {len(its) for its in run.evaluation.items_by_culture.values()}
+    assert per_culture == {4}  # groups of 3 and 1, or of 4 under one or two conditions
+    calls = [call for group in forwards for call in group]
+    assert {n for n, _ in calls} == {1, 3, 4}
+    assert all(n * k <= 12 for n, k in calls)
+    assert max(k for n, k in calls if n == 3) == 4 and max(k for n, k in calls if n == 1) > 4
+    assert all(k <= 3 for n, k in calls if n == 4)
+    for method, ev in results.items():
+        exact_where_confirmed(ev, exact["results"][method], method)
 
 
 def test_estimate_fills_every_cell_and_is_marked(exact, tmp_path):
