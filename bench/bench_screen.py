@@ -176,13 +176,15 @@ def toy_case(draws: int | None, cultures: int | None = None) -> tuple:
     config = RunConfig(ratio=TOY_RATIO, batch_size=TOY_BATCH_SIZE)
     if draws is not None:
         config = replace(config, rnd_draws=draws)
-    data = t.data
-    if cultures is not None:
-        if not 2 <= cultures <= len(data.cultures):
-            raise SystemExit(f"--cultures {cultures}: the toy has 2 to {len(data.cultures)}")
-        data = replace(data, items_by_culture={c: data.items_by_culture[c]
-                                               for c in data.cultures[:cultures]})  # fmt: skip
+    data = t.data if cultures is None else first_cultures(t.data, cultures)
     return f"toy ({VERSION})", t.model, t.processor, data, config
+
+
+def first_cultures(data, k: int):
+    """``data`` (a CultureData) on its first ``k`` cultures, their items as they are."""
+    if not 2 <= k <= len(data.cultures):
+        raise SystemExit(f"--cultures {k}: this data has 2 to {len(data.cultures)} cultures")
+    return replace(data, items_by_culture={c: data.items_by_culture[c] for c in data.cultures[:k]})
 
 
 def gemma_case(locales: int, sentences: int, draws: int) -> tuple:

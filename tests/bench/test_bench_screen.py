@@ -70,3 +70,16 @@ def test_compare_counts_differing_verdicts_and_the_largest_move():
     assert got["verdicts_differ_by_measure"] == {"primary": 1, "p_gap_vs_rnd": 1}
     assert got["max_ci_ratio"] == pytest.approx(0.3 / 0.2)
     assert got["ranking_agrees"] is True  # cas above mad both ways
+
+
+def test_first_cultures_keeps_the_first_k_cultures_items_as_they_are():
+    from culture_neurons.data import make_synthetic_items
+
+    data = make_synthetic_items(cultures=5, items_per_culture=3, seed=4)
+    got = bench_screen.first_cultures(data, 3)
+    assert got.cultures == data.cultures[:3]
+    assert list(got) == [it for c in data.cultures[:3] for it in data.items_by_culture[c]]
+    assert got.labels_available == data.labels_available
+    for k in (1, 6):
+        with pytest.raises(SystemExit, match="2 to 5"):
+            bench_screen.first_cultures(data, k)
