@@ -12,6 +12,7 @@ Lengths come from the task without processing any image (see
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Mapping, Sequence
 
 
@@ -33,13 +34,10 @@ def groups(items: Sequence, order: Sequence[int], size: int | Mapping[str, int])
     culture by culture)."""
     if isinstance(size, int):
         return [list(order[s : s + size]) for s in range(0, len(order), size)]
-    runs: list[list[int]] = []
-    for i in order:
-        if not runs or items[runs[-1][0]].culture != items[i].culture:
-            runs.append([])
-        runs[-1].append(i)
-    return [run[s : s + size[items[run[0]].culture]] for run in runs
-            for s in range(0, len(run), size[items[run[0]].culture])]  # fmt: skip
+    cut = []
+    for culture, run in itertools.groupby(order, key=lambda i: items[i].culture):
+        cut += groups(items, list(run), size[culture])
+    return cut
 
 
 def padding_share(lengths: Sequence[int], rows: int) -> float:
