@@ -26,7 +26,14 @@ model:
   save, RND rows free: ``(1 + C x masks) / (1 + C x methods)`` conditions (4.64x on the toy:
   4 methods and 15 RND draws at C = 8; below 4.75x at any C);
 - ``drift``: per mask, its first cells' exact / estimated effect summed (``ratio``) and the
-  factor its most-off first cell is off by (``worst_cell``).
+  factor its most-off first cell is off by (``worst_cell``);
+- ``exact_replicates`` (with ``--replicates N``): the yardstick ``verdicts_differ`` is read
+  against, how stable exact's own verdicts are: its tests recomputed from its kept per-item
+  scores (no model work) on N bootstrap replicates of the evaluation items (each culture's
+  items drawn with replacement, as many as it has), and how many verdicts differ from exact's
+  per replicate (``mean``, ``all_same`` the share of replicates where none does, ``max``,
+  ``by_verdict``). A descriptive yardstick, not a test: where a verdict changes in many
+  replicates, no cheaper rule can be asked to reproduce it.
 
 Rules (``--rules``, :data:`RULES`): ``screen`` (the default rule), ``screen_1.25`` (an error
 model of 1.25x instead of 2x: fewer cells confirmed, is it still right?) and ``first_cells``
@@ -36,12 +43,14 @@ checked).
 JSON: ``{"machine": ..., "models": [{"model", "rule", "cultures", "items", "conditions", "exact_s",
 "screen_s", "verdicts_differ", "verdicts_differ_by_measure", "max_ci_ratio", "ranking_agrees",
 "exact_prefills", "screen_prefills", "estimated_items", "prefill_ratio", "whole",
-"differing", "drift", "cap_exact_methods"}]}`` (one row per model and rule).
+"differing", "drift", "cap_exact_methods", "exact_replicates"}]}`` (one row per model and
+rule).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -109,9 +118,11 @@ RULES = {
 }
 
 
-def measure(name: str, model, processor, data, config: RunConfig, rules: list[str]) -> list:
+def measure(name: str, model, processor, data, config: RunConfig, rules: list[str],
+            replicates: int = 0) -> list:  # fmt: skip
     """Identify and select once, evaluate exact and under every screening rule of ``rules``;
-    the model's rows, one per rule."""
+    the model's rows, one per rule (with ``replicates``, each carrying
+    :func:`replicated_verdicts` of the exact run)."""
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -121,6 +132,7 @@ def measure(name: str, model, processor, data, config: RunConfig, rules: list[st
         exact = run.evaluate(masks)
         exact_s = time.perf_counter() - start
         load_exact = os.getloadavg()[0]
+        stability = replicated_verdicts(run.out, exact, replicates) if replicates else None
         for rule in rules:
             screen.DRIFT_LIMIT, screen.FILLS = RULES[rule]
             try:
@@ -132,8 +144,40 @@ def measure(name: str, model, processor, data, config: RunConfig, rules: list[st
             finally:
                 screen.DRIFT_LIMIT, screen.FILLS = RULES["screen"]
             rows.append(_row(name, rule, run, masks, config, exact, got, exact_s, screen_s,
-                             [load_exact, os.getloadavg()[0]]))  # fmt: skip
+                             [load_exact, os.getloadavg()[0]]) | {"exact_replicates": stability})
     return rows
+
+
+def replicated_verdicts(out: Path, exact: dict, replicates: int, seed: int = 0) -> dict:
+    """How many of exact's verdicts (:func:`compare`'s count) differ when its tests are
+    recomputed (:func:`~culture_neurons.pipeline.retest.retest`, from the run's kept per-item
+    scores in ``out``) on ``replicates`` bootstrap replicates of the evaluation items
+    (:func:`bootstrap_columns`): the module doc's ``exact_replicates``."""
+    import numpy as np
+
+    from culture_neurons.pipeline.retest import load_items, retest
+
+    culture = load_items(out)["culture"]
+    rng = np.random.default_rng(seed)
+    counts, by_verdict = [], {}
+    for _ in range(replicates):
+        again = copy.deepcopy(exact)
+        retest(out, again, bootstrap_columns(culture, rng))
+        got = compare(exact, again)
+        counts.append(got["verdicts_differ"])
+        for k in got["differing"]:
+            by_verdict[k] = by_verdict.get(k, 0) + 1
+    return {"replicates": replicates, "mean": sum(counts) / replicates,
+            "all_same": counts.count(0) / replicates, "max": max(counts),
+            "by_verdict": dict(sorted(by_verdict.items(), key=lambda kv: -kv[1]))}  # fmt: skip
+
+
+def bootstrap_columns(culture, rng):
+    """int64 item indices: each culture's items drawn with replacement, as many as it has."""
+    import torch
+
+    own = [torch.nonzero(culture == c).flatten() for c in torch.unique(culture).tolist()]
+    return torch.cat([i[torch.as_tensor(rng.integers(0, len(i), len(i)))] for i in own])
 
 
 def _row(name, rule, run, masks, config, exact, got, exact_s, screen_s, load) -> dict:
@@ -227,13 +271,21 @@ def table(models: list[dict]) -> str:
     for m in models:
         lines.append(f"| {m['model']} | {m['rule']} | {m['cultures']} | {m['items']} | "
                      f"{m['conditions']} | "
-                     f"{m['verdicts_differ']} | {m['max_ci_ratio']:.2f} | "
+                     f"{m['verdicts_differ']}{_yardstick(m.get('exact_replicates'))} | "
+                     f"{m['max_ci_ratio']:.2f} | "
                      f"{'yes' if m['ranking_agrees'] else 'no'} | {m['exact_prefills']} / "
                      f"{m['screen_prefills']} (+ {m['estimated_items']} fwd+bwd) | "
                      f"{m['prefill_ratio']:.2f}x | {m['cap_exact_methods']:.2f}x | "
                      f"{len(m['whole'])} of {m['masks']} masks | {m['exact_s']:.0f} / "
                      f"{m['screen_s']:.0f} | {max(m['load_1min']):.1f} |")
     return "\n".join(lines)
+
+
+def _yardstick(r: dict | None) -> str:
+    if not r:
+        return ""
+    return (f" (exact's own, {r['replicates']} replicates: {r['mean']:.2f} on average, all "
+            f"kept in {r['all_same']:.0%})")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -248,6 +300,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cultures", default=None,
                    help="the toy on its first K cultures, for each K of a comma-separated list "
                    "(default: all 8): how the cost grows with C")  # fmt: skip
+    p.add_argument("--replicates", type=int, default=0,
+                   help="also recompute exact's tests on this many bootstrap replicates of its "
+                   "evaluation items: how many of its own verdicts differ (the yardstick)")
     p.add_argument("--rnd-draws", type=int, default=None,
                    help=f"RND draws (default: the run's default for the toy, {GEMMA_DRAWS} "
                    "for Gemma)")  # fmt: skip
@@ -263,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     models = []
     rules = [r.strip() for r in a.rules.split(",")]
     for spec in specs:
-        models += measure(*spec, rules)
+        models += measure(*spec, rules, a.replicates)
         print(f"# {spec[0]}: done", file=sys.stderr, flush=True)
     print(table(models))
     if a.json:

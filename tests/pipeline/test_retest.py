@@ -74,3 +74,35 @@ def test_primary_p_is_holm_adjusted_across_methods(run_dir):
     assert [ev["p_gap_vs_rnd_adj"] for ev in evs] == pytest.approx(expected)
     assert all(ev["tests"]["flip_gap"]["role"] == retest.SECONDARY for ev in evs)
     assert all(ev["tests"]["gap"]["role"].startswith("primary") for ev in evs)
+
+
+def test_retest_on_chosen_items_tests_those_items_alone(run_dir):
+    """``columns`` (repeats allowed: a bootstrap replicate) tests the run as if those items were
+    its evaluation set: the p through the public function on the sliced changes, by hand."""
+    items = load_file(str(run_dir / retest.ITEMS_FILE))
+    culture, full, labels = items["culture"], items["full"], items["labels"]
+    g = torch.Generator().manual_seed(5)
+    own = [torch.nonzero(culture == c).flatten() for c in culture.unique().tolist()]
+    cols = torch.cat([i[torch.randint(0, len(i), (len(i),), generator=g)] for i in own])
+    assert len(cols.unique()) < len(cols)  # some item drawn twice
+    results = {m: _eval(run_dir, m) for m in ("cas", "lap", "mad")}
+    retest.retest(run_dir, results, cols)
+    ev = results["cas"]
+
+    def change(name):  # accuracy points on the drawn items, written out again here
+        pred = items[f"scores.{name}"][:, cols]
+        return 100.0 * ((pred == labels[cols]).double() - (full[cols] == labels[cols]).double())
+
+    draws = torch.stack([change(d) for d in ev["rnd"]["masks"]])
+    seed = ev["bootstrap_seed"] % 2**32
+    gap = cn.compare_to_random(change("cas"), draws, culture[cols], "gap", direction=-1,
+                               seed=seed)  # fmt: skip
+    spec = cn.compare_to_random(change("cas"), draws, culture[cols], "specificity",
+                                direction=-1, seed=seed)  # fmt: skip
+    assert ev["p_gap_vs_rnd"] == gap.p and ev["tests"]["gap"]["value"] == pytest.approx(gap.value)
+    assert ev["p_specificity_vs_rnd"] == (None if spec.p != spec.p else spec.p)
+    whole = _eval(run_dir, "cas")  # every item once: the JSON's own numbers
+    again = {m: _eval(run_dir, m) for m in ("cas", "lap", "mad")}
+    retest.retest(run_dir, again, torch.arange(len(culture)))
+    assert again["cas"]["p_gap_vs_rnd"] == whole["p_gap_vs_rnd"]
+    assert again["cas"]["tests"] == whole["tests"]
