@@ -151,18 +151,18 @@ def measure(name: str, model, processor, data, config: RunConfig, rules: list[st
 def replicated_verdicts(out: Path, exact: dict, replicates: int, seed: int = 0) -> dict:
     """How many of exact's verdicts (:func:`compare`'s count) differ when its tests are
     recomputed (:func:`~culture_neurons.pipeline.retest.retest`, from the run's kept per-item
-    scores in ``out``) on ``replicates`` bootstrap replicates of the evaluation items
-    (:func:`bootstrap_columns`): the module doc's ``exact_replicates``."""
-    import numpy as np
-
+    scores in ``out``) on ``replicates`` bootstrap replicates of the evaluation items (the
+    intervals' stratified resamples, :class:`~culture_neurons.scoring.uncertainty.Bootstrap`,
+    seeded by ``seed``): the module doc's ``exact_replicates``."""
     from culture_neurons.pipeline.retest import load_items, retest
+    from culture_neurons.scoring.uncertainty import Bootstrap
 
     culture = load_items(out)["culture"]
-    rng = np.random.default_rng(seed)
+    C = len(next(iter(exact.values()))["cultures"])
     counts, by_verdict = [], {}
-    for _ in range(replicates):
+    for columns in Bootstrap.draw(culture, C, replicates, seed).index:
         again = copy.deepcopy(exact)
-        retest(out, again, bootstrap_columns(culture, rng))
+        retest(out, again, columns)
         got = compare(exact, again)
         counts.append(got["verdicts_differ"])
         for k in got["differing"]:
@@ -170,14 +170,6 @@ def replicated_verdicts(out: Path, exact: dict, replicates: int, seed: int = 0) 
     return {"replicates": replicates, "mean": sum(counts) / replicates,
             "all_same": counts.count(0) / replicates, "max": max(counts),
             "by_verdict": dict(sorted(by_verdict.items(), key=lambda kv: -kv[1]))}  # fmt: skip
-
-
-def bootstrap_columns(culture, rng):
-    """int64 item indices: each culture's items drawn with replacement, as many as it has."""
-    import torch
-
-    own = [torch.nonzero(culture == c).flatten() for c in torch.unique(culture).tolist()]
-    return torch.cat([i[torch.as_tensor(rng.integers(0, len(i), len(i)))] for i in own])
 
 
 def _row(name, rule, run, masks, config, exact, got, exact_s, screen_s, load) -> dict:
