@@ -150,19 +150,20 @@ def measure(name: str, model, processor, data, config: RunConfig, rules: list[st
 
 def replicated_verdicts(out: Path, exact: dict, replicates: int, seed: int = 0) -> dict:
     """How many of exact's verdicts (:func:`compare`'s count) differ when its tests are
-    recomputed (:func:`~culture_neurons.pipeline.retest.retest`, from the run's kept per-item
-    scores in ``out``) on ``replicates`` bootstrap replicates of the evaluation items (the
+    recomputed (:func:`~culture_neurons.pipeline.retest.retest_items`, from the run's kept
+    per-item scores in ``out``, read once) on ``replicates`` bootstrap replicates of the evaluation items (the
     intervals' stratified resamples, :class:`~culture_neurons.scoring.uncertainty.Bootstrap`,
     seeded by ``seed``): the module doc's ``exact_replicates``."""
-    from culture_neurons.pipeline.retest import load_items, retest
+    from culture_neurons.pipeline.retest import load_items, retest_items
     from culture_neurons.scoring.uncertainty import Bootstrap
 
-    culture = load_items(out)["culture"]
+    items = load_items(out)
+    culture = items["culture"]
     C = len(next(iter(exact.values()))["cultures"])
     counts, by_verdict = [], {}
     for columns in Bootstrap.draw(culture, C, replicates, seed).index:
         again = copy.deepcopy(exact)
-        retest(out, again, columns)
+        retest_items(items, again, columns)
         got = compare(exact, again)
         counts.append(got["verdicts_differ"])
         for k in got["differing"]:

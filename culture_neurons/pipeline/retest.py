@@ -122,11 +122,16 @@ def _adjust_primary(results: dict) -> None:
             res["tests"][k]["role"] = "primary, Holm-adjusted"
 
 
-def retest(out: Path, results: dict, columns: torch.Tensor | None = None) -> None:
+def retest(out: Path, results: dict) -> None:
     """Recompute the tests of ``results`` (the run's eval JSONs) from ``eval/items.safetensors``
-    (no model), in place; with ``columns`` (int64 item indices, repeats allowed), on those
-    items only, as if they were the evaluation set (a bootstrap replicate of it, say)."""
-    items = load_items(out)
+    (no model), in place."""
+    retest_items(load_items(out), results)
+
+
+def retest_items(items: dict, results: dict, columns: torch.Tensor | None = None) -> None:
+    """:func:`retest` from the kept items already loaded (:func:`load_items`); with ``columns``
+    (int64 item indices, repeats allowed), on those items only, as if they were the evaluation
+    set (a bootstrap replicate of it, say)."""
     if columns is not None:
         items = {k: v[..., columns] for k, v in items.items()}  # every tensor's last dim: items
     culture = items["culture"]

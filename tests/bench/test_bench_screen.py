@@ -93,7 +93,7 @@ def test_replicated_verdicts_count_what_each_replicate_changes(tmp_path):
 
     import torch
 
-    from culture_neurons.pipeline.retest import load_items, retest
+    from culture_neurons.pipeline.retest import load_items, retest_items
     from culture_neurons.pipeline.run import Run
     from culture_neurons.scoring.uncertainty import Bootstrap
 
@@ -101,7 +101,8 @@ def test_replicated_verdicts_count_what_each_replicate_changes(tmp_path):
     run = Run(model, processor, data, tmp_path / "exact", config, progress=False)
     exact = run.evaluate(run.select(run.identify()))
     got = bench_screen.replicated_verdicts(run.out, exact, 6, seed=3)
-    culture, counts = load_items(run.out)["culture"], []
+    items, counts = load_items(run.out), []
+    culture = items["culture"]
     C = len(data.cultures)
     # the same draws, each culture's items with replacement (Bootstrap.draw with seed 3)
     index = Bootstrap.draw(culture, C, 6, seed=3).index
@@ -109,7 +110,7 @@ def test_replicated_verdicts_count_what_each_replicate_changes(tmp_path):
         assert torch.equal(torch.bincount(culture[columns], minlength=C),
                            torch.bincount(culture, minlength=C))  # fmt: skip
         again = copy.deepcopy(exact)
-        retest(run.out, again, columns)
+        retest_items(items, again, columns)
         counts.append(sum(screen.conclusions(again[m])[k] != v for m in exact
                           for k, v in screen.conclusions(exact[m]).items()))  # fmt: skip
     assert got["replicates"] == 6 and got["max"] == max(counts)

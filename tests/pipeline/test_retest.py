@@ -77,7 +77,7 @@ def test_primary_p_is_holm_adjusted_across_methods(run_dir):
 
 
 def test_retest_on_chosen_items_tests_those_items_alone(run_dir):
-    """``columns`` (repeats allowed: a bootstrap replicate) tests the run as if those items were
+    """``retest_items`` on ``columns`` (repeats allowed: a bootstrap replicate) tests the run as if those items were
     its evaluation set: the p through the public function on the sliced changes, by hand."""
     items = load_file(str(run_dir / retest.ITEMS_FILE))
     culture, full, labels = items["culture"], items["full"], items["labels"]
@@ -86,7 +86,7 @@ def test_retest_on_chosen_items_tests_those_items_alone(run_dir):
     cols = torch.cat([i[torch.randint(0, len(i), (len(i),), generator=g)] for i in own])
     assert len(cols.unique()) < len(cols)  # some item drawn twice
     results = {m: _eval(run_dir, m) for m in ("cas", "lap", "mad")}
-    retest.retest(run_dir, results, cols)
+    retest.retest_items(retest.load_items(run_dir), results, cols)
     ev = results["cas"]
 
     def change(name):  # accuracy points on the drawn items, written out again here
@@ -103,6 +103,6 @@ def test_retest_on_chosen_items_tests_those_items_alone(run_dir):
     assert ev["p_specificity_vs_rnd"] == (None if spec.p != spec.p else spec.p)
     whole = _eval(run_dir, "cas")  # every item once: the JSON's own numbers
     again = {m: _eval(run_dir, m) for m in ("cas", "lap", "mad")}
-    retest.retest(run_dir, again, torch.arange(len(culture)))
+    retest.retest_items(retest.load_items(run_dir), again, torch.arange(len(culture)))
     assert again["cas"]["p_gap_vs_rnd"] == whole["p_gap_vs_rnd"]
     assert again["cas"]["tests"] == whole["tests"]
