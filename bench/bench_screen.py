@@ -1,15 +1,16 @@
-"""``--matrix screen`` against ``--matrix exact`` on the same run: do the conclusions agree, and
-at what cost?
+"""``--matrix screen`` and ``--matrix sample`` against ``--matrix exact`` on the same run: do
+the conclusions agree, and at what cost?
 
     python bench/bench_screen.py --json screen.json --models toy        # the toy, default run
     python bench/bench_screen.py --models toy --cultures 4,6,8          # the cost against C
     python bench/bench_screen.py --models gemma --locales 9 --sentences 10 --rnd-draws 3
+    python bench/bench_screen.py --rules sample_0.5,sample_0.25 --replicates 200
     python bench/bench_screen.py --quick                                # tiny random models
 
 For each model: identification and selection once (every default method and its RND draws),
 then the same masks evaluated twice on the same items, statistics and resamples: exact (one
-prefill per item and condition) and screened (:mod:`culture_neurons.pipeline.screen`). Per
-model:
+prefill per item and condition) and screened (:mod:`culture_neurons.pipeline.screen`) or
+sampled (:mod:`culture_neurons.scoring.sampled`). Per model:
 
 - ``verdicts_differ``: how many verdicts differ (each method's p against RND below 0.05 or
   not, the primary one Holm-adjusted, per measure on gap and specificity; specificity defined
@@ -33,18 +34,22 @@ model:
   items drawn with replacement, as many as it has), and how many verdicts differ from exact's
   per replicate (``mean``, ``all_same`` the share of replicates where none does, ``max``,
   ``by_verdict``). A descriptive yardstick, not a test: where a verdict changes in many
-  replicates, no cheaper rule can be asked to reproduce it.
+  replicates, no cheaper rule can be asked to reproduce it;
+- ``sample_replicates`` (rules ``sample_<share>`` with ``--replicates N``): the same count over
+  N draws of the share (:func:`sampled_verdicts`): how far sample mode's verdicts move with the
+  share drawn, to read against ``exact_replicates``.
 
 Rules (``--rules``, :data:`RULES`): ``screen`` (the default rule), ``screen_1.25`` (an error
 model of 1.25x instead of 2x: fewer cells confirmed, is it still right?) and ``first_cells``
 (the diagonal and the budget's cells, no rounds: screening before drift and conclusions were
-checked).
+checked); ``sample_<share>`` is ``--matrix sample --sample-share <share>`` (no estimate: every
+cell measured, off the diagonal on the share; its tests keep their level by construction).
 
 JSON: ``{"machine": ..., "models": [{"model", "rule", "cultures", "items", "conditions", "exact_s",
 "screen_s", "verdicts_differ", "verdicts_differ_by_measure", "max_ci_ratio", "ranking_agrees",
 "exact_prefills", "screen_prefills", "estimated_items", "prefill_ratio", "whole",
-"differing", "drift", "cap_exact_methods", "exact_replicates"}]}`` (one row per model and
-rule).
+"differing", "drift", "cap_exact_methods", "exact_replicates", "sample", "sample_replicates"}]}``
+(one row per model and rule; ``screen_s`` / ``screen_prefills`` are the rule's, sample's too).
 """
 
 from __future__ import annotations
@@ -116,6 +121,11 @@ RULES = {
     "screen_1.25": (1.25, {"estimate": 1.0, "smaller": 1 / 1.25, "larger": 1.25}),
     "first_cells": (math.inf, {"estimate": 1.0}),
 }
+SAMPLE = "sample_"  # rule sample_<share>: --matrix sample at that share (no estimate at all)
+
+
+def _is_sample(rule: str) -> bool:
+    return rule.startswith(SAMPLE)
 
 
 def measure(name: str, model, processor, data, config: RunConfig, rules: list[str],
@@ -134,17 +144,25 @@ def measure(name: str, model, processor, data, config: RunConfig, rules: list[st
         load_exact = os.getloadavg()[0]
         stability = replicated_verdicts(run.out, exact, replicates) if replicates else None
         for rule in rules:
-            screen.DRIFT_LIMIT, screen.FILLS = RULES[rule]
+            if _is_sample(rule):
+                share = float(rule.removeprefix(SAMPLE))
+                cheap = replace(config, matrix="sample", sample_share=share)
+            else:
+                screen.DRIFT_LIMIT, screen.FILLS = RULES[rule]
+                cheap = replace(config, matrix="screen", screen_budget=None)
             try:
-                screened_config = replace(config, matrix="screen", screen_budget=None)
-                run_s = Run(model, processor, data, tmp / rule, screened_config, progress=False)
+                run_s = Run(model, processor, data, tmp / rule, cheap, progress=False)
                 start = time.perf_counter()
                 got = run_s.evaluate(masks)
                 screen_s = time.perf_counter() - start
             finally:
                 screen.DRIFT_LIMIT, screen.FILLS = RULES["screen"]
-            rows.append(_row(name, rule, run, masks, config, exact, got, exact_s, screen_s,
-                             [load_exact, os.getloadavg()[0]]) | {"exact_replicates": stability})
+            row = _row(name, rule, run, masks, config, exact, got, exact_s, screen_s,
+                       [load_exact, os.getloadavg()[0]]) | {"exact_replicates": stability}
+            if _is_sample(rule) and replicates:
+                row["sample_replicates"] = sampled_verdicts(run.out, exact, replicates, share,
+                                                            config.seed)  # fmt: skip
+            rows.append(row)
     return rows
 
 
@@ -173,7 +191,48 @@ def replicated_verdicts(out: Path, exact: dict, replicates: int, seed: int = 0) 
             "by_verdict": dict(sorted(by_verdict.items(), key=lambda kv: -kv[1]))}  # fmt: skip
 
 
+def sampled_verdicts(out: Path, exact: dict, replicates: int, share: float, seed: int) -> dict:
+    """How many of exact's verdicts differ under ``--matrix sample`` at ``share`` for
+    ``replicates`` draws of the share (seeds ``seed + 1``, ...): its scores are exact's where it
+    computes (tests/pipeline/test_sample_mode), so each draw is exact's kept scores with the
+    others marked not computed, its tests recomputed
+    (:func:`~culture_neurons.pipeline.retest.retest_items`; no model work). The spread a user
+    of sample mode meets, read against ``exact_replicates``."""
+    import torch
+
+    from culture_neurons.pipeline.retest import load_items, retest_items
+    from culture_neurons.pipeline.rundir import read_json
+    from culture_neurons.scoring import sampled
+    from culture_neurons.tasks import task_class
+
+    items = load_items(out)
+    culture = items["culture"]
+    first = next(iter(exact.values()))
+    C = len(first["cultures"])
+    ids = read_json(out / "eval" / "full.json", "")["items"]
+    empty = task_class(first.get("task")).empty  # the task's "not computed"
+    counts, by_verdict = [], {}
+    for r in range(replicates):
+        chosen = sampled.choose(ids, culture, C, share, seed + 1 + r)
+        drawn = dict(items)
+        for k, v in items.items():
+            if k.startswith("scores."):
+                done = sampled.computed(chosen, culture, v.shape[0], C)
+                drawn[k] = torch.where(done, v, empty(v.shape).to(v.dtype))
+        again = copy.deepcopy(exact)
+        retest_items(drawn, again)
+        got = compare(exact, again)
+        counts.append(got["verdicts_differ"])
+        for k in got["differing"]:
+            by_verdict[k] = by_verdict.get(k, 0) + 1
+    return {"replicates": replicates, "share": share, "mean": sum(counts) / replicates,
+            "all_same": counts.count(0) / replicates, "max": max(counts),
+            "by_verdict": dict(sorted(by_verdict.items(), key=lambda kv: -kv[1]))}  # fmt: skip
+
+
 def _row(name, rule, run, masks, config, exact, got, exact_s, screen_s, load) -> dict:
+    if _is_sample(rule):
+        return _sample_row(name, rule, run, masks, config, exact, got, exact_s, screen_s, load)
     record = next(iter(got.values()))["screen"]
     whole = sorted({m for res in got.values() for m in res["screen"]["whole"]})
     ratio = {m: r for res in got.values() for m, r in res["screen"]["ratio"].items()}
@@ -198,6 +257,21 @@ def _row(name, rule, run, masks, config, exact, got, exact_s, screen_s, load) ->
         "cap_exact_methods": (1 + C * len(masks)) / (1 + C * len(exact)),
         "exact_s": exact_s, "screen_s": screen_s,
         "load_1min": load,  # when each finished: a time taken under load is no benchmark
+    }  # fmt: skip
+
+
+def _sample_row(name, rule, run, masks, config, exact, got, exact_s, sample_s, load) -> dict:
+    record = next(iter(got.values()))["sample"]
+    C = len(run.cultures)
+    return {
+        "model": name, "rule": rule, "cultures": C, "items": sum(record["items_per_culture"]),
+        "conditions": 1 + C * len(masks), "methods": list(exact),
+        "rnd_draws": config.rnd_draws, "masks": len(masks), **compare(exact, got),
+        "exact_prefills": record["exact_prefills"], "screen_prefills": record["prefills"],
+        "estimated_items": 0, "prefill_ratio": record["exact_prefills"] / record["prefills"],
+        "whole": [], "rounds": [], "drift": [], "sample": record,
+        "cap_exact_methods": (1 + C * len(masks)) / (1 + C * len(exact)),
+        "exact_s": exact_s, "screen_s": sample_s, "load_1min": load,
     }  # fmt: skip
 
 
@@ -264,7 +338,8 @@ def table(models: list[dict]) -> str:
     for m in models:
         lines.append(f"| {m['model']} | {m['rule']} | {m['cultures']} | {m['items']} | "
                      f"{m['conditions']} | "
-                     f"{m['verdicts_differ']}{_yardstick(m.get('exact_replicates'))} | "
+                     f"{m['verdicts_differ']}{_spread(m.get('sample_replicates'))}"
+                     f"{_yardstick(m.get('exact_replicates'))} | "
                      f"{m['max_ci_ratio']:.2f} | "
                      f"{'yes' if m['ranking_agrees'] else 'no'} | {m['exact_prefills']} / "
                      f"{m['screen_prefills']} (+ {m['estimated_items']} fwd+bwd) | "
@@ -272,6 +347,13 @@ def table(models: list[dict]) -> str:
                      f"{len(m['whole'])} of {m['masks']} masks | {m['exact_s']:.0f} / "
                      f"{m['screen_s']:.0f} | {max(m['load_1min']):.1f} |")
     return "\n".join(lines)
+
+
+def _spread(r: dict | None) -> str:
+    if not r:
+        return ""
+    return (f" (over {r['replicates']} draws of the share: {r['mean']:.2f} on average, all kept "
+            f"in {r['all_same']:.0%})")
 
 
 def _yardstick(r: dict | None) -> str:
@@ -289,7 +371,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--locales", type=int, default=GEMMA_LOCALES)
     p.add_argument("--sentences", type=int, default=GEMMA_SENTENCES)
     p.add_argument("--rules", default=",".join(RULES),
-                   help=f"screening rules to compare with exact: {', '.join(RULES)}")
+                   help=f"rules to compare with exact: {', '.join(RULES)}, or "
+                   f"{SAMPLE}<share> (--matrix sample at that share, e.g. {SAMPLE}0.25)")
     p.add_argument("--cultures", default=None,
                    help="the toy on its first K cultures, for each K of a comma-separated list "
                    "(default: all 8): how the cost grows with C")  # fmt: skip

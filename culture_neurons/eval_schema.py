@@ -149,6 +149,8 @@ FIELDS = {
                  "(names) the Jaccard of the two halves' sets, its expectation for random sets of "
                  "their sizes from the pool, the sizes [[a, b]], the halves' items, the means; "
                  "or {unavailable: why}",
+    "sample": "--matrix sample: the share, its seed, the items sampled and all per culture, "
+              "the prefills against the exact matrix's",
     "screen": "--matrix screen: each own mask's exact / estimated effect ratio and the factor "
               "its most-off first cell is off by (worst_cell), masks confirmed whole, the "
               "rounds (drifting masks, unsettled conclusions), prefills",

@@ -5,7 +5,8 @@ pixels; LLaVA-NeXT: one tile grid per aspect ratio), and a padded batch prefills
 its longest prompt. Within each culture's share of the items (cultures keep their order, so
 batches mix cultures only where one culture's items end), items are sorted by ``(prompt length,
 id)``: the batches, and every number computed from them, are the same whatever order the items
-came in; ``--matrix screen`` also cuts its groups where the culture changes (:func:`groups`).
+came in; ``--matrix screen`` and ``sample`` also cut their groups where the culture (and the
+sampled share) changes (:func:`groups`).
 Lengths come from the task without processing any image (see
 :func:`culture_neurons.scoring.prompting.prompt_lengths`).
 """
@@ -26,17 +27,19 @@ def by_length(items: Sequence, lengths: Sequence[int]) -> list[int]:
             for i in sorted(share, key=lambda i: (lengths[i], items[i].id))]  # fmt: skip
 
 
-def groups(items: Sequence, order: Sequence[int], size: int | Mapping[str, int]) -> list:
+def groups(items: Sequence, order: Sequence[int], size: int | Mapping, key=None) -> list:
     """``order`` (positions of ``items``, :func:`by_length`) cut into groups of ``size``
-    positions; ``size`` a mapping (culture -> its group size): each group holds one culture's
-    items only (a culture's last group may be smaller), so that work needed on some cultures'
-    items runs on theirs alone and fills its forwards (``--matrix screen`` confirms cells
-    culture by culture)."""
+    positions; ``size`` a mapping (group key -> its group size): each group holds items of one
+    key only (a key's last group may be smaller), so that work needed on some items runs on
+    theirs alone and fills its forwards. The key of position i: ``key(i)``, by default its
+    item's culture (``--matrix screen`` confirms cells culture by culture); ``order`` must hold
+    each key's positions together."""
     if isinstance(size, int):
         return [list(order[s : s + size]) for s in range(0, len(order), size)]
+    key = key or (lambda i: items[i].culture)
     cut = []
-    for culture, run in itertools.groupby(order, key=lambda i: items[i].culture):
-        cut += groups(items, list(run), size[culture])
+    for k, run in itertools.groupby(order, key=key):
+        cut += groups(items, list(run), size[k])
     return cut
 
 

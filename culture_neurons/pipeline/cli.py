@@ -57,6 +57,8 @@ def _with_run(o: Options, meta: dict | None) -> Options:
             values[name] = tuple(value) if isinstance(value, list) else value
     if values.get("matrix") != "screen" and "screen_budget" not in o.given:
         values["screen_budget"] = None  # a screened run's budget, not carried to another mode
+    if values.get("matrix") != "sample" and "sample_share" not in o.given:
+        values["sample_share"] = None  # likewise a sampled run's share
     return replace(o, values=values)
 
 
@@ -354,6 +356,8 @@ def _print_summary(results: dict, out) -> None:
         note = {"estimate": "; first-order estimate", "screen": "; estimated off the screened "
                 "cells"}.get(r.get("matrix"), "")  # fmt: skip
         mark = "~" if note else ""  # as the report marks estimated numbers
+        if r.get("matrix") == "sample":  # exact prefills, off the diagonal on a share of items
+            note = f"; off-diagonal cells on a {(r.get('sample') or {}).get('share')} share"
         print(f"{name:>5}: {m.summary()} {mark}{gap:+.{decimals}f}{interval} ({m.label}; 95 % "
               f"interval{vs_rnd}{note})")  # fmt: skip
     made = [n for n in ("report.md", "eval/", "figures/") if (Path(out) / n).exists()]

@@ -25,12 +25,17 @@ STEPS = ("identify", "select", "evaluate", "exec")
 INTERVENTIONS = ("ablate", "steer")
 IDENTIFY_ON = ("correct", "all")  # the items whose statistics are recorded
 # How the ablation matrix is computed (SPEC "Matrix modes", culture_neurons.pipeline.screen).
-MATRIX_MODES = ("exact", "estimate", "screen")
+MATRIX_MODES = ("exact", "estimate", "screen", "sample")
 # screen: off-diagonal cells per mask (each method's and each RND draw's) confirmed exactly at
 # first, the ones the estimate finds most affected (culture_neurons.pipeline.screen then
 # confirms more where the estimate drifts or a conclusion depends on it). Each costs one
 # condition on one culture's items. RunConfig's None: this default under --matrix screen.
 SCREEN_BUDGET = 3
+# sample: the share of each culture's items computed under the other cultures' sets (the
+# diagonal runs on every item; culture_neurons.scoring.sampled). A quarter costs 1/C + (C - 1)
+# / (4 C) of exact's prefills (0.34 at C = 8) and keeps every test exact (less power). RunConfig's
+# None: this default under --matrix sample.
+SAMPLE_SHARE = 0.25
 STEER_ALPHA = 0.5  # steering's default alpha: the authors' follow-up work uses 0.5 (SPEC)
 # RND draws per distinct set-size vector of the methods: each costs one condition per culture.
 # p-values recombine the draws' rows (culture_neurons.scoring.uncertainty), so a few draws
@@ -76,8 +81,9 @@ def check_bound(name: str, value, where: str | None = None) -> None:
     its source (default: the flag)."""
     where = where or flag(name)
     meta = _metadata(name)
-    if meta.get("share") and (isinstance(value, bool) or not isinstance(value, (int, float))
-                              or not 0 < value < 1):  # fmt: skip
+    if meta.get("share") and value is not None and (
+            isinstance(value, bool) or not isinstance(value, (int, float))
+            or not 0 < value < 1):  # fmt: skip
         raise UsageError(f"{where} must be a share in (0, 1) (0.005 = 0.5 %), got {value!r}")
     check_minimum(value, meta.get("minimum"), where)
 
@@ -118,9 +124,12 @@ class RunConfig:
     # GiB the estimate's forward and backward may hold above the weights (None: --batch-size
     # items per batch); the items per batch follow from it (instrument.attribution.items_within)
     estimate_memory_gib: float | None = setting(None, "exec", minimum=0.01, caches=("estimate",))
-    matrix: str = setting("exact", "evaluate")  # exact, estimate or screen (MATRIX_MODES)
+    matrix: str = setting("exact", "evaluate")  # exact, estimate, screen, sample (MATRIX_MODES)
     # extra exact cells per mask; None: SCREEN_BUDGET under screen, refused under another mode
     screen_budget: int | None = setting(None, "evaluate", minimum=0)
+    # share of each culture's items off the diagonal; None: SAMPLE_SHARE under sample, refused
+    # under another mode
+    sample_share: float | None = setting(None, "evaluate", share=True)
     # same numbers, fewer vision-tower passes
     reuse_vision: bool = setting(True, "exec", caches=("matrix",))
     task: str = setting(tasks.DEFAULT, "identify", caches=MATRICES)  # culture_neurons.tasks
@@ -162,18 +171,22 @@ class RunConfig:
         if self.matrix not in MATRIX_MODES:
             raise UsageError(f"--matrix must be one of {', '.join(MATRIX_MODES)}, got "
                              f"{self.matrix!r}")  # fmt: skip
-        if self.matrix != "exact" and self.scoring != "logits":
+        if self.matrix in ("estimate", "screen") and self.scoring != "logits":
             # The estimate differentiates the letter logits; a generated answer has no gradient.
             raise UsageError(f"--matrix {self.matrix} needs --scoring logits (a generated "
                              f"answer has no gradient), got --scoring {self.scoring}; drop "
                              "--scoring or pass --matrix exact")  # fmt: skip
-        if self.matrix == "screen" and self.screen_budget is None:
-            self.screen_budget = SCREEN_BUDGET
-        elif self.matrix != "screen" and self.screen_budget is not None:
-            # A budget only screening reads: silently ignoring it would hide a mistyped mode.
-            raise UsageError(f"--screen-budget {self.screen_budget} applies to --matrix screen "
-                             f"only, got --matrix {self.matrix}; pass --matrix screen or drop "
-                             "--screen-budget")  # fmt: skip
+        # A setting only one mode reads: its default there, refused under another (silently
+        # ignoring it would hide a mistyped mode).
+        for mode, name, default in (("screen", "screen_budget", SCREEN_BUDGET),
+                                    ("sample", "sample_share", SAMPLE_SHARE)):  # fmt: skip
+            value = getattr(self, name)
+            if self.matrix == mode and value is None:
+                setattr(self, name, default)
+            elif self.matrix != mode and value is not None:
+                raise UsageError(f"{flag(name)} {value} applies to --matrix {mode} only, got "
+                                 f"--matrix {self.matrix}; pass --matrix {mode} or drop "
+                                 f"{flag(name)}")  # fmt: skip
 
     def _check_intervention(self) -> None:
         if self.intervention not in INTERVENTIONS:

@@ -10,7 +10,10 @@ items to the same resumable :class:`~culture_neurons.pipeline.group_log.GroupLog
 - ``screen``: the estimate, then the cells :mod:`culture_neurons.pipeline.screen` confirms
   computed exactly, in groups of one culture's items, so that a cell costs its culture's
   prefills and no more, and larger in a round that confirms few cells on the culture
-  (``progress/screen.jsonl``).
+  (``progress/screen.jsonl``);
+- ``sample``: every set on its own culture's items and on a share of every culture's items
+  (:mod:`culture_neurons.scoring.sampled`), in groups of one culture's share or its other
+  items (``progress/sample.jsonl``).
 
 Items are grouped by prompt length (:mod:`culture_neurons.pipeline.batching`); the scores go
 back to the items' order. The strategies read the run (:class:`~culture_neurons.pipeline.run.Run`:
@@ -26,20 +29,43 @@ from culture_neurons.instrument.attribution import items_within
 from culture_neurons.masks import Masks
 from culture_neurons.pipeline import batching, screen
 from culture_neurons.pipeline.group_log import GroupLog
+from culture_neurons.scoring import sampled as sampling
 from culture_neurons.scoring.metrics import nan_to_none
 
 
 def scores(run, items: list, combined: Masks, culture: torch.Tensor,
            masks: dict[str, Masks] | None = None):  # fmt: skip
-    """``([1 + S, n] scores, screened)`` as ``run.config.matrix`` says; ``screened`` is
-    :func:`screened`'s record for ``screen`` (which needs ``masks``, combined's parts), else
-    None."""
+    """``([1 + S, n] scores, record)`` as ``run.config.matrix`` says; ``record`` is
+    :func:`screened`'s for ``screen`` (which needs ``masks``, combined's parts) or
+    :func:`sampled`'s for ``sample``, else None."""
     mode = run.config.matrix
     if mode == "exact":
         return exact(run, items, combined), None
     if mode == "estimate":
         return estimate(run, items, combined), None
+    if mode == "sample":
+        return sampled(run, items, combined, culture)
     return screened(run, items, combined, culture, masks)
+
+
+def sampled(run, items: list, combined: Masks, culture: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """``--matrix sample`` (:mod:`culture_neurons.scoring.sampled`): every item under the
+    full model and its own culture's sets, the share ``--sample-share`` of each culture's items
+    under every set; the others stay the task's ``empty`` (not computed). ``([1 + S, n]
+    scores, record)``, the record saying which items and what it cost."""
+    C, S, share = len(run.cultures), len(combined), run.config.sample_share
+    chosen = sampling.choose([it.id for it in items], culture, C, share, run.config.seed)
+    strata = 2 * culture + chosen.long()  # 2c: culture c's other items, 2c + 1: its share
+    own = (torch.arange(S) % C)[:, None] == torch.arange(C)[None, :]  # [S, C]
+    needed = torch.stack([own, torch.ones_like(own)], -1).reshape(S, 2 * C)  # [S, strata]
+    preds = exact(run, items, combined, confirmed=needed, culture=strata, log="sample")
+    counts = torch.bincount(culture, minlength=C)
+    record = {"share": share, "seed": run.config.seed,
+              "sampled_per_culture": torch.bincount(culture[chosen], minlength=C).tolist(),
+              "items_per_culture": counts.tolist(),
+              "prefills": len(items) + int(sampling.computed(chosen, culture, S, C).sum()),
+              "exact_prefills": len(items) * (1 + S)}  # fmt: skip
+    return preds, record
 
 
 def screened(run, items: list, combined: Masks, culture: torch.Tensor,
@@ -103,14 +129,15 @@ def screened(run, items: list, combined: Masks, culture: torch.Tensor,
 
 
 def exact(run, items: list, combined: Masks, confirmed: torch.Tensor | None = None,
-          culture: torch.Tensor | None = None, round_: int = 0) -> torch.Tensor:  # fmt: skip
-    """[1 + S, n] exact scores. With ``confirmed`` [S, C] (``--matrix screen``), each group
-    (of one culture's items) runs only the sets confirmed on that culture (``culture`` [n],
-    indices), and the full model in the first round (``round_`` 0); the other scores stay
-    the task's ``empty`` and the log is ``screen.jsonl`` (``screen-<round_>.jsonl`` after the
-    first)."""
+          culture: torch.Tensor | None = None, round_: int = 0,
+          log: str = "screen") -> torch.Tensor:  # fmt: skip
+    """[1 + S, n] exact scores. With ``confirmed`` [S, G] (``--matrix screen``: G cultures;
+    ``sample``: G strata), each group (of one culture's or stratum's items: ``culture`` [n],
+    indices) runs only the sets confirmed on it, and the full model in the first round
+    (``round_`` 0); the other scores stay the task's ``empty`` and the log is
+    ``<log>.jsonl`` (``<log>-<round_>.jsonl`` after the first)."""
     config, S, rows = run.config, len(combined), run.config.batch_size
-    name = "matrix" if confirmed is None else "screen" + (f"-{round_}" if round_ else "")
+    name = "matrix" if confirmed is None else log + (f"-{round_}" if round_ else "")
     full = confirmed is None or round_ == 0  # the full model: exact's row 0, screen's first round
 
     def conditions_of(where: list[int]) -> list[int]:
@@ -128,12 +155,14 @@ def exact(run, items: list, combined: Masks, confirmed: torch.Tensor | None = No
         # groups, up to one forward of them all, and a small last group more conditions per
         # forward: fewer, fuller forwards (each group also costs an encoding and, where the
         # vision tower is reused, a forward of its own first condition).
-        needs = [len(screen.conditions(confirmed, [c], full=full)) for c in range(len(run.cultures))]
-        size = {c: max(quarter, rows // max(1, k)) for c, k in zip(run.cultures, needs, strict=True)}
+        needs = [len(screen.conditions(confirmed, [g], full=full))
+                 for g in range(confirmed.shape[1])]  # fmt: skip
+        size = {g: max(quarter, rows // max(1, k)) for g, k in enumerate(needs)}
         per_forward, grouping = None, f"by culture and length, up to {rows} rows"
     key = run._key("ablation matrix", combined.content_hash(), config.cache_settings("matrix"),
                    size if confirmed is None else rows, per_forward, grouping,
-                   None if confirmed is None else confirmed.tolist())  # fmt: skip
+                   None if confirmed is None else confirmed.tolist(),
+                   None if confirmed is None else culture.tolist())  # fmt: skip
 
     with Instrument(run.model, masks=combined, backend=config.backend,
                     alpha=config.alpha) as ablator:  # fmt: skip
@@ -152,7 +181,8 @@ def exact(run, items: list, combined: Masks, confirmed: torch.Tensor | None = No
         return _logged(run, name, key, items, S, size, compute,
                        weight=lambda where: len(where) * len(conditions_of(where)),
                        rows_of=lambda where: [c + 1 for c in conditions_of(where)],
-                       desc="ablation matrix", padding=f"ablation {name}")  # fmt: skip
+                       desc="ablation matrix", padding=f"ablation {name}",
+                       group_of=culture if confirmed is not None else None)  # fmt: skip
 
 
 def estimate(run, items: list, combined: Masks,
@@ -188,15 +218,22 @@ def estimate_batch(run, items: list) -> int:
                         config.batch_size, all_logits=run.task.estimate_all_logits)  # fmt: skip
 
 
-def _logged(run, name: str, key: str, items: list, S: int, size: int | dict[str, int], compute,
-            *, weight, rows_of, desc: str, padding: str) -> torch.Tensor:  # fmt: skip
-    """[1 + S, n] scores filled group by group (``size`` items of similar length each; per
-    culture, of that culture only, where ``size`` maps cultures to sizes:
-    :func:`batching.groups`; this part's groups), each from ``progress/<name>.jsonl`` where
-    logged under ``key``, else by ``compute(chunk, where, bar) -> (rows, block [rows,
+def _logged(run, name: str, key: str, items: list, S: int, size: int | dict[int, int], compute,
+            *, weight, rows_of, desc: str, padding: str,
+            group_of: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """[1 + S, n] scores filled group by group (``size`` items of similar length each; where
+    ``size`` maps ``group_of``'s values (culture or stratum indices [n]) to sizes, of one value
+    only: :func:`batching.groups`; this part's groups), each from ``progress/<name>.jsonl``
+    where logged under ``key``, else by ``compute(chunk, where, bar) -> (rows, block [rows,
     len(where)])`` and logged."""
     preds = run.task.empty((1 + S, len(items)))
-    every = batching.groups(items, batching.by_length(items, run._lengths(items)), size)
+    order = batching.by_length(items, run._lengths(items))
+    if group_of is None:
+        every = batching.groups(items, order, size)
+    else:  # each group's items together (stable: by length within)
+        of = group_of.tolist()
+        order = sorted(order, key=lambda i: of[i])
+        every = batching.groups(items, order, size, key=lambda i: of[i])
     run._log_padding(padding, [[items[j] for j in where] for where in every])
     groups = [(g, where) for g, where in enumerate(every) if run.part.owns(g)]  # this part's
     path = run.out / "progress" / f"{name}{run.part.tag}.jsonl"

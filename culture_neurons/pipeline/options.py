@@ -33,6 +33,7 @@ from culture_neurons.pipeline.config import (
     IDENTIFY_ON,
     INTERVENTIONS,
     MATRIX_MODES,
+    SAMPLE_SHARE,
     SCREEN_BUDGET,
     TASKS,
     RunConfig,
@@ -244,7 +245,10 @@ OPTIONS: tuple[Option, ...] = (
                "estimate": "first order from one forward and backward per batch of items (every "
                "set at once; every number marked estimated)",
                "screen": "estimate, then the diagonal and each mask's --screen-budget most "
-               "affected cells exactly (the rest marked estimated)"})),
+               "affected cells exactly (the rest marked estimated)",
+               "sample": "exact prefills: the diagonal on every item, the other cells on a "
+               "--sample-share of each culture's items (the same for every set; every test "
+               "stays exact, with less power)"})),
     Option("estimate_memory_gib", "--matrix estimate/screen: GiB the estimate's forward and "
            "backward may hold above the weights; the items per batch follow from it and the "
            "longest prompt (at most --batch-size; docs/scale.md)", ("run", "evaluate"),
@@ -254,6 +258,11 @@ OPTIONS: tuple[Option, ...] = (
            "confirmed where the estimate drifts or a verdict depends on it); each costs one "
            "condition on one culture's items", ("run", "evaluate"), "evaluation", type=int,
            default_text=f"{SCREEN_BUDGET} under --matrix screen; refused with another --matrix"),
+    Option("sample_share", "--matrix sample: the share of each culture's items (at least 2) "
+           "computed under the other cultures' sets, drawn from the item ids and --seed; "
+           "intervals are reliable from 20 such items per culture", ("run", "evaluate"),
+           "evaluation", type=float,
+           default_text=f"{SAMPLE_SHARE} under --matrix sample; refused with another --matrix"),
     Option("reuse_vision", "run the vision tower once per item group and reuse its output "
            "under every ablation (same numbers, fewer passes)", ("run", "evaluate"),
            "evaluation", type=bool),

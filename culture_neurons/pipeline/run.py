@@ -15,7 +15,8 @@ evaluation items, where ``groups`` is the number of distinct set-size vectors am
 methods (methods of identical sizes share their RND draws). ``matrix="estimate"`` replaces
 them by one forward and backward per batch of items (:mod:`culture_neurons.scoring.estimate`);
 ``matrix="screen"`` adds exact conditions for the cells :mod:`culture_neurons.pipeline.screen`
-confirms.
+confirms; ``matrix="sample"`` runs each set on its own culture's items and a share of the
+others' (:mod:`culture_neurons.scoring.sampled`).
 
 Every step leaves its result in ``OUT`` (``stats.*``, ``masks/``, ``eval/``) and its progress
 in ``OUT/progress``, so a run stopped anywhere (Ctrl-C, kill -9) continues with ``resume=True``
@@ -195,7 +196,7 @@ class Run:
         items = [it for c in self.cultures for it in self.evaluation.items_by_culture[c]]
         C = len(self.cultures)
         culture = torch.tensor([self.cultures.index(it.culture) for it in items])
-        preds, screened = matrix.scores(self, items, combined, culture, masks)  # [1 + S, n]
+        preds, record = matrix.scores(self, items, combined, culture, masks)  # [1 + S, n]
         if not self.part.main:
             return {}
         # row 0 is the full model, then C rows (one per culture's set) of each mask in turn
@@ -215,8 +216,11 @@ class Run:
                                  "identification": self._token_summary(
                                      [it for c in self.cultures
                                       for it in self.ident.items_by_culture[c]])}  # fmt: skip
-        if screened is not None:
-            matrix.add_screened(self, results, screened, names, preds[0], items, culture)
+        if self.config.matrix == "screen":
+            matrix.add_screened(self, results, record, names, preds[0], items, culture)
+        elif self.config.matrix == "sample":
+            for res in results.values():
+                res["sample"] = record
         write_json(self.out / "eval" / "full.json", full_record)
         # per-item scores, so that report recomputes the tests without the model
         retest.save_items(self.out, per_set, preds[0], culture, self.task.item_data(items, self.data))

@@ -241,7 +241,9 @@ def interval_note(run: RunFiles) -> str:
         return ""
     parts = []
     if not flags.get("reliable", True):
-        parts.append(f"**intervals are unreliable here**: the smallest culture has "
+        where = ("each culture's sampled share (--matrix sample) holds as few as"
+                 if run.first.get("matrix") == "sample" else "the smallest culture has")
+        parts.append(f"**intervals are unreliable here**: {where} "
                      f"{flags.get('smallest_culture')} evaluation items, below the "
                      f"{flags.get('min_items_per_culture')} from which percentile intervals "
                      "were measured to cover (0.78-0.83 at 5 items per culture)")  # fmt: skip
@@ -264,11 +266,14 @@ def uncertainty_note(run: RunFiles) -> str:
     """How the intervals and p-values were computed, with this run's numbers."""
     ev = run.first
     B, conf = ev.get("resamples"), ev.get("confidence", 0.95)
+    sampled = ev.get("matrix") == "sample"
     text = (f"Intervals: {100 * conf:.0f} % expanded percentile intervals (Hesterberg's "
-            "small-sample correction, at the smallest culture's item count) of a paired "
+            "small-sample correction, at the smallest "
+            + ("sampled share's" if sampled else "culture's") + " item count) of a paired "
             f"bootstrap over the evaluation items ({B} resamples; each culture's items resampled "
-            "within it, the same resamples for the full model, every method and every RND "
-            "draw). ")  # fmt: skip
+            + ("within it, its sampled share and its other items apart" if sampled else
+               "within it") + ", the same resamples for the full model, every method and "
+            "every RND draw). ")  # fmt: skip
     rnd = ev.get("rnd")
     if rnd:
         D, C = rnd.get("draws"), len(run.cultures)

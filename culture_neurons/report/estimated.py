@@ -1,5 +1,6 @@
 """What a report says of estimated numbers (``--matrix estimate`` / ``screen``, SPEC "Matrix
-modes": an estimated number is always marked as such).
+modes": an estimated number is always marked as such), and of sampled ones (``--matrix
+sample``: measured, off the diagonal on a share of the items; nothing marked).
 
 A matrix cell computed from the first-order estimate is prefixed with :data:`MARK`; a summary
 (self, cross, gap, specificity) resting on one such cell is estimated too, which the notice at
@@ -25,7 +26,7 @@ def mode(run: RunFiles) -> str:
 def estimated_cells(ev: dict) -> np.ndarray:
     """[S, C] bool: the cells of ``ev``'s matrices that are estimated."""
     C = len(ev["cultures"])
-    if ev.get("matrix", "exact") == "exact":
+    if ev.get("matrix", "exact") in ("exact", "sample"):  # sample: measured, on fewer items
         return np.zeros((C, C), dtype=bool)
     if ev.get("confirmed") is None:  # estimate: every cell
         return np.ones((C, C), dtype=bool)
@@ -43,6 +44,8 @@ def notice(run: RunFiles) -> list[str]:
     if how == "exact":
         return []
     first = run.first
+    if how == "sample":
+        return [_sampled(first), ""]
     if how == "estimate":
         what = ("**every number of an intervention below is a first-order estimate** (one "
                 "forward and backward per batch of items: each set's effect on the scores is "
@@ -63,6 +66,26 @@ def notice(run: RunFiles) -> list[str]:
         + (" and the section \"Estimate against exact\" below." if how == "screen" else "."),
         "",
     ]
+
+
+def _sampled(ev: dict) -> str:
+    """The notice of a ``--matrix sample`` run: measured, off the diagonal on a share."""
+    rec = ev.get("sample") or {}
+    share, got, of = rec.get("share"), rec.get("sampled_per_culture"), rec.get("items_per_culture")
+    counts = (f" ({_span(got)} of {_span(of)} items per culture)" if got and of else "")
+    cost = (f"; {rec['prefills']} of the exact matrix's {rec['exact_prefills']} item prefills"
+            if rec.get("prefills") else "")  # fmt: skip
+    return (f"> **Matrix mode `sample`**: every number is measured (exact prefills), each "
+            f"diagonal cell on all its culture's items and each off-diagonal cell on the same "
+            f"share {share} of its culture's items{counts}, drawn from the item ids and the seed "
+            "before any set ran, the same for every method and RND draw. The tests against RND "
+            "stay exact under this sampling (their level is kept; their power is lower than "
+            "exact's), cross and the off-diagonal cells' intervals rest on the share"
+            f"{cost}. See docs/matrix-modes.md.")  # fmt: skip
+
+
+def _span(counts: list[int]) -> str:
+    return f"{min(counts)}" if min(counts) == max(counts) else f"{min(counts)}-{max(counts)}"
 
 
 def _rounds(ev: dict) -> str:

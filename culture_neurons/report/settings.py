@@ -33,7 +33,9 @@ def settings_line(run: RunFiles) -> str:
                     "estimate": "estimate (first order, every cell)",
                     "screen": f"screen (estimate; diagonal + {cfg.get('screen_budget')} most "
                     "affected cells per mask exact, more where the estimate drifts or a "
-                    "conclusion depends on it)"}.get(cfg.get("matrix", "exact"))),
+                    "conclusion depends on it)",
+                    "sample": f"sample (exact; off-diagonal cells on a {cfg.get('sample_share')} "
+                    "share of each culture's items)"}.get(cfg.get("matrix", "exact"))),
         ("activation", cfg.get("activation", st.get("activation"))),
         ("scope", cfg.get("scope", st.get("scope"))),
         ("identified on", {"correct": "items the full model answers correctly",

@@ -140,22 +140,27 @@ def culture_nll(sums: torch.Tensor, tokens: torch.Tensor, culture: torch.Tensor,
                 C: int) -> torch.Tensor:  # fmt: skip
     """Token-weighted mean NLL per culture, nats/token: ``sums`` ``[..., n]`` summed NLL of
     each item, ``tokens`` int64 ``[n]`` its predicted tokens, ``culture`` ``[n]`` -> ``[..., C]``
-    (NaN for a culture without items)."""
+    (NaN for a culture without items); a NaN sum (not computed) leaves its item out of both."""
     # ratio of per-culture means = ratio of per-culture sums (the item counts cancel)
-    return per_culture_mean(sums, culture, C) / per_culture_mean(tokens.double(), culture, C)
+    tokens = torch.where(torch.isnan(sums), torch.nan, tokens.double())
+    return per_culture_mean(sums, culture, C) / per_culture_mean(tokens, culture, C)
 
 
 def nll_matrices(full: torch.Tensor, sums: torch.Tensor, tokens: torch.Tensor,
                  culture: torch.Tensor, C: int, boot: Bootstrap | None = None) -> dict:  # fmt: skip
     """``nll_full`` [C] and ``nll`` / ``delta`` [S, C] in nats/token from summed NLL ``full``
-    [n] (the full model) and ``sums`` [S, n] (row s under ablation set s); with ``boot``, the
-    same on each of its B resamples ([B, C], [B, S, C]; paired: the same resampled sentences
-    for every condition, each culture's NLL their summed NLL over their summed tokens)."""
+    [n] (the full model) and ``sums`` [S, n] (row s under ablation set s; NaN where not
+    computed, ``--matrix sample``); with ``boot``, the same on each of its B resamples ([B, C],
+    [B, S, C]; paired: the same resampled sentences for every condition, each culture's NLL
+    their summed NLL over their summed tokens). ``delta`` is paired (the summed change over
+    the summed tokens of the items computed under the set), ``nll`` the full model's plus it."""
+    change = sums.double() - full.double()
     if boot is None:
         nll_full = culture_nll(full, tokens, culture, C)
-        nll = culture_nll(sums, tokens, culture, C)
+        delta = culture_nll(change, tokens, culture, C)
     else:
-        per_token = boot.culture_sums(tokens.double())  # [B, C]
-        nll_full = boot.culture_sums(full) / per_token
-        nll = (boot.culture_sums(sums) / per_token).movedim(-2, 0)  # [B, S, C]
-    return {"nll_full": nll_full, "nll": nll, "delta": nll - nll_full.unsqueeze(-2)}
+        nll_full = boot.culture_sums(full) / boot.culture_sums(tokens.double())  # [B, C]
+        counted = torch.where(torch.isnan(change), 0.0, tokens.double())  # [S, n]
+        delta = (boot.culture_sums(change.nan_to_num(0.0))
+                 / boot.culture_sums(counted)).movedim(-2, 0)  # [B, S, C]  # fmt: skip
+    return {"nll_full": nll_full, "nll": nll_full.unsqueeze(-2) + delta, "delta": delta}

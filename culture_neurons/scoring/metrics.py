@@ -25,17 +25,22 @@ if TYPE_CHECKING:
     from culture_neurons.scoring.uncertainty import Bootstrap
 
 
+NOT_COMPUTED = -2  # an MC score (letter index) not computed: never a prediction (-1 = unparseable)
+
+
 def per_culture_mean(values: torch.Tensor, culture: torch.Tensor, C: int) -> torch.Tensor:
-    """Mean of ``values`` [..., n] over the items of each culture: [..., C] (NaN if none)."""
+    """Mean of ``values`` [..., n] over the items of each culture: [..., C] (NaN if none);
+    NaN values (not computed) are left out."""
     onehot = torch.zeros(C, culture.numel(), dtype=torch.float64)
     onehot[culture, torch.arange(culture.numel())] = 1
-    counts = onehot.sum(1)
-    return (values.double() @ onehot.T) / counts
+    values = values.double()
+    computed = (~torch.isnan(values)).double()
+    return (values.nan_to_num(0.0) @ onehot.T) / (computed @ onehot.T)
 
 
 def matrices(
     pred_full: torch.Tensor,  # int64 [n] letter index of the full model, -1 unparseable
-    pred: torch.Tensor,  # int64 [S, n] under each ablated set
+    pred: torch.Tensor,  # int64 [S, n] under each ablated set, NOT_COMPUTED where not run
     culture: torch.Tensor,  # int64 [n] culture index of each item
     C: int,
     labels: torch.Tensor | None,  # int64 [n], None when hidden
@@ -43,14 +48,23 @@ def matrices(
 ) -> dict:
     """``accuracy_full`` [C], ``accuracy`` / ``delta`` / ``flip`` [S, C] (None without labels);
     with ``boot``, the same on each of its B resamples: [B, C] and [B, S, C] (paired: every
-    condition is averaged over the same resampled items)."""
+    condition is averaged over the same resampled items). A cell is a mean over the items
+    computed under its set (``--matrix sample``: a share of them off the diagonal), paired:
+    ``delta`` is the mean of those items' own changes and ``accuracy`` the full model's plus it
+    (the full model's accuracy, on all items, moved by the paired change)."""
     mean = _culture_mean(culture, C, boot)
-    flip = mean((pred != pred_full).double())
+    computed = pred != NOT_COMPUTED
+
+    def paired(change: torch.Tensor) -> torch.Tensor:
+        return mean(torch.where(computed, change.double(), torch.nan))
+
+    flip = paired(pred != pred_full)
     out = {"flip": flip, "accuracy_full": None, "accuracy": None, "delta": None}
     if labels is not None:
-        full = 100 * mean((pred_full == labels).double())
-        acc = 100 * mean((pred == labels).double())
-        out.update(accuracy_full=full, accuracy=acc, delta=acc - full.unsqueeze(-2))
+        right_full = (pred_full == labels).double()
+        full = 100 * mean(right_full)
+        delta = 100 * paired((pred == labels).double() - right_full)
+        out.update(accuracy_full=full, accuracy=full.unsqueeze(-2) + delta, delta=delta)
     return out
 
 

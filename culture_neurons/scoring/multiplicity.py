@@ -52,7 +52,8 @@ def benjamini_hochberg(p: np.ndarray) -> np.ndarray:
 
 def cell_p(change: torch.Tensor, culture: torch.Tensor, C: int, seed: int = 0) -> np.ndarray:
     """Two-sided p-values ``[S, C]`` of every cell of per-item changes ``change [S, n]`` (see the
-    module doc); NaN for a culture without items."""
+    module doc), each on the items computed under its set (NaN: not computed); NaN for a cell
+    without items."""
     x_all = change.double().numpy()
     cult = culture.numpy()
     rng = np.random.default_rng(seed)
@@ -60,8 +61,9 @@ def cell_p(change: torch.Tensor, culture: torch.Tensor, C: int, seed: int = 0) -
     for c in range(C):
         x = x_all[:, cult == c]
         for s in range(x.shape[0]):
-            if x.shape[1]:
-                out[s, c] = _sign_flip(x[s], rng)
+            row = x[s][~np.isnan(x[s])]  # the items computed under set s (--matrix sample)
+            if row.size:
+                out[s, c] = _sign_flip(row, rng)
     return out
 
 

@@ -7,6 +7,15 @@ sizes, ``culture [n]``. A culture's cell is the plain mean of its items' changes
 token-weighted quantities scaled so their plain mean is the weighted one). Cultures without
 items leave their cells out, as :func:`culture_neurons.scoring.metrics.summaries` does.
 
+**Partly computed** (``--matrix sample``): NaN marks an item not computed under a set; a cell
+is the mean of its computed items. Every test stays exact as long as which items were computed
+does not depend on the sets' effects and is the same for the method and its draws (a share of
+items, drawn before, for every off-diagonal cell): the recombination tests' rows are then
+computed alike for every set, so exchangeable under their null; the own-row test runs on the
+items computed under every row; the total's interval is stratified by which rows an item has.
+Their level, power and the interval's coverage at a sampled share: ``tests/scoring/
+test_sampled``.
+
 **gap against RND** (the row-recombination randomization test, computed once on the observed
 changes; no bootstrap). Null: for every culture s, the method's set for s is exchangeable with
 the D draws' sets for s (one more uniform random set of that size), independently across s.
@@ -54,6 +63,7 @@ import numpy as np
 import torch
 
 from culture_neurons.errors import UsageError
+from culture_neurons.scoring.metrics import per_culture_mean
 from culture_neurons.scoring.uncertainty import t_quantile
 
 LOWER, HIGHER, TWO_SIDED = -1, 1, 0
@@ -145,10 +155,9 @@ def _check(method, draws, culture, measure, direction, C):
 
 
 def cells(change: torch.Tensor, culture: torch.Tensor, C: int) -> torch.Tensor:
-    """Per-culture means ``[..., C(sets), C(cultures)]`` of per-item changes [..., C, n]."""
-    onehot = torch.zeros(C, culture.numel(), dtype=torch.float64)
-    onehot[culture, torch.arange(culture.numel())] = 1
-    return (change.double() @ onehot.T) / onehot.sum(1)
+    """Per-culture means ``[..., C(sets), C(cultures)]`` of per-item changes [..., C, n] over
+    the items computed (NaN: not computed under that set; a cell with none is NaN)."""
+    return per_culture_mean(change, culture, C)
 
 
 def row_terms(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -218,23 +227,37 @@ def _floor(null: np.ndarray, exact: bool) -> float:
 def total_interval(e: torch.Tensor, culture: torch.Tensor, C: int,
                    confidence: float = CONFIDENCE) -> tuple[float, tuple[float, float]]:  # fmt: skip
     """The total effect ``sum_{s, c'} cell[s, c']`` of oriented changes ``e [..., C, n]``
-    (averaged over leading draws) and its stratified t interval over items: the total is
-    ``sum_i x_i / n_c(i)`` with ``x_i`` = item i's summed change over the rows, so its variance
-    is ``sum_c var_c(x) / n_c`` (df = items - cultures)."""
-    x = e.double().reshape(-1, C, e.shape[-1]).sum(1).mean(0).numpy()  # [n]
-    cult = culture.numpy()
-    total, var, df = 0.0, 0.0, 0
-    for c in range(C):
-        xc = x[cult == c]
-        if xc.size == 0:
-            continue
-        total += xc.mean()
-        if xc.size > 1:
-            var += xc.var(ddof=1) / xc.size
-            df += xc.size - 1
-    if df == 0:
+    (averaged over leading draws) and its stratified t interval over items. The total is
+    ``sum_i y_i`` with ``y_i`` = item i's change under each row over that cell's computed
+    items (``x_i / n_c`` when every item is computed), so its variance is ``sum_g n_g var_g(y)``
+    over strata g of items computed under the same rows within a culture (a share sampled for
+    the off-diagonal cells is one stratum, the rest another; Welch-Satterthwaite df)."""
+    e = e.double().reshape(-1, C, e.shape[-1])  # [D, C, n]
+    computed = ~torch.isnan(e)
+    onehot = torch.zeros(C, culture.numel(), dtype=torch.float64)
+    onehot[culture, torch.arange(culture.numel())] = 1
+    count = computed.double() @ onehot.T  # [D, C rows, C cultures]: computed items per cell
+    per_item = count[..., culture]  # [D, C, n]: the count of item i's cell
+    y = (e.nan_to_num(0.0) / per_item.clamp_min(1)).sum(1).mean(0).numpy()  # [n]
+    # strata: culture and which rows were computed (the same under every draw)
+    pattern = computed[0].T.numpy()  # [n, C]
+    keys = [(int(c), row.tobytes()) for c, row in zip(culture.tolist(), pattern, strict=True)]
+    strata: dict = {}
+    for i, k in enumerate(keys):
+        strata.setdefault(k, []).append(i)
+    total, parts = float(y.sum()), []
+    for members in strata.values():
+        yg = y[members]
+        if yg.size > 1:
+            parts.append((yg.size * yg.var(ddof=1), yg.size - 1))
+    var = sum(v for v, _ in parts)
+    if not parts:
         return total, (math.nan, math.nan)
-    half = t_quantile(0.5 + confidence / 2, df) * math.sqrt(var)
+    # Welch-Satterthwaite df: a small stratum (the sampled share) carrying most of the
+    # variance has fewer df than the items; with one stratum per culture, items - cultures
+    # where the cultures' variances are alike.
+    df = var**2 / sum(v**2 / d for v, d in parts) if var > 0 else sum(d for _, d in parts)
+    half = t_quantile(0.5 + confidence / 2, max(df, 1.0)) * math.sqrt(var)
     return float(total), (float(total - half), float(total + half))
 
 
@@ -286,7 +309,10 @@ def _specificity(method, draws, culture, C, direction, permutations, seed,
 def _own_row_test(e: torch.Tensor, culture: torch.Tensor, C: int, permutations: int,
                   seed: int) -> tuple[float, int]:  # fmt: skip
     """One-sided p of ``oriented gap > 0`` by reassigning each item's "own" row uniformly
-    among the C rows (see the module doc), the observed counted."""
+    among the C rows (see the module doc), the observed counted; on the items computed under
+    every row (where some were not: the others cannot be reassigned)."""
+    complete = ~torch.isnan(e.double()).any(0)  # [n]
+    e, culture = e[:, complete], culture[complete]
     counts = torch.bincount(culture, minlength=C).double()
     n_def = int((counts > 0).sum())
     x = e.double().T.numpy()  # [n, C]: item i's change under each row's set

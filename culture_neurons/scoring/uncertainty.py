@@ -53,24 +53,30 @@ class Bootstrap:
     C: int
     index: torch.Tensor  # int64 [B, n]: slot j of resample b holds item index[b, j], of culture[j]
     seed: int
+    complete: torch.Tensor | None = None  # bool [n] where some items miss some sets (draw)
     _weights: torch.Tensor | None = field(default=None, repr=False)
 
     @classmethod
     def draw(cls, culture: torch.Tensor, C: int, resamples: int = DEFAULT_RESAMPLES,
-             seed: int = 0) -> Bootstrap:  # fmt: skip
-        """B = ``resamples`` stratified resamples of the items of ``culture`` [n], seeded."""
+             seed: int = 0, complete: torch.Tensor | None = None) -> Bootstrap:  # fmt: skip
+        """B = ``resamples`` stratified resamples of the items of ``culture`` [n], seeded. With
+        ``complete`` (bool [n]: the items computed under every set, ``--matrix sample``'s
+        share), each culture's complete items and its others are resampled apart, each
+        keeping its count (the off-diagonal cells average over the share alone)."""
         if isinstance(resamples, bool) or not isinstance(resamples, int) or resamples < 1:
             raise UsageError(f"resamples must be a positive int, got {resamples!r}")
         culture = torch.as_tensor(culture, dtype=torch.int64)
-        order = torch.argsort(culture, stable=True)  # items grouped by culture
-        count = torch.bincount(culture, minlength=C)  # [C]
-        start = torch.cumsum(count, 0) - count  # [C] first position of each culture in `order`
+        partial = complete is not None and not bool(complete.all())
+        group = 2 * culture + complete.long() if partial else culture  # the strata
+        order = torch.argsort(group, stable=True)  # items grouped by stratum
+        count = torch.bincount(group)  # per stratum
+        start = torch.cumsum(count, 0) - count  # first position of each stratum in `order`
         gen = torch.Generator().manual_seed(seed)
         u = torch.rand(resamples, culture.numel(), generator=gen, dtype=torch.float64)
-        # slot j draws uniformly among the count[culture[j]] items of its own culture
-        offset = (u * count[culture]).long().clamp_max(count[culture] - 1)
-        index = order[start[culture] + offset]
-        return cls(culture, C, index, seed)
+        # slot j draws uniformly among the count[group[j]] items of its own stratum
+        offset = (u * count[group]).long().clamp_max(count[group] - 1)
+        index = order[start[group] + offset]
+        return cls(culture, C, index, seed, complete if partial else None)
 
     @property
     def resamples(self) -> int:
@@ -89,6 +95,14 @@ class Bootstrap:
     def items_per_culture(self) -> torch.Tensor:
         return torch.bincount(self.culture, minlength=self.C)
 
+    @property
+    def cell_items(self) -> torch.Tensor:
+        """int64 [C]: the fewest items a cell of each culture averages over (its complete
+        items where some miss some sets)."""
+        if self.complete is None:
+            return self.items_per_culture
+        return torch.bincount(self.culture[self.complete], minlength=self.C)
+
     def culture_sums(self, values: torch.Tensor) -> torch.Tensor:
         """``values`` [..., n] summed over each culture's resampled items: [..., B, C]."""
         lead, n = values.shape[:-1], values.shape[-1]
@@ -106,8 +120,11 @@ class Bootstrap:
 
     def culture_means(self, values: torch.Tensor) -> torch.Tensor:
         """``values`` [..., n] averaged over each culture's resampled items: [..., B, C] (NaN
-        for a culture without items)."""
-        return self.culture_sums(values) / self.items_per_culture.double()
+        for a culture without items); NaN values (not computed) are left out."""
+        missing = torch.isnan(values)
+        if not bool(missing.any()):
+            return self.culture_sums(values) / self.items_per_culture.double()
+        return self.culture_sums(values.nan_to_num(0.0)) / self.culture_sums((~missing).double())
 
 
 def interval(samples: torch.Tensor, confidence: float = CONFIDENCE,
@@ -123,7 +140,7 @@ def interval(samples: torch.Tensor, confidence: float = CONFIDENCE,
     return torch.from_numpy(np.moveaxis(lohi, 0, -1).copy())
 
 
-def t_quantile(q: float, df: int) -> float:
+def t_quantile(q: float, df: float) -> float:
     """Student t quantile by the Cornish-Fisher expansion around the normal one (at q = 0.975
     within 0.03 of the exact value for df >= 3, 0.002 for df >= 10; no scipy dependency)."""
     z = float(torch.distributions.Normal(0.0, 1.0).icdf(torch.tensor(q, dtype=torch.float64)))

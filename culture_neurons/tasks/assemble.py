@@ -48,9 +48,15 @@ def add_tests(results: dict, per_set: dict, full: torch.Tensor, culture: torch.T
     retest.add_tests(results, per_item, culture, seed=boot.seed % 2**32)
 
 
-def bootstrap(culture: torch.Tensor, C: int, config: RunConfig) -> Bootstrap:
-    """The run's one set of resamples, shared by every method and RND draw (paired)."""
-    return Bootstrap.draw(culture, C, config.resamples, seed=_bootstrap_seed(config))
+def bootstrap(culture: torch.Tensor, C: int, config: RunConfig, per_set: dict,
+              missing) -> Bootstrap:  # fmt: skip
+    """The run's one set of resamples, shared by every method and RND draw (paired); where
+    some items were not computed under some sets (``per_set`` {mask: scores [C, n]},
+    ``missing(scores)`` says which: ``--matrix sample``), the items computed under every set
+    and the others are resampled apart."""
+    complete = ~torch.stack([missing(v) for v in per_set.values()]).any(0).any(0)  # [n]
+    return Bootstrap.draw(culture, C, config.resamples, seed=_bootstrap_seed(config),
+                          complete=complete)  # fmt: skip
 
 
 def _bootstrap_seed(config: RunConfig) -> int:
@@ -86,7 +92,7 @@ def assemble(mats, per_set: dict, masks: dict[str, Masks], name: str, rnd_names:
     ``mats(scores, boot=None)`` gives the task's matrices (observed, or [B, ...] resampled).
     """
     point, resampled = mats(per_set[name]), mats(per_set[name], boot)
-    counts = boot.items_per_culture
+    counts = boot.cell_items  # --matrix sample: the share, off the diagonal
     items = int(counts[counts > 0].min()) if bool((counts > 0).any()) else None
     out: dict = {"resamples": boot.resamples, "confidence": CONFIDENCE,
                  "bootstrap_seed": boot.seed}  # fmt: skip

@@ -64,10 +64,12 @@ class Task(Protocol):
     def predict(self, items: list, batch_size: int, progress=None) -> torch.Tensor:
         """The full model's scores [n]."""
 
-    def empty(self, shape: tuple[int, int]) -> torch.Tensor:
-        """Scores not computed yet."""
+    @staticmethod
+    def empty(shape: tuple[int, int]) -> torch.Tensor:
+        """Scores not computed (yet, or ever: ``--matrix sample``)."""
 
-    def missing(self, scores: torch.Tensor) -> torch.Tensor:
+    @staticmethod
+    def missing(scores: torch.Tensor) -> torch.Tensor:
         """bool: where ``scores`` are :meth:`empty`'s."""
 
     # -- scores to numbers ----------------------------------------------------------------

@@ -10,7 +10,7 @@ import torch
 from culture_neurons.errors import UsageError
 from culture_neurons.eval_schema import NLL_DELTA
 from culture_neurons.scoring import estimate, lm
-from culture_neurons.scoring.metrics import per_culture_sum
+from culture_neurons.scoring.metrics import per_culture_mean, per_culture_sum
 from culture_neurons.scoring.uncertainty import Bootstrap
 from culture_neurons.tasks.assemble import (
     add_tests,
@@ -106,11 +106,13 @@ class LMTask:
                 progress(group.size)
         return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
 
-    def empty(self, shape: tuple[int, int]) -> torch.Tensor:
+    @staticmethod
+    def empty(shape: tuple[int, int]) -> torch.Tensor:
         """Scores not computed yet: NaN (a real NLL is finite)."""
         return torch.full(shape, float("nan"), dtype=torch.float64)
 
-    def missing(self, preds: torch.Tensor) -> torch.Tensor:
+    @staticmethod
+    def missing(preds: torch.Tensor) -> torch.Tensor:
         return torch.isnan(preds)
 
     def tokens(self, items: list) -> torch.Tensor:
@@ -136,7 +138,7 @@ class LMTask:
         full_record = {"items": [it.id for it in items], "culture": culture.tolist(),
                        "tokens": tokens.tolist(), "nll_sum": full.tolist()}  # fmt: skip
         C = len(cultures)
-        boot = bootstrap(culture, C, self.config)
+        boot = bootstrap(culture, C, self.config, per_set, self.missing)
 
         def mats(sums, resampled: Bootstrap | None = None) -> dict:
             return lm.nll_matrices(full, sums, tokens, culture, C, boot=resampled)
@@ -164,11 +166,12 @@ class LMTask:
     @staticmethod
     def changes(full: torch.Tensor, scores: torch.Tensor, culture: torch.Tensor, C: int,
                 item_data: dict) -> dict:  # fmt: skip
-        """Per-item changes ``{"delta": [S, n]}``: an item's summed NLL change x n_c / T_c, so
-        that a culture's plain mean is its token-weighted NLL change (nats/token)."""
+        """Per-item changes ``{"delta": [S, n]}``: an item's summed NLL change x n_c / T_c
+        (items and tokens of its culture computed under the set: NaN where the item was not,
+        ``--matrix sample``), so that a culture's plain mean over the computed items is its
+        token-weighted NLL change (nats/token)."""
         tokens = item_data["tokens"]
-        counts = torch.bincount(culture, minlength=C).double()
-        per_culture_tokens = torch.zeros(C, dtype=torch.float64).index_add_(
-            0, culture, tokens.double())  # fmt: skip
-        scale = counts[culture] / per_culture_tokens[culture]
-        return {NLL_DELTA.key: (scores.double() - full.double()) * scale}
+        change = scores.double() - full.double()  # [S, n]
+        counted = torch.where(torch.isnan(change), torch.nan, tokens.double())
+        per_item = per_culture_mean(counted, culture, C)  # [S, C] tokens per computed item
+        return {NLL_DELTA.key: change / per_item[:, culture]}

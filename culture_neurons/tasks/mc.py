@@ -10,7 +10,7 @@ import torch
 from culture_neurons.errors import UsageError
 from culture_neurons.eval_schema import ACCURACY_DELTA, FLIP, MATRICES
 from culture_neurons.scoring import estimate, multiple_choice
-from culture_neurons.scoring.metrics import matrices
+from culture_neurons.scoring.metrics import NOT_COMPUTED, matrices
 from culture_neurons.scoring.multiple_choice import Group
 from culture_neurons.scoring.prompting import encode, prompt_lengths
 from culture_neurons.scoring.uncertainty import Bootstrap
@@ -113,12 +113,14 @@ class MCTask:
         return multiple_choice.predict(self.model, self.processor, items, batch_size=batch_size,
                                        scoring=self.config.scoring, progress=progress)  # fmt: skip
 
-    def empty(self, shape: tuple[int, int]) -> torch.Tensor:
-        """Scores not computed yet: -2 (never a prediction)."""
-        return torch.full(shape, -2, dtype=torch.int64)
+    @staticmethod
+    def empty(shape: tuple[int, int]) -> torch.Tensor:
+        """Scores not computed (yet): -2 (never a prediction)."""
+        return torch.full(shape, NOT_COMPUTED, dtype=torch.int64)
 
-    def missing(self, preds: torch.Tensor) -> torch.Tensor:
-        return preds == -2
+    @staticmethod
+    def missing(preds: torch.Tensor) -> torch.Tensor:
+        return preds == NOT_COMPUTED
 
     # -- scores to numbers ----------------------------------------------------------------
     def point(self, full, scores, items, culture, C, data) -> dict:
@@ -147,7 +149,7 @@ class MCTask:
             "label": None if labels is None else labels.tolist(), "pred": full.tolist(),
         }  # fmt: skip
         C = len(cultures)
-        boot = bootstrap(culture, C, self.config)
+        boot = bootstrap(culture, C, self.config, per_set, self.missing)
 
         def mats(pred, resampled: Bootstrap | None = None) -> dict:
             return matrices(full, pred, culture, C, labels, boot=resampled)
@@ -184,10 +186,16 @@ class MCTask:
                 item_data: dict) -> dict:  # fmt: skip
         """Per-item changes ``{measure key: [S, n]}`` of ``scores`` [S, n] against ``full``
         [n], a culture's plain mean being its matrix cell: ``flip`` (0/1) and, with labels,
-        ``delta`` (points: 100 x (right under the set - right under the full model))."""
-        out = {FLIP.key: (scores != full).double()}
+        ``delta`` (points: 100 x (right under the set - right under the full model)); NaN
+        where the item was not computed under the set (``--matrix sample``)."""
+        computed = scores != NOT_COMPUTED
+
+        def change(x: torch.Tensor) -> torch.Tensor:
+            return torch.where(computed, x.double(), torch.nan)
+
+        out = {FLIP.key: change(scores != full)}
         labels = item_data.get("labels")
         if labels is not None:
-            out[ACCURACY_DELTA.key] = 100.0 * ((scores == labels).double()
-                                               - (full == labels).double())  # fmt: skip
+            out[ACCURACY_DELTA.key] = 100.0 * change((scores == labels).double()
+                                                     - (full == labels).double())  # fmt: skip
         return out
