@@ -1,7 +1,6 @@
 """``python -m culture_neurons`` (and ``torchrun ... -m culture_neurons``): the CLI."""
 
-import sys
-
 from culture_neurons.pipeline.cli import main
+from culture_neurons.pipeline.distributed import exit_process
 
-sys.exit(main())
+exit_process(main())

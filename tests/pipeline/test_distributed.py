@@ -198,3 +198,26 @@ def test_lm_task_under_two_ranks_equals_one_process(tmp_path):
             _two_ranks(argv)
     a, b = _evals(single), _evals(multi)
     assert a == b and a["cas"]["matrix"] == "screen"
+
+
+def test_a_ranked_process_ends_without_the_interpreters_teardown(tmp_path):
+    """Under a process group, ``exit_process`` ends with the code, output flushed, and no
+    teardown (an atexit handler does not run: where a gloo rank aborted now and then); one
+    process exits the usual way (the handler runs)."""
+    import subprocess
+    import sys
+
+    code = ("import atexit, sys, torch.distributed as dist\n"
+            "from culture_neurons.pipeline.distributed import exit_process\n"
+            "atexit.register(lambda: print('teardown ran', flush=True))\n"
+            "if sys.argv[1] == 'ranked':\n"
+            f"    dist.init_process_group('gloo', init_method='file://{tmp_path}/store', "
+            "rank=0, world_size=1)\n"
+            "print('work done', end='')\n"
+            "exit_process(3)\n")  # fmt: skip
+    for how, teardown in (("ranked", False), ("single", True)):
+        proc = subprocess.run([sys.executable, "-c", code, how], capture_output=True, text=True,
+                              timeout=120)  # fmt: skip
+        assert proc.returncode == 3, proc.stderr
+        assert proc.stdout.startswith("work done")
+        assert ("teardown ran" in proc.stdout) is teardown, proc.stdout
