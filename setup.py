@@ -81,5 +81,5 @@ setup(
         "test": ["pytest>=7", "pytest-benchmark>=4", "ruff", "datasets>=2.14", "faker>=20",
                  "nnsight>=0.8"],
     },
-    entry_points={"console_scripts": ["culture-neurons=culture_neurons.pipeline.cli:main"]},
+    entry_points={"console_scripts": ["culture-neurons=culture_neurons.pipeline.cli:entry"]},
 )

@@ -1,6 +1,5 @@
 """``python -m culture_neurons`` (and ``torchrun ... -m culture_neurons``): the CLI."""
 
-from culture_neurons.pipeline.cli import main
-from culture_neurons.pipeline.distributed import exit_process
+from culture_neurons.pipeline.cli import entry
 
-exit_process(main())
+entry()

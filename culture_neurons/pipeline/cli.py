@@ -409,6 +409,15 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def entry() -> None:
+    """``culture-neurons`` and ``python -m culture_neurons``: :func:`main`, the process ended
+    by :func:`~culture_neurons.pipeline.distributed.exit_process` (under torchrun, without
+    the interpreter's teardown)."""
+    from culture_neurons.pipeline.distributed import exit_process
+
+    exit_process(main())
+
+
 def _oom_errors() -> tuple[type[BaseException], ...]:
     import torch
 
