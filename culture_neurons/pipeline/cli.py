@@ -25,6 +25,7 @@ from pathlib import Path
 
 from culture_neurons.errors import CultureNeuronsError, UsageError
 from culture_neurons.pipeline import rundir
+from culture_neurons.pipeline.config import MODE_SETTINGS
 from culture_neurons.pipeline.options import (
     FAKER_DATA,
     Options,
@@ -55,10 +56,9 @@ def _with_run(o: Options, meta: dict | None) -> Options:
     for name, value in recorded.items():
         if name in values and name not in o.given:
             values[name] = tuple(value) if isinstance(value, list) else value
-    if values.get("matrix") != "screen" and "screen_budget" not in o.given:
-        values["screen_budget"] = None  # a screened run's budget, not carried to another mode
-    if values.get("matrix") != "sample" and "sample_share" not in o.given:
-        values["sample_share"] = None  # likewise a sampled run's share
+    for mode, name, _ in MODE_SETTINGS:  # a screened run's budget, a sampled run's share
+        if values.get("matrix") != mode and name not in o.given:
+            values[name] = None  # not carried to another mode
     return replace(o, values=values)
 
 

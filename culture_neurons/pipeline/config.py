@@ -36,6 +36,9 @@ SCREEN_BUDGET = 3
 # / (4 C) of exact's prefills (0.34 at C = 8) and keeps every test exact (less power). RunConfig's
 # None: this default under --matrix sample.
 SAMPLE_SHARE = 0.25
+# Settings only one matrix mode reads: (mode, setting, its default there). Refused under
+# another mode, and not carried from a run evaluated in that mode to another.
+MODE_SETTINGS = (("screen", "screen_budget", SCREEN_BUDGET), ("sample", "sample_share", SAMPLE_SHARE))
 STEER_ALPHA = 0.5  # steering's default alpha: the authors' follow-up work uses 0.5 (SPEC)
 # RND draws per distinct set-size vector of the methods: each costs one condition per culture.
 # p-values recombine the draws' rows (culture_neurons.scoring.uncertainty), so a few draws
@@ -178,8 +181,7 @@ class RunConfig:
                              "--scoring or pass --matrix exact")  # fmt: skip
         # A setting only one mode reads: its default there, refused under another (silently
         # ignoring it would hide a mistyped mode).
-        for mode, name, default in (("screen", "screen_budget", SCREEN_BUDGET),
-                                    ("sample", "sample_share", SAMPLE_SHARE)):  # fmt: skip
+        for mode, name, default in MODE_SETTINGS:
             value = getattr(self, name)
             if self.matrix == mode and value is None:
                 setattr(self, name, default)

@@ -55,7 +55,7 @@ def sampled(run, items: list, combined: Masks, culture: torch.Tensor) -> tuple[t
     scores, record)``, the record saying which items and what it cost."""
     C, S, share = len(run.cultures), len(combined), run.config.sample_share
     chosen = sampling.choose([it.id for it in items], culture, C, share, run.config.seed)
-    strata = 2 * culture + chosen.long()  # 2c: culture c's other items, 2c + 1: its share
+    strata = sampling.strata(chosen, culture)
     own = (torch.arange(S) % C)[:, None] == torch.arange(C)[None, :]  # [S, C]
     needed = torch.stack([own, torch.ones_like(own)], -1).reshape(S, 2 * C)  # [S, strata]
     preds = exact(run, items, combined, confirmed=needed, culture=strata, log="sample")

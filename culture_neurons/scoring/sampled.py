@@ -5,7 +5,8 @@ set, under every other culture's sets (the off-diagonal cells, means over that s
 The share is drawn before any set is evaluated, from the items' ids and the run's seed alone:
 it does not depend on what the sets do, and it is the same for a method and its RND draws, so
 the tests against RND stay exact (:mod:`culture_neurons.scoring.random_control`) and the
-bootstrap resamples within the two strata of each culture (:func:`strata`). The cost per set
+bootstrap resamples within the two strata of each culture (:func:`strata`, also the groups the
+matrix runs in). The cost per set
 of culture s: its own items plus the share of the others', ``n_s + f (n - n_s)`` of the
 ``n`` prefills exact runs (1/C + f (C - 1)/C of them with equal cultures).
 """
@@ -58,3 +59,8 @@ def computed(chosen: torch.Tensor, culture: torch.Tensor, sets: int, C: int) -> 
     every set where the item is in the share."""
     own = (torch.arange(sets) % C)[:, None] == torch.as_tensor(culture)[None, :]
     return own | chosen[None, :]
+
+
+def strata(chosen: torch.Tensor, culture: torch.Tensor) -> torch.Tensor:
+    """int64 [n]: 2c for culture c's items outside the share, 2c + 1 for its share."""
+    return 2 * torch.as_tensor(culture, dtype=torch.int64) + chosen.long()

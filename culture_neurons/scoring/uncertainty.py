@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 from culture_neurons.errors import UsageError
+from culture_neurons.scoring import sampled
 
 CONFIDENCE = 0.95
 DEFAULT_RESAMPLES = 1000
@@ -67,7 +68,7 @@ class Bootstrap:
             raise UsageError(f"resamples must be a positive int, got {resamples!r}")
         culture = torch.as_tensor(culture, dtype=torch.int64)
         partial = complete is not None and not bool(complete.all())
-        group = 2 * culture + complete.long() if partial else culture  # the strata
+        group = sampled.strata(complete, culture) if partial else culture  # the strata
         order = torch.argsort(group, stable=True)  # items grouped by stratum
         count = torch.bincount(group)  # per stratum
         start = torch.cumsum(count, 0) - count  # first position of each stratum in `order`
