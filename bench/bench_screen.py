@@ -172,22 +172,36 @@ def replicated_verdicts(out: Path, exact: dict, replicates: int, seed: int = 0) 
     per-item scores in ``out``, read once) on ``replicates`` bootstrap replicates of the evaluation items (the
     intervals' stratified resamples, :class:`~culture_neurons.scoring.uncertainty.Bootstrap`,
     seeded by ``seed``): the module doc's ``exact_replicates``."""
-    from culture_neurons.pipeline.retest import load_items, retest_items
+    from culture_neurons.pipeline.retest import load_items
     from culture_neurons.scoring.uncertainty import Bootstrap
 
     items = load_items(out)
     culture = items["culture"]
     C = len(next(iter(exact.values()))["cultures"])
+    return _tally(exact, (retested(exact, items, columns)
+                          for columns in Bootstrap.draw(culture, C, replicates, seed).index))
+
+
+def retested(exact: dict, items: dict, columns=None) -> dict:
+    """A copy of exact's eval JSONs with the tests recomputed from ``items`` (on ``columns``)."""
+    from culture_neurons.pipeline.retest import retest_items
+
+    again = copy.deepcopy(exact)
+    retest_items(items, again, columns)
+    return again
+
+
+def _tally(exact: dict, replicates) -> dict:
+    """How many verdicts (:func:`compare`) each of ``replicates`` (eval JSONs) changes: mean,
+    the share changing none, the most, and how often each verdict changes."""
     counts, by_verdict = [], {}
-    for columns in Bootstrap.draw(culture, C, replicates, seed).index:
-        again = copy.deepcopy(exact)
-        retest_items(items, again, columns)
+    for again in replicates:
         got = compare(exact, again)
         counts.append(got["verdicts_differ"])
         for k in got["differing"]:
             by_verdict[k] = by_verdict.get(k, 0) + 1
-    return {"replicates": replicates, "mean": sum(counts) / replicates,
-            "all_same": counts.count(0) / replicates, "max": max(counts),
+    return {"replicates": len(counts), "mean": sum(counts) / len(counts),
+            "all_same": counts.count(0) / len(counts), "max": max(counts),
             "by_verdict": dict(sorted(by_verdict.items(), key=lambda kv: -kv[1]))}  # fmt: skip
 
 
@@ -200,7 +214,7 @@ def sampled_verdicts(out: Path, exact: dict, replicates: int, share: float, seed
     of sample mode meets, read against ``exact_replicates``."""
     import torch
 
-    from culture_neurons.pipeline.retest import load_items, retest_items
+    from culture_neurons.pipeline.retest import load_items
     from culture_neurons.pipeline.rundir import read_json
     from culture_neurons.scoring import sampled
     from culture_neurons.tasks import task_class
@@ -211,23 +225,15 @@ def sampled_verdicts(out: Path, exact: dict, replicates: int, share: float, seed
     C = len(first["cultures"])
     ids = read_json(out / "eval" / "full.json", "")["items"]
     empty = task_class(first.get("task")).empty  # the task's "not computed"
-    counts, by_verdict = [], {}
-    for r in range(replicates):
-        chosen = sampled.choose(ids, culture, C, share, seed + 1 + r)
-        drawn = dict(items)
-        for k, v in items.items():
-            if k.startswith("scores."):
-                done = sampled.computed(chosen, culture, v.shape[0], C)
-                drawn[k] = torch.where(done, v, empty(v.shape).to(v.dtype))
-        again = copy.deepcopy(exact)
-        retest_items(drawn, again)
-        got = compare(exact, again)
-        counts.append(got["verdicts_differ"])
-        for k in got["differing"]:
-            by_verdict[k] = by_verdict.get(k, 0) + 1
-    return {"replicates": replicates, "share": share, "mean": sum(counts) / replicates,
-            "all_same": counts.count(0) / replicates, "max": max(counts),
-            "by_verdict": dict(sorted(by_verdict.items(), key=lambda kv: -kv[1]))}  # fmt: skip
+
+    def drawn(r: int) -> dict:
+        done = sampled.computed(sampled.choose(ids, culture, C, share, seed + 1 + r), culture,
+                                C, C)  # [C, n]: every mask's C sets alike  # fmt: skip
+        return {k: torch.where(done, v, empty(v.shape).to(v.dtype)) if k.startswith("scores.")
+                else v for k, v in items.items()}  # fmt: skip
+
+    return {"share": share} | _tally(exact, (retested(exact, drawn(r))
+                                             for r in range(replicates)))
 
 
 def _row(name, rule, run, masks, config, exact, got, exact_s, screen_s, load) -> dict:
